@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: test test-fast demo venv fashion-mnist clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-test.txt
+	touch $(STAMP)
+
+# Debian's dataset-fashion-mnist when apt is usable as root; otherwise the
+# code falls back to TFDS (which needs network access to download).
+fashion-mnist:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST: found $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  echo "Fashion-MNIST: installing Debian package dataset-fashion-mnist"; \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null) || \
+	  echo "Fashion-MNIST: apt install failed; falling back to TFDS"; \
+	else \
+	  echo "Fashion-MNIST: apt not usable; falling back to TFDS"; \
+	fi
+
+test: $(STAMP) fashion-mnist
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache
