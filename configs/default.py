@@ -1,0 +1,88 @@
+"""Default hyperparameters: the released EGA recipe (CIFAR-100, CLIP ViT-B/32 -> resnet8x4).
+
+Every field can be overridden from the command line, e.g.
+  python -m ega_jax.main --config=configs/cifar100.py --workdir=/tmp/run \
+      --config.distill.method=rkd --config.batch_size=128
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default configuration."""
+  config = ml_collections.ConfigDict()
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "cifar100"
+  # TFDS data_dir holding the prepared (array_record) dataset; None = TFDS default.
+  config.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
+  # grain worker processes per host (0 = read in the main process).
+  config.dataset.worker_count = 0
+
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.arch = "clip_vit_b32"
+  # Directory written by launch/convert_teacher.py (holds teacher.json).
+  config.teacher.checkpoint = ""
+
+  # 'independent': the teacher sees its own random crop/flip (released code);
+  # 'same': the teacher sees the student's augmented view.
+  config.teacher_view = "independent"
+
+  config.student = ml_collections.ConfigDict()
+  config.student.arch = "resnet8x4"
+
+  config.distill = ml_collections.ConfigDict()
+  # One of ega_jax.losses.DISTILL_METHODS ('none' = cross-entropy only).
+  config.distill.method = "ega"
+  config.distill.node_weight = 0.8
+  config.distill.edge_weight = 0.24
+  config.distill.gamma = 1.0  # cross-entropy weight
+  config.distill.alpha = 0.0  # KD (logit) weight
+  config.distill.beta = 1.0  # distillation-loss weight
+  config.distill.kd_temperature = 4.0
+  config.distill.rkd_distance_weight = 25.0
+  config.distill.rkd_angle_weight = 50.0
+  config.distill.nce_temperature = 0.1
+  config.distill.irg_vertex_weight = 0.1
+  config.distill.irg_edge_weight = 1.0
+  config.distill.crd_feature_dim = 128
+  config.distill.crd_num_negatives = 16384
+  config.distill.crd_temperature = 0.07
+  config.distill.crd_momentum = 0.5
+  # False (released): the teacher head learns from its own cross-entropy only
+  # and the distillation gradient never reaches it. True: it also receives
+  # beta * distillation-loss gradients.
+  config.distill.train_teacher_head_jointly = False
+
+  config.feature_dim = 256
+  config.batch_size = 64  # global, across all devices and hosts
+  config.eval_batch_size = 256  # global
+  config.num_epochs = 240
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+
+  config.learning_rate = 0.05
+  config.lr_decay_epochs = (150, 180, 210)
+  config.lr_decay_rate = 0.1
+  config.momentum = 0.9
+  config.weight_decay = 5e-4
+  config.teacher_head_learning_rate = 0.01
+  config.teacher_head_momentum = 0.9
+  config.teacher_head_weight_decay = 5e-4
+
+  # Computation dtype for teacher and student: 'float32' or 'bfloat16'
+  # (parameters, optimiser state and losses stay float32).
+  config.dtype = "float32"
+
+  config.log_every_steps = 100
+  config.eval_every_steps = -1  # <= 0: once per epoch
+  config.checkpoint_every_steps = -1  # <= 0: once per epoch
+  config.keep_checkpoints = 3
+  # What to do with a non-finite loss or gradient: 'skip' the update (counted
+  # in train/skipped_steps) or 'stop' the run.
+  config.nonfinite_policy = "skip"
+  # Draw the EGA graphs of a fixed evaluation batch at each evaluation.
+  config.graph_pictures = True
+  config.graph_picture_batch = 64
+
+  config.seed = 0
+  return config

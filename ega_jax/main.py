@@ -1,0 +1,83 @@
+r"""Entry point: distil a converted teacher into a student.
+
+  python -m ega_jax.main --config=configs/cifar100.py --workdir=/tmp/run \
+      --config.teacher.checkpoint=teachers/clip_vit_b32
+
+Every config field can be overridden (`--config.distill.method=rkd`). Launched
+as several processes (Cloud TPU pod, SLURM, or explicit --coordinator_address /
+--num_processes / --process_id), the processes join one jax.distributed job.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file (configs/*.py).",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for multi-process runs outside TPU/SLURM.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def launched_as_several_processes() -> bool:
+  """True on a multi-host Cloud TPU slice or a multi-task SLURM job."""
+  tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if "," in tpu_hosts:
+    return True
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+
+
+def initialize_distributed() -> None:
+  import jax
+
+  if FLAGS.coordinator_address:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      raise app.UsageError(
+          "--coordinator_address needs --num_processes and --process_id as well.")
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif launched_as_several_processes():
+    jax.distributed.initialize()
+
+
+def hide_accelerators_from_tensorflow() -> None:
+  """TF is only used for TFDS preparation and summaries; keep it off the GPU."""
+  try:
+    import tensorflow as tf
+  except ImportError:
+    return
+  tf.config.set_visible_devices([], "GPU")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  initialize_distributed()
+  hide_accelerators_from_tensorflow()
+
+  import jax
+  from ega_jax import train
+
+  logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.ConfigError as e:
+    # A user mistake: one sentence, no traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  logging.info("Done: %s", summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
