@@ -536,7 +536,7 @@ def build_crd_class_tables(train_labels: np.ndarray,
                         counts.astype(np.int32))
 
 
-def sample_crd_negatives(rng: jax.Array, indices: jnp.ndarray, labels: jnp.ndarray,
+def sample_crd_negatives(rng: jax.Array, labels: jnp.ndarray, indices: jnp.ndarray,
                          class_tables: CRDClassTables,
                          num_negatives: int = 16384) -> jnp.ndarray:
   """Contrast indices for CRD, RepDistiller's 'exact' mode, on device.
@@ -548,8 +548,8 @@ def sample_crd_negatives(rng: jax.Array, indices: jnp.ndarray, labels: jnp.ndarr
 
   Args:
     rng: PRNG key.
-    indices: (B,) dataset indices of the batch (the positives).
-    labels: (B,) their labels.
+    labels: (B,) labels of the batch.
+    indices: (B,) their dataset indices (the positives).
     class_tables: from `build_crd_class_tables` on the training labels.
     num_negatives: K (RepDistiller's nce_k, 16384).
 

@@ -538,7 +538,7 @@ def test_sample_crd_negatives_exact_mode():
   labels = TRAIN_LABELS[indices]
   num_negatives = 6000
   sampler = jax.jit(losses.sample_crd_negatives, static_argnums=4)
-  contrast = np.asarray(sampler(jax.random.key(1), indices, labels, tables, num_negatives))
+  contrast = np.asarray(sampler(jax.random.key(1), labels, indices, tables, num_negatives))
   assert contrast.shape == (6, num_negatives + 1) and contrast.dtype == np.int32
   np.testing.assert_array_equal(contrast[:, 0], indices)
   negatives = contrast[:, 1:]
@@ -553,7 +553,7 @@ def test_sample_crd_negatives_exact_mode():
     dof = len(eligible) - 1
     assert np.all(observed > 0)
     assert chi_square < dof + 6 * np.sqrt(2 * dof), (label, chi_square)
-  other = np.asarray(sampler(jax.random.key(2), indices, labels, tables, num_negatives))
+  other = np.asarray(sampler(jax.random.key(2), labels, indices, tables, num_negatives))
   assert not np.array_equal(other, contrast)  # the key matters
 
 
