@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill.rkd_angle_weight = 50.0
   config.distill.nce_temperature = 0.1
   config.distill.irg_vertex_weight = 0.1
-  config.distill.irg_edge_weight = 1.0
+  config.distill.irg_edge_weight = 5.0  # Knowledge-Distillation-Zoo defaults (see losses.irg_loss)
   config.distill.crd_feature_dim = 128
   config.distill.crd_num_negatives = 16384
   config.distill.crd_temperature = 0.07

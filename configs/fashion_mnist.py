@@ -1,0 +1,30 @@
+"""Fashion-MNIST offline demo: sized to finish on a 2-core CPU in minutes.
+
+The teacher is the SimCLR ResNet-18 that `launch/pretrain_demo_teacher.py`
+trains in PyTorch and `launch/convert_teacher.py` converts (image_size 32).
+The data come from Debian's dataset-fashion-mnist (no download).
+
+  python -m ega_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/run \
+      --config.teacher.checkpoint=demo_out/teacher/flax
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset.name = "fashion_mnist"
+  config.teacher.arch = "resnet18"
+  config.teacher.checkpoint = "demo_out/teacher/flax"
+  config.student.arch = "resnet8"
+  config.feature_dim = 128
+  config.batch_size = 128
+  config.eval_batch_size = 500
+  config.num_epochs = 2
+  config.learning_rate = 0.05
+  config.lr_decay_epochs = (1,)
+  config.log_every_steps = 50
+  config.eval_every_steps = -1
+  config.checkpoint_every_steps = -1
+  config.graph_picture_batch = 48
+  return config
