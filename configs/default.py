@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
   # grain worker processes per host (0 = read in the main process).
   config.dataset.worker_count = 0
+  # > 0: use only the first that many train / evaluation examples (quick runs).
+  config.dataset.max_train_examples = -1
+  config.dataset.max_eval_examples = -1
 
   config.teacher = ml_collections.ConfigDict()
   config.teacher.arch = "clip_vit_b32"

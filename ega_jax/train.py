@@ -828,12 +828,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_loader = data_lib.create_train_loader(
       config.dataset.name, config.dataset.data_dir, global_batch_size=config.batch_size,
       seed=config.seed, process_index=process_index, process_count=process_count,
-      teacher_view=config.teacher_view, worker_count=config.dataset.worker_count)
+      teacher_view=config.teacher_view, worker_count=config.dataset.worker_count,
+      max_examples=config.dataset.max_train_examples)
   eval_loader = data_lib.create_eval_loader(
       config.dataset.name, config.dataset.data_dir,
       global_batch_size=config.eval_batch_size, process_index=process_index,
-      process_count=process_count)
+      process_count=process_count, max_examples=config.dataset.max_eval_examples)
   num_train = info.num_train
+  if config.dataset.max_train_examples > 0:
+    num_train = min(num_train, config.dataset.max_train_examples)
   spe = steps_per_epoch(config, num_train)
   num_steps = total_train_steps(config, num_train)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else spe
@@ -852,7 +855,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   crd_tables = {}
   if config.distill.method == "crd":
     crd_tables = replicate(losses.build_crd_class_tables(
-        data_lib.train_labels(config.dataset.name, config.dataset.data_dir)), mesh)
+        data_lib.train_labels(config.dataset.name, config.dataset.data_dir,
+                              config.dataset.max_train_examples)), mesh)
 
   train_fn, evaluate_fn, embed_fn = compile_steps(
       mesh, models, config, student_tx, teacher_head_tx)

@@ -490,3 +490,20 @@ def test_tiny_imagenet_builder_on_a_synthetic_zip(tmp_path):
     for row in np.flatnonzero(batch['mask']):
       assert (_wnid_of_colour(batch['image'][row])
               == sorted_wnids[batch['label'][row]])
+
+
+def test_max_examples_keeps_a_prefix_of_the_split():
+  from ega_jax import data as data_lib
+  loader = data_lib.create_eval_loader(
+      'fashion_mnist', None, global_batch_size=32, max_examples=70)
+  batches = list(loader)
+  assert len(batches) == 3
+  assert int(sum(b['mask'].sum() for b in batches)) == 70
+  labels = data_lib.train_labels('fashion_mnist', None, max_examples=50)
+  assert labels.shape == (50,)
+  np.testing.assert_array_equal(labels, data_lib.train_labels('fashion_mnist', None)[:50])
+  train_loader = data_lib.create_train_loader(
+      'fashion_mnist', None, global_batch_size=10, seed=0, max_examples=40)
+  iterator = iter(train_loader)
+  indices = np.concatenate([next(iterator)['index'] for _ in range(4)])
+  assert sorted(indices.tolist()) == list(range(40))

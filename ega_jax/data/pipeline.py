@@ -53,6 +53,7 @@ def create_train_loader(
     num_epochs: int | None = None,
     worker_count: int = 0,
     read_options: grain.ReadOptions | None = None,
+    max_examples: int | None = None,
 ) -> grain.DataLoader:
   """Shuffled, augmented training batches for this process.
 
@@ -73,6 +74,8 @@ def create_train_loader(
     num_epochs: passes over the shard; None repeats forever.
     worker_count: grain worker processes (0 reads in this process).
     read_options: grain read threads/prefetch (None: grain's defaults).
+    max_examples: > 0 trains on the first that many examples of the split
+      only (quick runs and tests); None or <= 0 uses all of it.
 
   Returns:
     a `grain.DataLoader`; `iter()` gives a `grain.DataLoaderIterator` with
@@ -102,7 +105,7 @@ def create_train_loader(
       int(seed), int(process_index), int(process_count))
   num_epochs = None if num_epochs is None else int(num_epochs)
 
-  source = sources.open_split(name, 'train', data_dir)
+  source = sources.open_split(name, 'train', data_dir, max_examples)
   shard_size = len(source) // process_count
   if batch_size > shard_size:
     raise ValueError(
@@ -191,11 +194,13 @@ def create_eval_loader(
     global_batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    max_examples: int | None = None,
 ) -> EvalLoader:
   """Unaugmented, padded and masked evaluation batches for this process.
 
   The evaluation split (test; validation for tiny_imagenet) is split evenly
-  and contiguously across processes.
+  and contiguously across processes. `max_examples` > 0 evaluates on the
+  first that many examples only.
 
   Returns:
     an `EvalLoader`; each iteration yields `len(loader)` dicts with
@@ -205,7 +210,7 @@ def create_eval_loader(
   info_lib.get_dataset_info(name)
   batch_size = _per_process_batch_size(
       global_batch_size, process_index, process_count)
-  source = sources.open_split(name, 'eval', data_dir)
+  source = sources.open_split(name, 'eval', data_dir, max_examples)
   loader = EvalLoader(source, batch_size, process_index, process_count)
   logging.info(
       '%s eval: process %d/%d reads examples [%d, %d) of %d in %d batches.',
@@ -214,6 +219,7 @@ def create_eval_loader(
   return loader
 
 
-def train_labels(name: str, data_dir: str | None) -> np.ndarray:
+def train_labels(name: str, data_dir: str | None,
+                 max_examples: int | None = None) -> np.ndarray:
   """int32 (num_train,): the class of every train-split index (for CRD)."""
-  return sources.read_train_labels(name, data_dir)
+  return sources.read_train_labels(name, data_dir, max_examples)

@@ -154,14 +154,19 @@ class ExampleSource:
   Single-channel images are replicated to 3 channels.
   """
 
-  def __init__(self, source: RecordSource, name: str, split: str):
+  def __init__(self, source: RecordSource, name: str, split: str,
+               max_examples: int | None = None):
     self.source = source
     self.name = name
     self.split = split
     self.image_size = info_lib.get_dataset_info(name).image_size
+    # A prefix of the split (quick runs and tests); None or <= 0: all of it.
+    self.num_records = len(source)
+    if max_examples is not None and max_examples > 0:
+      self.num_records = min(self.num_records, int(max_examples))
 
   def __len__(self) -> int:
-    return len(self.source)
+    return self.num_records
 
   def __getitem__(self, record_key: int) -> dict[str, np.ndarray]:
     record = self.source[record_key]
@@ -255,14 +260,22 @@ def _raw_split(name: str, role: str, data_dir: str | None,
   return open_tfds(name, split, data_dir, decoders=decoders), split
 
 
-def open_split(name: str, role: str, data_dir: str | None) -> ExampleSource:
-  """The train ('train') or evaluation ('eval') split of dataset `name`."""
+def open_split(name: str, role: str, data_dir: str | None,
+               max_examples: int | None = None) -> ExampleSource:
+  """The train ('train') or evaluation ('eval') split of dataset `name`.
+
+  `max_examples` > 0 keeps only the first that many records.
+  """
   source, split = _raw_split(name, role, data_dir)
-  return ExampleSource(source, name, split)
+  return ExampleSource(source, name, split, max_examples)
 
 
-def read_train_labels(name: str, data_dir: str | None) -> np.ndarray:
-  """int32 (num_train,): label of every train record, in record order."""
+def read_train_labels(name: str, data_dir: str | None,
+                      max_examples: int | None = None) -> np.ndarray:
+  """int32 (num_train,): label of every train record, in record order.
+
+  `max_examples` > 0 keeps only the first that many records.
+  """
   info_lib.get_dataset_info(name)
   decoders = None
   if name != 'fashion_mnist' or find_fashion_mnist_dir(data_dir) is None:
@@ -270,9 +283,12 @@ def read_train_labels(name: str, data_dir: str | None) -> np.ndarray:
     # Labels only: skip the image decode, which is >99% of the read cost.
     decoders = {'image': tfds.decode.SkipDecoding()}
   source, _ = _raw_split(name, 'train', data_dir, decoders=decoders)
+  count = len(source)
+  if max_examples is not None and max_examples > 0:
+    count = min(count, int(max_examples))
   if isinstance(source, FashionMnistIdxSource):
-    return source.labels.astype(np.int32)
-  labels = np.empty(len(source), np.int32)
-  for key in range(len(source)):
+    return source.labels[:count].astype(np.int32)
+  labels = np.empty(count, np.int32)
+  for key in range(count):
     labels[key] = source[key]['label']
   return labels
