@@ -4,6 +4,7 @@ float64 NumPy written from the formulas, dtype handling, and load_teacher's erro
 Numerical parity of whole converted teachers against PyTorch lives in test_convert.py.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -83,7 +84,7 @@ def test_registry_lists_every_issue_arch_with_its_preprocessing():
     clip_arch = arch.startswith('clip_')
     assert spec.mean == (CLIP_MEAN if clip_arch else IMAGENET_MEAN), arch
     assert spec.std == (CLIP_STD if clip_arch else IMAGENET_STD), arch
-  with pytest.raises(Exception):  # frozen
+  with pytest.raises(dataclasses.FrozenInstanceError):
     TEACHER_SPECS['resnet50'].embed_dim = 1
 
 

@@ -322,10 +322,14 @@ def read_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
       with torch.serialization.safe_globals([argparse.Namespace]):
         loaded = torch.load(path, map_location='cpu', weights_only=not allow_pickle)
     except pickle.UnpicklingError as error:
-      first_line = str(error).strip().splitlines()[0]
+      # torch's message is a page long; the object it refused is named after 'Unsupported global:'.
+      refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(error))
+      if refused is None:
+        raise ConversionError(f'{path} is not a readable PyTorch checkpoint (the unpickler '
+                              'stopped on unexpected data).') from None
       raise ConversionError(
-          f'{path} holds Python objects that torch\'s safe loader refuses ({first_line}); if you '
-          'trust the file, rerun with --allow_pickle.') from None
+          f'{path} holds a Python object ({refused.group(1)}) that torch\'s safe loader refuses; '
+          'if you trust the file, rerun with --allow_pickle.') from None
     except Exception as error:  # torch.load raises RuntimeError, EOFError, ... on damaged files.
       raise ConversionError(f'{path} is not a readable PyTorch checkpoint ({error}).') from None
     state_dict, location, skipped = _unwrap(loaded, path)
