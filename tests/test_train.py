@@ -11,14 +11,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "workers", "train_steps_worker.py")
 
 
-def run_worker(tmp_path, num_devices, method, steps=2):
-  out = tmp_path / f"{method}_{num_devices}.npz"
+def run_worker(tmp_path, num_devices, methods, steps=2):
+  prefix = str(tmp_path / f"devices{num_devices}_")
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
-  result = subprocess.run([sys.executable, WORKER, str(num_devices), method, str(steps), str(out)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+  # Compute in float64 (parameters stay float32). In float32 the losses agree
+  # to ~1e-6 but some parameters (BatchNorm biases, whose gradients are sums of
+  # cancelling terms) differ by up to ~1e-3 relative after 2 steps purely from
+  # the different reduction order; float64 separates that conditioning from
+  # real sharding errors, which would show up at any precision.
+  env["EGA_WORKER_X64"] = "1"
+  result = subprocess.run(
+      [sys.executable, WORKER, str(num_devices), ",".join(methods), str(steps), prefix],
+      capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
-  return dict(np.load(out))
+  return {method: dict(np.load(f"{prefix}{method}.npz")) for method in methods}
 
 
 def relative_error(a, b):
@@ -26,16 +33,33 @@ def relative_error(a, b):
   return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
 
 
+EQUIVALENCE_METHODS = ("ega", "rkd", "crd")
+
+
+@pytest.fixture(scope="module")
+def one_and_eight_devices(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("equivalence")
+  return (run_worker(tmp_path, 1, EQUIVALENCE_METHODS),
+          run_worker(tmp_path, 8, EQUIVALENCE_METHODS))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ega", "rkd"])
-def test_one_device_equals_eight_devices(tmp_path, method):
-  single = run_worker(tmp_path, 1, method)
-  sharded = run_worker(tmp_path, 8, method)
+@pytest.mark.parametrize("method", EQUIVALENCE_METHODS)
+def test_one_device_equals_eight_devices(one_and_eight_devices, method):
+  """Same global batch: losses and updated parameters agree after 2 steps."""
+  single = one_and_eight_devices[0][method]
+  sharded = one_and_eight_devices[1][method]
   assert single.keys() == sharded.keys()
-  # The steps really trained: the loss moved and the parameters are finite.
+  # The steps really trained: the loss moved and the distillation term is live.
   assert single["metric/0/loss"] != single["metric/1/loss"]
-  assert float(single["metric/0/distill"]) > 0
+  assert float(single["metric/0/distill"]) != 0.0
   for key in single:
     assert np.all(np.isfinite(single[key])), key
+    if key.endswith("/kd"):
+      # KL of two nearly equal distributions: a small number made by
+      # cancellation; compare it on the scale of the total loss instead.
+      assert abs(float(sharded[key]) - float(single[key])) <= 1e-5 * float(
+          single[key.replace("/kd", "/loss")]), key
+      continue
     assert relative_error(sharded[key], single[key]) <= 1e-5, (
         key, relative_error(sharded[key], single[key]))

@@ -3,17 +3,26 @@
 Used by tests/test_train.py in a subprocess, because the device count is fixed
 when jax is first imported:
 
-  python tests/workers/train_steps_worker.py NUM_DEVICES METHOD STEPS OUT.npz
+  python tests/workers/train_steps_worker.py NUM_DEVICES METHOD[,METHOD...] STEPS OUT_PREFIX
+
+writes OUT_PREFIX<method>.npz for each method.
 """
 
 import os
 import sys
 
-NUM_DEVICES, METHOD, STEPS, OUT = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+NUM_DEVICES, METHODS, STEPS, OUT_PREFIX = (
+    int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4])
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
+
+# Float64 computation (params stay float32): separates real sharding errors
+# from float32 cancellation in ill-conditioned gradients.
+X64 = os.environ.get("EGA_WORKER_X64") == "1"
+if X64:
+  jax.config.update("jax_enable_x64", True)
 from jax.sharding import Mesh  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -27,8 +36,22 @@ NUM_CLASSES = 10
 NUM_TRAIN = 64
 
 
-def main():
-  assert jax.device_count() == NUM_DEVICES, jax.devices()
+def distinct_images(rng):
+  """(GLOBAL_BATCH, 28, 28, 3) uint8 images that differ in colour and layout.
+
+  Pure per-pixel noise gives nearly identical embeddings at initialisation, and
+  then losses built on pairwise differences (RKD) lose float32 digits to
+  cancellation in a way that has nothing to do with sharding.
+  """
+  base = rng.uniform(0, 255, (GLOBAL_BATCH, 1, 1, 3))
+  ramp = np.linspace(-1, 1, 28)
+  direction = rng.uniform(-60, 60, (GLOBAL_BATCH, 1, 1, 1))
+  pattern = direction * (ramp[None, :, None, None] + ramp[None, None, :, None])
+  noise = rng.normal(0, 20, (GLOBAL_BATCH, 28, 28, 3))
+  return np.clip(base + pattern + noise, 0, 255).astype(np.uint8)
+
+
+def run(METHOD, OUT):
   config = default.get_config()
   config.dataset.name = "fashion_mnist"
   config.student.arch = "resnet8"
@@ -39,6 +62,9 @@ def main():
   config.feature_dim = 32
   config.batch_size = GLOBAL_BATCH
   config.num_train_steps = STEPS
+  if X64:
+    train.DTYPES["float64"] = jax.numpy.float64
+    config.dtype = "float64"
 
   teacher = models_lib.create_teacher("resnet18")
   teacher_variables = teacher.init(jax.random.PRNGKey(42), np.zeros((1, 32, 32, 3), np.float32))
@@ -61,8 +87,8 @@ def main():
   for step in range(STEPS):
     index = rng.choice(NUM_TRAIN, GLOBAL_BATCH, replace=False).astype(np.int32)
     batch = {
-        "image": rng.randint(0, 256, (GLOBAL_BATCH, 28, 28, 3)).astype(np.uint8),
-        "teacher_image": rng.randint(0, 256, (GLOBAL_BATCH, 28, 28, 3)).astype(np.uint8),
+        "image": distinct_images(rng),
+        "teacher_image": distinct_images(rng),
         "label": train_labels[index],
         "index": index,
     }
@@ -76,6 +102,12 @@ def main():
   for path, leaf in jax.tree_util.tree_leaves_with_path(final):
     results["param/" + jax.tree_util.keystr(path)] = np.asarray(leaf)
   np.savez(OUT, **results)
+
+
+def main():
+  assert jax.device_count() == NUM_DEVICES, jax.devices()
+  for method in METHODS:
+    run(method, f"{OUT_PREFIX}{method}.npz")
 
 
 if __name__ == "__main__":
