@@ -59,9 +59,27 @@ def hide_accelerators_from_tensorflow() -> None:
   tf.config.set_visible_devices([], "GPU")
 
 
+class _DropLibraryChatter:
+  """absl log filter: keeps orbax's and grain's warnings, drops their INFO lines.
+
+  orbax logs a dozen INFO lines per checkpoint, which would bury the
+  training progress.
+  """
+
+  NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/")
+
+  def filter(self, record) -> bool:
+    import logging as std_logging
+
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return not any(part in record.pathname for part in self.NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(_DropLibraryChatter())
   initialize_distributed()
   hide_accelerators_from_tensorflow()
 

@@ -1,0 +1,216 @@
+"""The real training loop end to end: CLI, metrics, checkpoints, resume, errors.
+
+The teacher is a randomly initialised torchvision ResNet-18 converted through
+launch/convert_teacher.py, exactly as a user converts a released checkpoint;
+the data are the real Fashion-MNIST files (a small slice) and TFDS mock data.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fashion_mnist_config(teacher_dir, **overrides):
+  sys.path.insert(0, REPO)
+  from configs import fashion_mnist
+
+  config = fashion_mnist.get_config()
+  config.teacher.checkpoint = str(teacher_dir)
+  config.dataset.max_train_examples = 256
+  config.dataset.max_eval_examples = 100
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.feature_dim = 32
+  config.num_train_steps = 4
+  config.log_every_steps = 1
+  config.eval_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.graph_picture_batch = 16
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def converted_resnet18(tmp_path_factory):
+  """A random torchvision ResNet-18 (non-trivial BN statistics) converted by the CLI."""
+  root = tmp_path_factory.mktemp("teacher")
+  torch.manual_seed(0)
+  model = torchvision.models.resnet18()
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.uniform_(-0.2, 0.2)
+        module.running_var.uniform_(0.5, 1.5)
+  checkpoint = root / "resnet18.pth"
+  torch.save(model.state_dict(), checkpoint)
+  output = root / "flax"
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "convert_teacher.py"), "--arch", "resnet18",
+       "--checkpoint", str(checkpoint), "--output", str(output), "--image_size", "32",
+       "--mean", "0.286", "0.286", "0.286", "--std", "0.353", "0.353", "0.353"],
+      capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return output
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_cli_trains_evaluates_checkpoints_and_writes_metrics(converted_resnet18, tmp_path):
+  workdir = tmp_path / "run"
+  command = [
+      sys.executable, "-m", "ega_jax.main", "--config=configs/fashion_mnist.py",
+      f"--workdir={workdir}", f"--config.teacher.checkpoint={converted_resnet18}",
+      "--config.dataset.max_train_examples=256", "--config.dataset.max_eval_examples=100",
+      "--config.batch_size=32", "--config.eval_batch_size=64", "--config.feature_dim=32",
+      "--config.num_train_steps=4", "--config.log_every_steps=2",
+      "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
+      "--config.graph_picture_batch=16",
+  ]
+  result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+
+  records = _read_jsonl(workdir / "metrics.jsonl")
+  merged = {}
+  for record in records:
+    merged.setdefault(record["step"], {}).update(record)
+  assert sorted(merged) == [2, 4]
+  for key in ("train/loss", "train/ce", "train/distill", "train/top1", "eval/top1", "eval/top5",
+              "eval/teacher_top1", "eval/best_top1", "steps_per_sec"):
+    assert key in merged[4], key
+  # Padded, masked evaluation: 100 examples in batches of 64 count exactly once.
+  assert merged[4]["eval/count"] == 100
+  assert 0 <= merged[4]["eval/top1"] <= merged[4]["eval/top5"] <= 100
+  assert merged[4]["eval/best_top1"] == max(merged[2]["eval/top1"], merged[4]["eval/top1"])
+  assert np.isfinite(merged[4]["train/loss"]) and merged[4]["train/distill"] > 0
+
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert os.listdir(workdir / "best")
+  assert sorted(os.listdir(workdir / "graphs")) == ["graphs_00000002.png", "graphs_00000004.png"]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["steps"] == 4 and summary["last_top1"] == merged[4]["eval/top1"]
+  # Progress and results are readable in the log, not buried in library chatter.
+  assert "eval at step 4" in result.stderr
+  assert "orbax" not in result.stderr.lower() or "WARNING" in result.stderr
+
+
+def _final_params(workdir, step):
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints"))) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored["state"]
+
+
+@pytest.mark.slow
+def test_resume_after_restart_equals_uninterrupted_run(converted_resnet18, tmp_path):
+  from ega_jax import train
+
+  straight = tmp_path / "straight"
+  config = _fashion_mnist_config(converted_resnet18, num_train_steps=6,
+                                 checkpoint_every_steps=3, eval_every_steps=3)
+  train.train_and_evaluate(config, str(straight))
+
+  restarted = tmp_path / "restarted"
+  first = _fashion_mnist_config(converted_resnet18, num_train_steps=3,
+                                checkpoint_every_steps=3, eval_every_steps=3)
+  train.train_and_evaluate(first, str(restarted))
+  # A new process would see the same: a fresh call that only finds the workdir.
+  second = _fashion_mnist_config(converted_resnet18, num_train_steps=6,
+                                 checkpoint_every_steps=3, eval_every_steps=3)
+  train.train_and_evaluate(second, str(restarted))
+
+  def by_step(path):
+    merged = {}
+    for record in _read_jsonl(path / "metrics.jsonl"):
+      merged.setdefault(record["step"], {}).update(record)
+    return merged
+
+  a, b = by_step(straight), by_step(restarted)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  for step in range(1, 7):
+    for key, value in a[step].items():
+      if key in ("steps_per_sec", "uptime") or key.startswith("timing/"):
+        continue
+      assert b[step][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
+
+  state_a, state_b = _final_params(straight, 6), _final_params(restarted, 6)
+  leaves_a = {str(k): v for k, v in __import__("jax").tree_util.tree_leaves_with_path(state_a)}
+  leaves_b = {str(k): v for k, v in __import__("jax").tree_util.tree_leaves_with_path(state_b)}
+  assert leaves_a.keys() == leaves_b.keys()
+  for key in leaves_a:
+    np.testing.assert_allclose(np.asarray(leaves_b[key]), np.asarray(leaves_a[key]),
+                               rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+@pytest.mark.slow
+def test_loop_runs_on_tfds_mock_cifar100(converted_resnet18, tmp_path):
+  import tensorflow_datasets as tfds
+  from ega_jax import train
+
+  config = _fashion_mnist_config(converted_resnet18, **{
+      "dataset.name": "cifar100", "dataset.max_train_examples": -1,
+      "dataset.max_eval_examples": -1, "num_train_steps": 2, "eval_every_steps": 2,
+      "distill.method": "crd", "distill.crd_num_negatives": 16, "graph_pictures": False})
+  with tfds.testing.mock_data(num_examples=64):
+    summary = train.train_and_evaluate(config, str(tmp_path / "cifar"))
+  assert summary["steps"] == 2
+  assert 0.0 <= summary["last_top1"] <= 100.0
+  records = _read_jsonl(tmp_path / "cifar" / "metrics.jsonl")
+  evals = [r for r in records if "eval/count" in r]
+  assert evals[-1]["eval/count"] == 64
+  assert all(np.isfinite(r["train/distill"]) for r in records if "train/distill" in r)
+
+
+def test_config_errors_name_the_field(converted_resnet18, tmp_path):
+  from ega_jax import train
+
+  cases = [
+      ({"distill.method": "egaa"}, "config.distill.method='egaa'"),
+      ({"student.arch": "resnet9"}, "config.student.arch='resnet9'"),
+      ({"dataset.name": "cifar1000"}, "config.dataset.name='cifar1000'"),
+      ({"teacher_view": "other"}, "config.teacher_view='other'"),
+      ({"batch_size": 0}, "config.batch_size=0"),
+      ({"teacher.checkpoint": str(tmp_path / "missing")}, "config.teacher.checkpoint="),
+  ]
+  for overrides, expected in cases:
+    config = _fashion_mnist_config(converted_resnet18, **overrides)
+    with pytest.raises(train.ConfigError, match=expected.replace("[", r"\[")) as error:
+      train.validate_config(config, num_devices=1)
+    assert "\n" not in str(error.value)
+  config = _fashion_mnist_config(converted_resnet18, batch_size=12)
+  with pytest.raises(train.ConfigError, match="multiple of the device count"):
+    train.validate_config(config, num_devices=8)
+  config = _fashion_mnist_config(converted_resnet18, **{"teacher.arch": "resnet50"})
+  with pytest.raises(train.ConfigError, match="holds arch 'resnet18'"):
+    train.train_and_evaluate(config, str(tmp_path / "mismatch"))
+
+
+def test_cli_reports_a_config_mistake_in_one_line(converted_resnet18, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "ega_jax.main", "--config=configs/fashion_mnist.py",
+       f"--workdir={tmp_path / 'w'}", f"--config.teacher.checkpoint={converted_resnet18}",
+       "--config.distill.method=nope"],
+      capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1 and "config.distill.method='nope'" in error_lines[0]
+  assert "ega" in error_lines[0]  # lists the valid names
