@@ -956,6 +956,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             step, args=_save_args(state, consumed_iterator, dict(meta)), force=True)
     writer.flush()
 
+  if not last_eval:
+    # Nothing left to train (a finished workdir): still report its accuracy.
+    last_eval = evaluate(evaluate_fn, state, teacher_variables, eval_loader, mesh)
+    meta["last_top1"] = last_eval["eval/top1"]
   latest_manager.wait_until_finished()
   best_manager.wait_until_finished()
   summary = {
