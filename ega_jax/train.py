@@ -147,6 +147,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         "directory; run launch/convert_teacher.py to create it.")
 
 
+def uses_teacher(config) -> bool:
+  """False for cross-entropy-only training, which needs no teacher forward pass."""
+  return config.distill.method != "none" or bool(config.distill.alpha)
+
+
 def distill_hparams(config: ml_collections.ConfigDict) -> dict[str, float]:
   """The flat hyperparameter mapping that losses.distill_loss reads."""
   d = config.distill
@@ -335,6 +340,11 @@ def _correct_topk(logits, labels, k):
   return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
+def _head_input_width(state: TrainState) -> int:
+  """Width of the teacher feature the teacher head was initialised for."""
+  return state.teacher_head_params["embed"]["Dense_0"]["kernel"].shape[0]
+
+
 def _all_gather(x):
   return jax.lax.all_gather(x, AXIS, axis=0, tiled=True)
 
@@ -372,10 +382,16 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
     teacher_source = batch["image"]
   else:
     teacher_source = batch["teacher_image"]
-  teacher_images = teacher_inputs(teacher_source, models.teacher_image_size,
-                                  models.teacher_mean, models.teacher_std)
-  teacher_feature = models.teacher.apply(teacher_variables, teacher_images.astype(models.dtype))
-  teacher_feature = jax.lax.stop_gradient(teacher_feature.astype(jnp.float32))
+  # Cross-entropy alone needs no teacher: skip its forward pass (the teacher
+  # head then stays untrained and its accuracy is not reported).
+  if uses_teacher(config):
+    teacher_images = teacher_inputs(teacher_source, models.teacher_image_size,
+                                    models.teacher_mean, models.teacher_std)
+    teacher_feature = models.teacher.apply(
+        teacher_variables, teacher_images.astype(models.dtype))
+    teacher_feature = jax.lax.stop_gradient(teacher_feature.astype(jnp.float32))
+  else:
+    teacher_feature = jnp.zeros((labels.shape[0], _head_input_width(state)), jnp.float32)
 
   def objective(student_params, teacher_head_params):
     (_, student_features), new_model_state = models.student.apply(
@@ -394,6 +410,8 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
     # Local terms: local sum / global batch (their sum over devices is the mean).
     ce_student = _cross_entropy_sum(student_logits, labels) / global_batch
     ce_teacher = _cross_entropy_sum(teacher_logits, labels) / global_batch
+    if not uses_teacher(config):
+      ce_teacher = jnp.zeros((), jnp.float32)
 
     # Global terms: every device computes the same value from gathered rows.
     if not config.distill.train_teacher_head_jointly:
@@ -498,12 +516,14 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, teacher_variables, batch, *, models: DistillModels):
+def eval_step(state: TrainState, teacher_variables, batch, *, models: DistillModels,
+              with_teacher: bool = True):
   """Counts correct predictions on this device's slice of a padded eval batch.
 
   Args:
     batch: 'image' (b, H, W, 3) uint8, 'label' (b,), 'mask' (b,) bool; padded
       rows have mask False and count nowhere.
+    with_teacher: False skips the teacher (its 'teacher_top1' is then 0).
 
   Returns:
     Replicated sums over the global batch: 'count', 'top1', 'top5',
@@ -517,11 +537,15 @@ def eval_step(state: TrainState, teacher_variables, batch, *, models: DistillMod
       student_images.astype(models.dtype), train=False)
   _, student_logits = models.student_head.apply(
       {"params": state.student_params["head"]}, student_features["penultimate"])
-  teacher_images = teacher_inputs(batch["image"], models.teacher_image_size,
-                                  models.teacher_mean, models.teacher_std)
-  teacher_feature = models.teacher.apply(teacher_variables, teacher_images.astype(models.dtype))
-  _, teacher_logits = models.teacher_head.apply(
-      {"params": state.teacher_head_params}, teacher_feature.astype(jnp.float32))
+  if with_teacher:
+    teacher_images = teacher_inputs(batch["image"], models.teacher_image_size,
+                                    models.teacher_mean, models.teacher_std)
+    teacher_feature = models.teacher.apply(
+        teacher_variables, teacher_images.astype(models.dtype))
+    _, teacher_logits = models.teacher_head.apply(
+        {"params": state.teacher_head_params}, teacher_feature.astype(jnp.float32))
+  else:
+    teacher_logits = jnp.zeros_like(student_logits)
   num_classes = student_logits.shape[-1]
   sums = {
       "count": jnp.sum(mask),
@@ -572,7 +596,7 @@ def compile_steps(mesh: Mesh, models: DistillModels, config, student_tx, teacher
                     out_specs=(replicated, replicated)),
       donate_argnums=(0,))
   evaluate = jax.jit(jax.shard_map(
-      functools.partial(eval_step, models=models), mesh=mesh,
+      functools.partial(eval_step, models=models, with_teacher=uses_teacher(config)), mesh=mesh,
       in_specs=(replicated, replicated, sharded), out_specs=replicated))
   embed = jax.jit(jax.shard_map(
       functools.partial(embedding_step, models=models), mesh=mesh,
@@ -936,6 +960,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       meta["last_top1"] = last_eval["eval/top1"]
       scalars = dict(last_eval)
       scalars["eval/best_top1"] = meta["best_top1"]
+      if not uses_teacher(config):
+        del scalars["eval/teacher_top1"]
       writer.write_scalars(step, scalars)
       logging.info("eval at step %d: top1 %.2f%% top5 %.2f%% teacher %.2f%% (best %.2f%%)",
                    step, last_eval["eval/top1"], last_eval["eval/top5"],
@@ -966,7 +992,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "best_top1": meta["best_top1"],
       "best_step": meta["best_step"],
       "last_top1": meta["last_top1"],
-      "teacher_top1": last_eval.get("eval/teacher_top1", float("nan")),
+      "teacher_top1": (last_eval.get("eval/teacher_top1", float("nan"))
+                       if uses_teacher(config) else float("nan")),
       "steps": step,
       "skipped_steps": int(jax.device_get(state.skipped_steps)),
       "wall_time_s": time.time() - start_time,
