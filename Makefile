@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: test test-fast demo venv fashion-mnist clean
+.PHONY: test test-fast demo compare venv fashion-mnist clean demo-clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,18 @@ test: $(STAMP) fashion-mnist
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The main job on the offline default: SimCLR teacher in PyTorch -> conversion
+# -> EGA distillation (+ a CE-only baseline) on Fashion-MNIST, then a table.
+demo: $(STAMP) fashion-mnist
+	$(PY) launch/demo.py
+
+# Every distiller on the demo teacher (run `make demo` first).
+compare: $(STAMP) fashion-mnist
+	$(PY) launch/compare.py --config=configs/fashion_mnist.py --teacher=demo_out/teacher/flax
+
+demo-clean:
+	rm -rf demo_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache
