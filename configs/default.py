@@ -80,9 +80,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1  # <= 0: once per epoch
   config.checkpoint_every_steps = -1  # <= 0: once per epoch
   config.keep_checkpoints = 3
+  # A workdir holding checkpoints of another student/method/dataset is refused
+  # unless this is True (then those checkpoints and metrics are deleted).
+  config.overwrite_workdir = False
   # What to do with a non-finite loss or gradient: 'skip' the update (counted
   # in train/skipped_steps) or 'stop' the run.
   config.nonfinite_policy = "skip"
+  # Tests only: > 0 makes the distillation loss NaN at that (1-based) step.
+  config.debug_nan_at_step = -1
   # Draw the EGA graphs of a fixed evaluation batch at each evaluation.
   config.graph_pictures = True
   config.graph_picture_batch = 64

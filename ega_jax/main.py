@@ -90,10 +90,16 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.ConfigError as e:
+  except train.UserInputError as e:
     # A user mistake: one sentence, no traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except train.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  if summary.get("preempted"):
+    print(summary["message"], file=sys.stderr)
+    return
   logging.info("Done: %s", summary)
 
 

@@ -48,8 +48,70 @@ TEACHER_VIEWS = ("independent", "same")
 NONFINITE_POLICIES = ("skip", "stop")
 
 
-class ConfigError(ValueError):
+class UserInputError(ValueError):
+  """A user mistake (config, files, data); reported as one line, no traceback."""
+
+
+class ConfigError(UserInputError):
   """A configuration value that cannot work; the message names the field."""
+
+
+class NonFiniteError(FloatingPointError):
+  """Training met a non-finite loss or gradient under nonfinite_policy='stop'."""
+
+
+class PreemptionRequested:
+  """Turns SIGTERM/SIGINT into a flag the loop polls after each step.
+
+  The step in flight finishes, a checkpoint is written, and the run exits
+  cleanly; a second signal while stopping falls back to the default action.
+  """
+
+  SIGNALS = ("SIGTERM", "SIGINT")
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+      for name in self.SIGNALS:
+        number = getattr(signal, name)
+        self._previous[number] = signal.signal(number, self._handle)
+    return self
+
+  def _handle(self, number, frame):
+    import signal
+
+    del frame
+    self.signal_name = signal.Signals(number).name
+    # A second signal gets the default behaviour (e.g. Ctrl-C twice kills).
+    signal.signal(number, self._previous.get(number, signal.SIG_DFL))
+
+  def __exit__(self, *exc):
+    import signal
+
+    for number, handler in self._previous.items():
+      signal.signal(number, handler)
+    return False
+
+  def requested(self, step: int, log_every: int) -> bool:
+    """Whether to stop after this step; all processes agree.
+
+    With several processes the flag is combined over processes only at the
+    logging cadence, so the loop gains no per-step host synchronisation.
+    """
+    if jax.process_count() == 1:
+      return self.signal_name is not None
+    if step % log_every:
+      return False
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array(self.signal_name is not None))
+    return bool(np.any(flags))
 
 
 # ---------------------------------------------------------------------------
@@ -74,6 +136,7 @@ class TrainState:
   crd_memory: Any  # losses.CRDMemory for method 'crd', else an empty dict
   rng: jnp.ndarray  # PRNG key, replicated
   skipped_steps: jnp.ndarray  # () int32: updates skipped for non-finite values
+  first_nonfinite_step: jnp.ndarray  # () int32: first such step (1-based), -1 if none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +381,7 @@ def init_train_state(config, models: DistillModels, teacher_variables, rng,
       crd_memory=crd_memory,
       rng=state_rng,
       skipped_steps=jnp.zeros((), jnp.int32),
+      first_nonfinite_step=jnp.full((), -1, jnp.int32),
   )
 
 
@@ -450,6 +514,10 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
           labels=global_labels, student_logits=global_student_logits,
           teacher_logits=global_teacher_logits, hparams=hparams)
 
+    if config.debug_nan_at_step > 0:
+      # Fault injection for tests of the non-finite guard.
+      distill = distill * jnp.where(state.step + 1 == config.debug_nan_at_step,
+                                    jnp.nan, 1.0)
     d = config.distill
     global_terms = d.alpha * kd + d.beta * distill
     total = d.gamma * ce_student + global_terms / num_devices + ce_teacher
@@ -502,6 +570,9 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
       teacher_head_opt_state=keep_if_finite(new_teacher_opt, state.teacher_head_opt_state),
       crd_memory=keep_if_finite(crd_memory, state.crd_memory),
       skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
+      first_nonfinite_step=jnp.where(
+          (state.first_nonfinite_step < 0) & ~finite, state.step + 1,
+          state.first_nonfinite_step).astype(jnp.int32),
   )
   metrics = {
       "loss": loss,
@@ -822,6 +893,81 @@ def _graph_picture(embed_fn, state, teacher_variables, picture_batch, num_rows: 
                              path=path, title=f"step {int(jax.device_get(state.step))}")
 
 
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())
+
+
+class _as_user_error:
+  """Context: FileNotFoundError/ValueError from data or models -> UserInputError."""
+
+  def __init__(self, what: str):
+    self._what = what
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    if error is not None and isinstance(error, (FileNotFoundError, ValueError)) and not (
+        isinstance(error, UserInputError)):
+      raise UserInputError(f"{self._what}: {_one_line(error)}") from error
+    return False
+
+
+def _create_loaders(config, process_index: int, process_count: int):
+  train_loader = data_lib.create_train_loader(
+      config.dataset.name, config.dataset.data_dir, global_batch_size=config.batch_size,
+      seed=config.seed, process_index=process_index, process_count=process_count,
+      teacher_view=config.teacher_view, worker_count=config.dataset.worker_count,
+      max_examples=config.dataset.max_train_examples)
+  eval_loader = data_lib.create_eval_loader(
+      config.dataset.name, config.dataset.data_dir,
+      global_batch_size=config.eval_batch_size, process_index=process_index,
+      process_count=process_count, max_examples=config.dataset.max_eval_examples)
+  return train_loader, eval_loader
+
+
+def _check_workdir(workdir: str, signature: dict, overwrite: bool) -> None:
+  """Refuses to resume checkpoints of another run, unless told to overwrite them.
+
+  Reads only the small JSON item of the newest complete checkpoint, before any
+  restore is attempted (a different student would not even fit the state).
+  """
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    return
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True)) as manager:
+    step = manager.latest_step()
+    if step is None:
+      return
+    saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  saved_signature = saved["meta"].get("signature")
+  if saved_signature == signature:
+    return
+  if not overwrite:
+    raise ConfigError(
+        f"workdir {workdir!r} holds checkpoints of another run ({saved_signature}) than "
+        f"this one ({signature}); use a new --workdir or set "
+        "--config.overwrite_workdir=True to delete them.")
+  if jax.process_index() == 0:
+    import shutil
+
+    logging.warning("Deleting the checkpoints of another run in %s (overwrite_workdir).",
+                    workdir)
+    for name in ("checkpoints", "best", "metrics.jsonl", "summary.json", "graphs"):
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("ega_jax overwrite_workdir")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs a distillation job in `workdir`, resuming from its latest checkpoint.
 
@@ -837,8 +983,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Devices: %d (%s), processes: %d, mesh: %s", len(devices),
                devices[0].platform, jax.process_count(), dict(mesh.shape))
 
-  teacher_module, teacher_host_variables, teacher_meta = models_lib.load_teacher(
-      config.teacher.checkpoint)
+  try:
+    teacher_module, teacher_host_variables, teacher_meta = models_lib.load_teacher(
+        config.teacher.checkpoint)
+  except (FileNotFoundError, ValueError, OSError) as error:
+    raise UserInputError(
+        f"config.teacher.checkpoint={config.teacher.checkpoint!r} cannot be loaded: "
+        f"{_one_line(error)}") from error
   if teacher_meta.get("arch") != config.teacher.arch:
     raise ConfigError(
         f"config.teacher.arch={config.teacher.arch!r} does not match "
@@ -849,15 +1000,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   models = build_models(config, teacher_module, teacher_meta, info.num_classes)
 
   process_index, process_count = jax.process_index(), jax.process_count()
-  train_loader = data_lib.create_train_loader(
-      config.dataset.name, config.dataset.data_dir, global_batch_size=config.batch_size,
-      seed=config.seed, process_index=process_index, process_count=process_count,
-      teacher_view=config.teacher_view, worker_count=config.dataset.worker_count,
-      max_examples=config.dataset.max_train_examples)
-  eval_loader = data_lib.create_eval_loader(
-      config.dataset.name, config.dataset.data_dir,
-      global_batch_size=config.eval_batch_size, process_index=process_index,
-      process_count=process_count, max_examples=config.dataset.max_eval_examples)
+  with _as_user_error(f"config.dataset.name={config.dataset.name!r}"):
+    train_loader, eval_loader = _create_loaders(config, process_index, process_count)
   num_train = info.num_train
   if config.dataset.max_train_examples > 0:
     num_train = min(num_train, config.dataset.max_train_examples)
@@ -870,9 +1014,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   student_tx, teacher_head_tx = create_optimizers(config, num_train)
   teacher_variables = replicate(teacher_host_variables, mesh)
   image_shape = (info.image_size, info.image_size, 3)
-  host_state = init_train_state(
-      config, models, teacher_host_variables, jax.random.PRNGKey(config.seed),
-      image_shape, num_train, student_tx, teacher_head_tx)
+  with _as_user_error(f"config.student.arch={config.student.arch!r} on "
+                      f"{info.image_size}x{info.image_size} {config.dataset.name} images"):
+    host_state = init_train_state(
+        config, models, teacher_host_variables, jax.random.PRNGKey(config.seed),
+        image_shape, num_train, student_tx, teacher_head_tx)
   state = replicate(host_state, mesh)
   del host_state
 
@@ -886,15 +1032,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       mesh, models, config, student_tx, teacher_head_tx)
 
   data_iterator = iter(train_loader)
-  latest_manager, best_manager = _checkpoint_managers(workdir, config)
   signature = run_signature(config)
+  _check_workdir(workdir, signature, config.overwrite_workdir)
+  latest_manager, best_manager = _checkpoint_managers(workdir, config)
   meta = {"signature": signature, "best_top1": -1.0, "best_step": 0, "last_top1": -1.0}
   if latest_manager.latest_step() is not None:
     state, saved_meta = _restore_latest(latest_manager, state, data_iterator)
-    if saved_meta.get("signature") != signature:
-      raise ConfigError(
-          f"workdir {workdir!r} holds checkpoints of {saved_meta.get('signature')}, "
-          f"not of this run ({signature}); use a new --workdir.")
     meta.update(saved_meta)
     logging.info("Resumed from %s at step %d.", workdir, int(jax.device_get(state.step)))
 
@@ -918,6 +1061,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.dataset.name, num_steps, spe, config.batch_size)
 
   batches = DevicePrefetcher(data_iterator, mesh)
+  preemption = PreemptionRequested().__enter__()
+  preempted = False
   history = []
   last_eval = {}
   last_log_time = time.time()
@@ -929,6 +1074,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     history.append(metrics)
     report_progress(step)
     if step % config.log_every_steps == 0 or step == num_steps:
+      history_window = history
       summary = _mean_metrics(history)
       history = []
       now = time.time()
@@ -946,10 +1092,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    step, num_steps, summary["loss"], summary["ce"], summary["distill"],
                    scalars["train/top1"], steps_per_sec)
       if summary["finite"] < 1.0 and config.nonfinite_policy == "stop":
-        raise FloatingPointError(
-            f"Non-finite loss or gradient before step {step} (loss {summary['loss']}, "
-            f"ce {summary['ce']}, distill {summary['distill']}); the update was not "
-            f"applied. Last good checkpoint: step {latest_manager.latest_step()} in "
+        bad_step = int(jax.device_get(state.first_nonfinite_step))
+        position = bad_step - 1 - (step - len(history_window))
+        bad = (jax.device_get(history_window[position])
+               if 0 <= position < len(history_window) else summary)
+        raise NonFiniteError(
+            f"Non-finite loss or gradient at step {bad_step} (loss {float(bad['loss'])}, "
+            f"ce {float(bad['ce'])}, distill {float(bad['distill'])}, kd "
+            f"{float(bad['kd'])}); its update was not applied and training stopped. Last "
+            f"good checkpoint: step {latest_manager.latest_step()} in "
             f"{os.path.join(workdir, 'checkpoints')}.")
     if step % eval_every == 0 or step == num_steps:
       with report_progress.timed("eval"):
@@ -976,11 +1127,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_images(step, {"graphs": image[None, ..., :3]})
       if is_best:
         best_manager.save(step, args=_save_args(state, None, dict(meta), with_data=False))
-    if step % checkpoint_every == 0 or step == num_steps:
+    preempted = preemption.requested(step, config.log_every_steps)
+    if step % checkpoint_every == 0 or step == num_steps or preempted:
       with batches.iterator_at_consumed_position() as consumed_iterator:
         latest_manager.save(
             step, args=_save_args(state, consumed_iterator, dict(meta)), force=True)
     writer.flush()
+    if preempted:
+      break
+  preemption.__exit__()
+
+  if preempted:
+    latest_manager.wait_until_finished()
+    message = (f"Stopped by {preemption.signal_name or 'a peer process'} after step {step} of "
+               f"{num_steps}; checkpoint saved in {os.path.join(workdir, 'checkpoints')}. "
+               "Run the same command again to resume.")
+    logging.warning(message)
+    writer.close()
+    return {"preempted": True, "steps": step, "message": message,
+            "wall_time_s": time.time() - start_time}
 
   if not last_eval:
     # Nothing left to train (a finished workdir): still report its accuracy.
