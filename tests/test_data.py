@@ -1,5 +1,6 @@
-"""Tests for ega_jax.data: readers, augmentation, sharding, eval padding,
-iterator checkpointing, TFDS mock data and the Tiny ImageNet builder.
+"""Tests for ega_jax.data: readers, augmentation, the process-independent
+global order, eval padding, iterator checkpointing, TFDS mock data and the
+Tiny ImageNet builder.
 
 References are independent: the idx files are parsed here with gzip +
 np.frombuffer, crops are checked by exhaustive search over all windows of
@@ -8,6 +9,7 @@ the zero-padded original, and examples are matched by their pixels.
 
 import gzip
 import io
+import json
 import os
 import subprocess
 import sys
@@ -206,11 +208,73 @@ def test_views_are_shifted_flipped_windows_of_the_padded_original(
     assert sum(teacher_equals_student) < 8  # P(same view) = 1/162 each
 
 
-# ------------------------------------------ determinism, sharding, restore
+# ------------------------------- global order, process layout, restore
+
+BATCH_KEYS = ('image', 'teacher_image', 'label', 'index')
 
 
 def _indices(batches):
   return np.concatenate([batch['index'] for batch in batches])
+
+
+def _assert_same_batches(expected, actual):
+  assert len(expected) == len(actual)
+  for want, got in zip(expected, actual):
+    assert set(want) == set(got) == set(BATCH_KEYS)
+    for key in BATCH_KEYS:
+      assert got[key].dtype == want[key].dtype, key
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize('teacher_view', ['independent', 'same'])
+def test_process_batches_concatenate_to_the_single_process_batch(
+    teacher_view):
+  # 20 examples, global batch 8: 2 steps per epoch, so steps 0..3 span two
+  # epochs (4 examples dropped from each).
+  num_steps, global_batch_size = 4, 8
+  with _mock_data(num_examples=20):
+    def process_batches(process_index, process_count):
+      loader = data.create_train_loader(
+          'cifar100', None, global_batch_size=global_batch_size, seed=9,
+          process_index=process_index, process_count=process_count,
+          teacher_view=teacher_view)
+      return _take(iter(loader), num_steps)
+
+    single = process_batches(0, 1)
+    for process_count in (2, 4):
+      per_process = [process_batches(p, process_count)
+                     for p in range(process_count)]
+      for batches in per_process:
+        assert all(batch['image'].shape[0] == global_batch_size
+                   // process_count for batch in batches)
+      concatenated = [
+          {key: np.concatenate([per_process[p][step][key]
+                                for p in range(process_count)])
+           for key in BATCH_KEYS}
+          for step in range(num_steps)]
+      _assert_same_batches(single, concatenated)
+
+
+def test_each_epoch_is_a_prefix_of_a_permutation_and_epochs_differ():
+  num_examples, global_batch_size, num_epochs = 20, 8, 6
+  steps_per_epoch = num_examples // global_batch_size
+  with _mock_data(num_examples=num_examples):
+    loader = data.create_train_loader(
+        'cifar100', None, global_batch_size=global_batch_size, seed=2,
+        num_epochs=num_epochs)
+    batches = list(iter(loader))
+  assert len(batches) == num_epochs * steps_per_epoch
+  epochs = [_indices(batches[e * steps_per_epoch:(e + 1) * steps_per_epoch])
+            for e in range(num_epochs)]
+  for indices in epochs:
+    # N // B * B positions of a permutation: distinct records of the split.
+    assert len(indices) == steps_per_epoch * global_batch_size
+    assert len(set(indices.tolist())) == len(indices)
+    assert set(indices.tolist()) <= set(range(num_examples))
+  assert len({indices.tobytes() for indices in epochs}) == num_epochs
+  # The dropped remainder changes from epoch to epoch: no record is skipped
+  # for good.
+  assert set(np.concatenate(epochs).tolist()) == set(range(num_examples))
 
 
 def test_order_and_views_are_a_pure_function_of_seed_and_epoch():
@@ -222,9 +286,7 @@ def test_order_and_views_are_a_pure_function_of_seed_and_epoch():
 
     run_a, run_b, other_seed = first_batches(7), first_batches(7), \
         first_batches(8)
-  for batch_a, batch_b in zip(run_a, run_b):
-    for key in ('image', 'teacher_image', 'label', 'index'):
-      np.testing.assert_array_equal(batch_a[key], batch_b[key])
+  _assert_same_batches(run_a, run_b)
   epoch0, epoch1 = _indices(run_a[:4]), _indices(run_a[4:])
   assert sorted(epoch0) == list(range(16)) == sorted(epoch1)
   assert not np.array_equal(epoch0, epoch1), 'epochs must reshuffle'
@@ -240,46 +302,76 @@ def test_num_epochs_stops_after_whole_epochs():
   assert sorted(_indices(batches)) == sorted(list(range(16)) * 2)
 
 
-def test_process_shards_are_disjoint_and_cover_the_split():
-  with _mock_data(num_examples=20):
-    for process_count in (2, 3):
-      shard_indices = []
-      for process_index in range(process_count):
-        loader = data.create_train_loader(
-            'cifar100', None, global_batch_size=process_count, seed=5,
-            process_index=process_index, process_count=process_count,
-            num_epochs=1)
-        batches = list(iter(loader))
-        assert all(batch['image'].shape[0] == 1 for batch in batches)
-        shard_indices.append(set(_indices(batches).tolist()))
-      sizes = [len(shard) for shard in shard_indices]
-      # Equal shards; at most process_count - 1 leftover examples dropped.
-      assert sizes == [20 // process_count] * process_count
-      union = set().union(*shard_indices)
-      assert len(union) == sum(sizes), 'shards overlap'
-      assert union <= set(range(20))
-      if process_count == 2:
-        assert union == set(range(20))
-
-
 def test_iterator_state_restored_mid_epoch_reproduces_the_next_batches():
   with _mock_data(num_examples=16):
-    def make_loader():
+    def make_loader(process_index=0):
       return data.create_train_loader(
-          'cifar100', None, global_batch_size=4, seed=11)
+          'cifar100', None, global_batch_size=4, seed=11,
+          process_index=process_index, process_count=2)
 
-    iterator = iter(make_loader())
-    _take(iterator, 2)  # mid-epoch 0 (4 batches per epoch)
+    for process_index in (0, 1):
+      iterator = iter(make_loader(process_index))
+      _take(iterator, 3)  # mid-epoch 0 (4 steps per epoch)
+      state = iterator.get_state()
+      # orbax stores the state as JSON.
+      assert json.loads(json.dumps(state)) == state
+      expected = _take(iterator, 4)  # crosses into epoch 1
+      restored = iter(make_loader(process_index))
+      restored.set_state(json.loads(json.dumps(state)))
+      _assert_same_batches(expected, _take(restored, 4))
+
+
+def test_orbax_checkpoint_round_trip_of_the_iterator(tmp_path):
+  import grain  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with _mock_data(num_examples=16):
+    def make_iterator():
+      return iter(data.create_train_loader(
+          'cifar100', None, global_batch_size=4, seed=4))
+
+    iterator = make_iterator()
+    _take(iterator, 2)
+    manager = ocp.CheckpointManager(
+        str(tmp_path / 'checkpoints'),
+        options=ocp.CheckpointManagerOptions(
+            create=True, enable_async_checkpointing=False))
+    manager.save(2, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+    expected = _take(iterator, 4)
+
+    restored = make_iterator()
+    _take(restored, 1)  # a different position, overwritten by the restore
+    manager.restore(2, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(restored)))
+    _assert_same_batches(expected, _take(restored, 4))
+    manager.close()
+
+
+@needs_fashion_files
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_restore():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  # grain's worker processes read its absl flags (main parses them).
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+  def make_loader(worker_count):
+    return data.create_train_loader(
+        'fashion_mnist', None, global_batch_size=8, seed=5, max_examples=40,
+        worker_count=worker_count)
+
+  expected = _take(iter(make_loader(0)), 7)
+  iterator = iter(make_loader(2))
+  try:
+    _assert_same_batches(expected[:3], _take(iterator, 3))
     state = iterator.get_state()
-    assert isinstance(state, bytes)
-    expected = _take(iterator, 4)  # crosses into epoch 1
-    restored = iter(make_loader())
-    restored.set_state(state)
-    actual = _take(restored, 4)
-  for want, got in zip(expected, actual):
-    assert set(want) == set(got)
-    for key in want:
-      np.testing.assert_array_equal(want[key], got[key])
+    assert json.loads(json.dumps(state)) == state
+    _assert_same_batches(expected[3:5], _take(iterator, 2))
+    iterator.set_state(state)  # rewind, as a restore would
+    _assert_same_batches(expected[3:], _take(iterator, 4))
+  finally:
+    iterator.close()
 
 
 def test_invalid_arguments_name_the_field():
@@ -297,6 +389,13 @@ def test_invalid_arguments_name_the_field():
                              process_index=2, process_count=2)
   with pytest.raises(ValueError, match='valid names'):
     data.create_train_loader('imagenet', None, global_batch_size=4, seed=0)
+  with pytest.raises(ValueError, match='worker_count'):
+    data.create_train_loader('cifar100', None, global_batch_size=4, seed=0,
+                             worker_count=-1)
+  with _mock_data(num_examples=6):
+    with pytest.raises(ValueError,
+                       match='global_batch_size=8 is larger than the 6'):
+      data.create_train_loader('cifar100', None, global_batch_size=8, seed=0)
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):

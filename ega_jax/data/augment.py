@@ -1,9 +1,10 @@
 """Host-side uint8 augmentation: zero-pad, random crop, horizontal flip.
 
 Everything here is NumPy on uint8 images; normalisation happens on device.
-The randomness comes from the `np.random.Generator` that grain hands to each
-record (seeded from the loader seed and the record's position in the sampler
-stream), so a view is a pure function of (seed, epoch, shard, position).
+Each training example gets its own generator, `view_generator(seed, epoch,
+position)`, keyed by where the example sits in the global order (see
+`pipeline.create_train_loader`), so a view does not depend on which process
+reads it, on how many processes there are, or on grain's worker layout.
 """
 
 import dataclasses
@@ -13,6 +14,12 @@ import numpy as np
 
 TEACHER_VIEWS = ('independent', 'same')
 
+# First entropy word of the augmentation generators. numpy's SeedSequence
+# pads short entropy with zeros, so keys of different lengths can collide
+# ([a, b] == [a, b, 0]); a distinct leading word per use keeps this stream
+# apart from the order permutations, whatever the other words are.
+VIEW_STREAM = 0x76696577  # 'view'
+
 
 def crop_padding(image_size: int) -> int:
   """Zero padding on each side before cropping back: image_size // 8.
@@ -21,6 +28,15 @@ def crop_padding(image_size: int) -> int:
   Fashion-MNIST (28).
   """
   return image_size // 8
+
+
+def view_generator(seed: int, epoch: int,
+                   position: int) -> np.random.Generator:
+  """The generator for the example at `position` of epoch `epoch`'s order.
+
+  A pure function of its arguments (non-negative integers).
+  """
+  return np.random.default_rng([VIEW_STREAM, seed, epoch, position])
 
 
 def random_crop_flip(image: np.ndarray, rng: np.random.Generator,
@@ -33,7 +49,7 @@ def random_crop_flip(image: np.ndarray, rng: np.random.Generator,
 
   Args:
     image: uint8 (H, W, C).
-    rng: the per-record generator; draws two offsets, then one flip coin.
+    rng: the per-example generator; draws two offsets, then one flip coin.
     padding: pixels of zero padding on each side.
 
   Returns:
@@ -49,26 +65,31 @@ def random_crop_flip(image: np.ndarray, rng: np.random.Generator,
   return np.ascontiguousarray(view)
 
 
-@dataclasses.dataclass(frozen=True)
-class StudentTeacherViews(grain.transforms.RandomMap):
+def student_teacher_views(example: dict[str, np.ndarray],
+                          rng: np.random.Generator, padding: int,
+                          teacher_view: str) -> dict[str, np.ndarray]:
   """Adds the student's crop/flip view and, if independent, the teacher's.
 
-  Input record: {'image': uint8 (H, W, 3), 'label': int32, 'index': int32}.
-  Output: the same keys with 'image' replaced by the student view, plus
-  'teacher_image' (a second, independent view) when
-  `teacher_view == 'independent'`. For 'same' the teacher view is attached
-  after batching (`ShareStudentView`), so the crop is not copied per record.
-  """
-  padding: int
-  teacher_view: str = 'independent'
+  Args:
+    example: {'image': uint8 (H, W, 3), 'label': int32, 'index': int32}.
+    rng: the example's generator; the student view draws first, then the
+      teacher view.
+    padding: zero padding on each side (`crop_padding`).
+    teacher_view: 'independent' or 'same'.
 
-  def random_map(self, element, rng):
-    original = element['image']
-    views = dict(element)
-    views['image'] = random_crop_flip(original, rng, self.padding)
-    if self.teacher_view == 'independent':
-      views['teacher_image'] = random_crop_flip(original, rng, self.padding)
-    return views
+  Returns:
+    the same keys with 'image' replaced by the student view, plus
+    'teacher_image' (a second, independent view) when
+    `teacher_view == 'independent'`. For 'same' the teacher view is attached
+    after batching (`ShareStudentView`), so the crop is not copied per
+    example.
+  """
+  original = example['image']
+  views = dict(example)
+  views['image'] = random_crop_flip(original, rng, padding)
+  if teacher_view == 'independent':
+    views['teacher_image'] = random_crop_flip(original, rng, padding)
+  return views
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,15 @@
 """grain train/eval loaders over the record sources in `sources`.
 
-Per process: each JAX process reads only its own shard of the split and
-yields batches of `global_batch_size // process_count` examples; the caller
-assembles global arrays (`jax.make_array_from_process_local_data`).
+Per process: each JAX process yields batches of
+`global_batch_size // process_count` examples, its rows of every global
+batch; the caller assembles global arrays
+(`jax.make_array_from_process_local_data`). The training stream is a
+function of (seed, epoch, position in the epoch) only, so it is the same at
+every process count.
 """
 
 from absl import logging
+import functools
 import math
 import numbers
 
@@ -41,6 +45,75 @@ def _per_process_batch_size(global_batch_size: int, process_index: int,
   return int(global_batch_size) // int(process_count)
 
 
+# First entropy word of the order permutations (see augment.VIEW_STREAM).
+ORDER_STREAM = 0x6F726472  # 'ordr'
+
+# Default thread prefetch of the train loader, counted in batches: enough
+# threads to overlap reads with the step, a buffer that stays small in memory
+# and cheap to refill after `set_state`.
+DEFAULT_TRAIN_READ_OPTIONS = grain.ReadOptions(
+    num_threads=16, prefetch_buffer_size=32)
+
+# An "infinite" stream is a MapDataset this many examples long per process
+# (rounded down to whole epochs): far beyond any run, still a valid Python
+# length.
+_ENDLESS_SLOTS = 2**62
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
+  """int64 (num_records,): the order of epoch `epoch`, a pure function of
+  (seed, epoch, num_records). Read-only; cached (a few epochs at a time,
+  since reader threads may straddle an epoch boundary)."""
+  order = np.random.default_rng(
+      [ORDER_STREAM, seed, epoch]).permutation(num_records)
+  order.flags.writeable = False
+  return order
+
+
+class TrainExamples:
+  """Slot of one process's stream -> augmented example (picklable for
+  grain worker processes).
+
+  The global order: epoch e is `epoch_permutation(seed, e, N)`; global batch
+  j of the epoch holds its positions [j*B, (j+1)*B) (the last N % B positions
+  are dropped). Process p of P reads rows [p*b, (p+1)*b) of every global
+  batch, b = B // P: slot s of process p is row s % b of its part of global
+  step s // b. Views come from `augment.view_generator(seed, epoch,
+  position)`. Hence the concatenation of all processes' batches of a step, in
+  process order, is the single-process batch of that step.
+  """
+
+  def __init__(self, source: sources.ExampleSource, *, seed: int,
+               global_batch_size: int, process_index: int,
+               process_count: int, padding: int, teacher_view: str):
+    self.source = source
+    self.seed = seed
+    self.num_records = len(source)
+    self.global_batch_size = global_batch_size
+    self.batch_size = global_batch_size // process_count
+    self.process_index = process_index
+    self.steps_per_epoch = self.num_records // global_batch_size
+    self.padding = padding
+    self.teacher_view = teacher_view
+
+  def locate(self, slot: int) -> tuple[int, int]:
+    """(epoch, position in the epoch's order) of this process's `slot`."""
+    step, row = divmod(int(slot), self.batch_size)
+    epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+    position = (step_in_epoch * self.global_batch_size
+                + self.process_index * self.batch_size + row)
+    return epoch, position
+
+  def __call__(self, slot: int) -> dict[str, np.ndarray]:
+    epoch, position = self.locate(slot)
+    record_key = epoch_permutation(self.seed, epoch, self.num_records)[position]
+    example = self.source[int(record_key)]
+    rng = augment.view_generator(self.seed, epoch, position)
+    return augment.student_teacher_views(
+        example, rng, self.padding, self.teacher_view)
+
+
 def create_train_loader(
     name: str,
     data_dir: str | None,
@@ -54,13 +127,19 @@ def create_train_loader(
     worker_count: int = 0,
     read_options: grain.ReadOptions | None = None,
     max_examples: int | None = None,
-) -> grain.DataLoader:
+) -> grain.IterDataset:
   """Shuffled, augmented training batches for this process.
 
-  Order: each process owns a contiguous, equal-sized shard of the train split
-  (the `process_count - 1` or fewer leftover examples are dropped), shuffled
-  with a permutation that is a pure function of (seed, epoch, shard).
-  Augmentation: a pure function of (seed, position in the sampler stream).
+  The global stream does not depend on the number of processes: epoch e is a
+  permutation of all N train examples that is a pure function of (seed, e);
+  global batch j of the epoch is its positions [j*B, (j+1)*B) with
+  B = global_batch_size (N // B steps per epoch; the last N % B positions are
+  dropped, and differ every epoch). Process p of P yields rows [p*b, (p+1)*b)
+  of each global batch, b = B // P, which is how
+  `jax.make_array_from_process_local_data` lays out a batch sharded over the
+  devices of all processes. Each view is a pure function of (seed, epoch,
+  position), so concatenating the processes' batches of a step in process
+  order gives the one-process batch, pixel for pixel.
 
   Args:
     name: a key of `DATASETS`.
@@ -71,16 +150,19 @@ def create_train_loader(
     process_index: this process, in [0, process_count).
     process_count: number of processes reading the split.
     teacher_view: 'independent' (a second random crop/flip) or 'same'.
-    num_epochs: passes over the shard; None repeats forever.
-    worker_count: grain worker processes (0 reads in this process).
-    read_options: grain read threads/prefetch (None: grain's defaults).
+    num_epochs: passes over the split; None repeats forever.
+    worker_count: grain worker processes (0 reads in this process with
+      threads); the batches do not depend on it.
+    read_options: grain reader threads (each builds whole batches) and
+      prefetch buffer size in batches (None: `DEFAULT_TRAIN_READ_OPTIONS`).
     max_examples: > 0 trains on the first that many examples of the split
       only (quick runs and tests); None or <= 0 uses all of it.
 
   Returns:
-    a `grain.DataLoader`; `iter()` gives a `grain.DataLoaderIterator` with
-    `get_state()`/`set_state()`, yielding dicts with b = global_batch_size //
-    process_count:
+    a `grain.IterDataset`; `iter()` gives a `grain.DatasetIterator` with
+    `get_state()`/`set_state()` (a JSON-able dict; orbax saves it with
+    `grain.checkpoint.CheckpointSave`), yielding dicts with
+    b = global_batch_size // process_count:
       'image': uint8 (b, S, S, 3) student view (pad S//8, random crop, flip),
       'teacher_image': uint8 (b, S, S, 3) teacher view,
       'label': int32 (b,),
@@ -100,41 +182,48 @@ def create_train_loader(
     raise ValueError(
         f'num_epochs must be a positive integer or None (repeat forever), '
         f'got {num_epochs!r}.')
-  # grain insists on Python ints (config values may be NumPy integers).
+  if not isinstance(worker_count, numbers.Integral) or worker_count < 0:
+    raise ValueError(
+        f'worker_count must be a non-negative integer, got {worker_count!r}.')
+  # Python ints throughout: config values may be NumPy integers, and the
+  # iterator state must stay JSON-serialisable.
   seed, process_index, process_count = (
       int(seed), int(process_index), int(process_count))
-  num_epochs = None if num_epochs is None else int(num_epochs)
+  global_batch_size, worker_count = int(global_batch_size), int(worker_count)
 
   source = sources.open_split(name, 'train', data_dir, max_examples)
-  shard_size = len(source) // process_count
-  if batch_size > shard_size:
+  if global_batch_size > len(source):
     raise ValueError(
-        f'global_batch_size={global_batch_size} gives {batch_size} examples '
-        f'per process, more than the {shard_size} examples in each of the '
-        f'{process_count} shards of {name} train.')
-  # The same ShardOptions go to the sampler (which picks this shard's records)
-  # and to the loader (which picks this shard's positions in the stream).
-  shard_options = grain.sharding.ShardOptions(
-      shard_index=process_index, shard_count=process_count,
-      drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard_options, shuffle=True,
-      num_epochs=num_epochs, seed=seed)
-  operations = [
-      augment.StudentTeacherViews(
-          padding=augment.crop_padding(info.image_size),
-          teacher_view=teacher_view),
-      grain.transforms.Batch(batch_size=batch_size, drop_remainder=True),
-  ]
+        f'global_batch_size={global_batch_size} is larger than the '
+        f'{len(source)} examples of {name} train; an epoch needs at least one '
+        f'full batch.')
+  examples = TrainExamples(
+      source, seed=seed, global_batch_size=global_batch_size,
+      process_index=process_index, process_count=process_count,
+      padding=augment.crop_padding(info.image_size),
+      teacher_view=teacher_view)
+  slots_per_epoch = examples.steps_per_epoch * batch_size
+  if num_epochs is None:
+    num_slots = (_ENDLESS_SLOTS // slots_per_epoch) * slots_per_epoch
+  else:
+    num_slots = int(num_epochs) * slots_per_epoch
+  # Batching in the MapDataset (before any prefetch) keeps every batch a
+  # function of its step alone: grain's worker processes then each build
+  # whole batches (worker w: steps w, w + W, ...), interleaved back in order.
+  batches = grain.MapDataset.range(num_slots).map(examples).batch(batch_size)
   if teacher_view == 'same':
-    operations.append(augment.ShareStudentView())
+    batches = batches.map(augment.ShareStudentView())
+  stream = batches.to_iter_dataset(read_options or DEFAULT_TRAIN_READ_OPTIONS)
+  if worker_count > 0:
+    stream = stream.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count))
   logging.info(
-      '%s train: process %d/%d reads %d of %d examples, %d per batch.',
-      name, process_index, process_count, shard_size, len(source), batch_size)
-  return grain.DataLoader(
-      data_source=source, sampler=sampler, operations=operations,
-      worker_count=worker_count, shard_options=shard_options,
-      read_options=read_options)
+      '%s train: process %d/%d reads rows [%d, %d) of each global batch of '
+      '%d; %d steps per epoch over %d examples.',
+      name, process_index, process_count, process_index * batch_size,
+      (process_index + 1) * batch_size, global_batch_size,
+      examples.steps_per_epoch, len(source))
+  return stream
 
 
 def even_shard_bounds(num_examples: int, process_index: int,
