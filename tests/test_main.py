@@ -12,58 +12,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import torchvision
+
+from run_configs import fashion_mnist_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _fashion_mnist_config(teacher_dir, **overrides):
-  sys.path.insert(0, REPO)
-  from configs import fashion_mnist
-
-  config = fashion_mnist.get_config()
-  config.teacher.checkpoint = str(teacher_dir)
-  config.dataset.max_train_examples = 256
-  config.dataset.max_eval_examples = 100
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.feature_dim = 32
-  config.num_train_steps = 4
-  config.log_every_steps = 1
-  config.eval_every_steps = 2
-  config.checkpoint_every_steps = 2
-  config.graph_picture_batch = 16
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
-
-
-@pytest.fixture(scope="module")
-def converted_resnet18(tmp_path_factory):
-  """A random torchvision ResNet-18 (non-trivial BN statistics) converted by the CLI."""
-  root = tmp_path_factory.mktemp("teacher")
-  torch.manual_seed(0)
-  model = torchvision.models.resnet18()
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.running_mean.uniform_(-0.2, 0.2)
-        module.running_var.uniform_(0.5, 1.5)
-  checkpoint = root / "resnet18.pth"
-  torch.save(model.state_dict(), checkpoint)
-  output = root / "flax"
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "convert_teacher.py"), "--arch", "resnet18",
-       "--checkpoint", str(checkpoint), "--output", str(output), "--image_size", "32",
-       "--mean", "0.286", "0.286", "0.286", "--std", "0.353", "0.353", "0.353"],
-      capture_output=True, text=True, cwd=REPO, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return output
 
 
 def _read_jsonl(path):
@@ -124,16 +76,16 @@ def test_resume_after_restart_equals_uninterrupted_run(converted_resnet18, tmp_p
   from ega_jax import train
 
   straight = tmp_path / "straight"
-  config = _fashion_mnist_config(converted_resnet18, num_train_steps=6,
+  config = fashion_mnist_config(converted_resnet18, num_train_steps=6,
                                  checkpoint_every_steps=3, eval_every_steps=3)
   train.train_and_evaluate(config, str(straight))
 
   restarted = tmp_path / "restarted"
-  first = _fashion_mnist_config(converted_resnet18, num_train_steps=3,
+  first = fashion_mnist_config(converted_resnet18, num_train_steps=3,
                                 checkpoint_every_steps=3, eval_every_steps=3)
   train.train_and_evaluate(first, str(restarted))
   # A new process would see the same: a fresh call that only finds the workdir.
-  second = _fashion_mnist_config(converted_resnet18, num_train_steps=6,
+  second = fashion_mnist_config(converted_resnet18, num_train_steps=6,
                                  checkpoint_every_steps=3, eval_every_steps=3)
   train.train_and_evaluate(second, str(restarted))
 
@@ -165,7 +117,7 @@ def test_loop_runs_on_tfds_mock_cifar100(converted_resnet18, tmp_path):
   import tensorflow_datasets as tfds
   from ega_jax import train
 
-  config = _fashion_mnist_config(converted_resnet18, **{
+  config = fashion_mnist_config(converted_resnet18, **{
       "dataset.name": "cifar100", "dataset.max_train_examples": -1,
       "dataset.max_eval_examples": -1, "num_train_steps": 2, "eval_every_steps": 2,
       "distill.method": "crd", "distill.crd_num_negatives": 16, "graph_pictures": False})
@@ -191,14 +143,14 @@ def test_config_errors_name_the_field(converted_resnet18, tmp_path):
       ({"teacher.checkpoint": str(tmp_path / "missing")}, "config.teacher.checkpoint="),
   ]
   for overrides, expected in cases:
-    config = _fashion_mnist_config(converted_resnet18, **overrides)
+    config = fashion_mnist_config(converted_resnet18, **overrides)
     with pytest.raises(train.ConfigError, match=expected.replace("[", r"\[")) as error:
       train.validate_config(config, num_devices=1)
     assert "\n" not in str(error.value)
-  config = _fashion_mnist_config(converted_resnet18, batch_size=12)
+  config = fashion_mnist_config(converted_resnet18, batch_size=12)
   with pytest.raises(train.ConfigError, match="multiple of the device count"):
     train.validate_config(config, num_devices=8)
-  config = _fashion_mnist_config(converted_resnet18, **{"teacher.arch": "resnet50"})
+  config = fashion_mnist_config(converted_resnet18, **{"teacher.arch": "resnet50"})
   with pytest.raises(train.ConfigError, match="holds arch 'resnet18'"):
     train.train_and_evaluate(config, str(tmp_path / "mismatch"))
 
