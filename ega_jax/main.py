@@ -28,10 +28,21 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def on_cloud_tpu_vm() -> bool:
+  """True on a Cloud TPU VM (its chips appear as /dev/accel* or /dev/vfio/N)."""
+  import glob
+
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def launched_as_several_processes() -> bool:
-  """True on a multi-host Cloud TPU slice or a multi-task SLURM job."""
-  tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if "," in tpu_hosts:
+  """True on a Cloud TPU VM / pod slice (GKE or gcloud) or a multi-task SLURM job.
+
+  On TPU VMs jax.distributed.initialize() finds the other workers itself (from
+  the metadata server, or TPU_WORKER_HOSTNAMES on GKE) and also works on a
+  single host, so any TPU VM counts.
+  """
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or on_cloud_tpu_vm():
     return True
   return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
 

@@ -742,22 +742,42 @@ class DevicePrefetcher:
     return _AtConsumed()
 
 
+def workdir_path(workdir: str):
+  """The workdir as an etils Path: local (made absolute) or a bucket (gs://...)."""
+  from etils import epath
+
+  if "://" not in str(workdir):
+    workdir = os.path.abspath(workdir)
+  return epath.Path(workdir)
+
+
 class JsonlWriter:
-  """clu MetricWriter that appends one JSON object per write to a file.
+  """clu MetricWriter that adds one JSON object per write to a file.
 
   Only scalars are written; images and other summaries are ignored here (they
-  go to TensorBoard).
+  go to TensorBoard). Local files are appended to; object stores (gs://) cannot
+  append, so there the whole file is rewritten from the records of this run
+  plus what the file held when the writer was created.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path):
     self._path = path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    self._append = "://" not in str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    self._lines = []
+    if not self._append and path.exists():
+      self._lines = path.read_text().splitlines(keepends=True)
 
   def write_scalars(self, step, scalars):
     record = {"step": int(step)}
     record.update({key: float(value) for key, value in scalars.items()})
-    with open(self._path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self._append:
+      with self._path.open("a") as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      self._path.write_text("".join(self._lines))
 
   def write_summaries(self, step, values, metadata=None):
     del step, values, metadata
@@ -790,15 +810,15 @@ class JsonlWriter:
     pass
 
 
-def create_metric_writer(workdir: str):
+def create_metric_writer(workdir):
   """TensorBoard (clu) + metrics.jsonl on process 0; logging only elsewhere."""
   from clu import metric_writers  # Imports tensorflow; keep it off module import.
 
   if jax.process_index() > 0:
-    return metric_writers.create_default_writer(workdir, just_logging=True)
+    return metric_writers.create_default_writer(str(workdir), just_logging=True)
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+      metric_writers.create_default_writer(str(workdir), asynchronous=False),
+      JsonlWriter(workdir / "metrics.jsonl"),
   ])
 
 
@@ -817,13 +837,13 @@ def _checkpoint_managers(workdir: str, config):
   import orbax.checkpoint as ocp
 
   latest = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, create=True,
           enable_async_checkpointing=False),
   )
   best = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "best")),
+      workdir / "best",
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, create=True, enable_async_checkpointing=False),
   )
@@ -934,8 +954,8 @@ def _check_workdir(workdir: str, signature: dict, overwrite: bool) -> None:
   """
   import orbax.checkpoint as ocp
 
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not os.path.isdir(directory):
+  directory = workdir / "checkpoints"
+  if not directory.is_dir():
     return
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       create=False, read_only=True)) as manager:
@@ -948,24 +968,18 @@ def _check_workdir(workdir: str, signature: dict, overwrite: bool) -> None:
     return
   if not overwrite:
     raise ConfigError(
-        f"workdir {workdir!r} holds checkpoints of another run ({saved_signature}) than "
+        f"workdir {str(workdir)!r} holds checkpoints of another run ({saved_signature}) than "
         f"this one ({signature}); use a new --workdir or set "
         "--config.overwrite_workdir=True to delete them.")
   if jax.process_index() == 0:
-    import shutil
-
     logging.warning("Deleting the checkpoints of another run in %s (overwrite_workdir).",
                     workdir)
     for name in ("checkpoints", "best", "metrics.jsonl", "summary.json", "graphs"):
-      path = os.path.join(workdir, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("ega_jax overwrite_workdir")
+      path = workdir / name
+      if path.is_dir():
+        path.rmtree()
+      elif path.exists():
+        path.unlink()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -979,7 +993,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   devices = np.array(jax.devices())
   mesh = Mesh(devices, (AXIS,))
   validate_config(config, len(devices))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   logging.info("Devices: %d (%s), processes: %d, mesh: %s", len(devices),
                devices[0].platform, jax.process_count(), dict(mesh.shape))
 
@@ -1034,6 +1049,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_iterator = iter(train_loader)
   signature = run_signature(config)
   _check_workdir(workdir, signature, config.overwrite_workdir)
+  if jax.process_count() > 1:
+    # Nobody creates checkpoint directories before every process has looked:
+    # orbax's managers synchronise in their constructors, and the processes
+    # must take the same branch above.
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("ega_jax workdir checked")
   latest_manager, best_manager = _checkpoint_managers(workdir, config)
   meta = {"signature": signature, "best_top1": -1.0, "best_step": 0, "last_top1": -1.0}
   if latest_manager.latest_step() is not None:
@@ -1101,7 +1123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"ce {float(bad['ce'])}, distill {float(bad['distill'])}, kd "
             f"{float(bad['kd'])}); its update was not applied and training stopped. Last "
             f"good checkpoint: step {latest_manager.latest_step()} in "
-            f"{os.path.join(workdir, 'checkpoints')}.")
+            f"{workdir / 'checkpoints'}.")
     if step % eval_every == 0 or step == num_steps:
       with report_progress.timed("eval"):
         last_eval = evaluate(evaluate_fn, state, teacher_variables, eval_loader, mesh)
@@ -1118,12 +1140,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    step, last_eval["eval/top1"], last_eval["eval/top5"],
                    last_eval["eval/teacher_top1"], meta["best_top1"])
       if picture_batch is not None:
-        path = None
-        if jax.process_index() == 0:
-          os.makedirs(os.path.join(workdir, "graphs"), exist_ok=True)
-          path = os.path.join(workdir, "graphs", f"graphs_{step:08d}.png")
         image = _graph_picture(embed_fn, state, teacher_variables, picture_batch,
-                               config.graph_picture_batch, path)
+                               config.graph_picture_batch, None)
+        if jax.process_index() == 0:
+          import matplotlib.image
+
+          (workdir / "graphs").mkdir(parents=True, exist_ok=True)
+          with (workdir / "graphs" / f"graphs_{step:08d}.png").open("wb") as f:
+            matplotlib.image.imsave(f, image, format="png")
         writer.write_images(step, {"graphs": image[None, ..., :3]})
       if is_best:
         best_manager.save(step, args=_save_args(state, None, dict(meta), with_data=False))
@@ -1140,7 +1164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if preempted:
     latest_manager.wait_until_finished()
     message = (f"Stopped by {preemption.signal_name or 'a peer process'} after step {step} of "
-               f"{num_steps}; checkpoint saved in {os.path.join(workdir, 'checkpoints')}. "
+               f"{num_steps}; checkpoint saved in {workdir / 'checkpoints'}. "
                "Run the same command again to resume.")
     logging.warning(message)
     writer.close()
@@ -1164,7 +1188,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "wall_time_s": time.time() - start_time,
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   writer.close()
   return summary
