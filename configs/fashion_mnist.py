@@ -17,7 +17,6 @@ def get_config():
   config.teacher.arch = "resnet18"
   config.teacher.checkpoint = "demo_out/teacher/flax"
   config.student.arch = "resnet8"
-  config.feature_dim = 128
   # A few CPU minutes: 200 steps of 128 over the first 25,600 train images,
   # one learning-rate drop (x0.1) at 70% of the run; the full 10k test set.
   config.dataset.max_train_examples = 25600
