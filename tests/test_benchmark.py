@@ -1,0 +1,143 @@
+"""launch/benchmark.py: the FLOP count, the PyTorch step's parts, and two tiny CLI runs."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "launch", "benchmark.py")
+
+
+def _load_benchmark():
+  spec = importlib.util.spec_from_file_location("benchmark_under_test", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+benchmark = _load_benchmark()
+
+
+def _run_cli(tmp_path, *flags):
+  out = tmp_path / "report.json"
+  result = subprocess.run(
+      [sys.executable, SCRIPT, *flags, "--json", str(out)], capture_output=True, text=True,
+      cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  return json.loads(out.read_text()), result.stdout
+
+
+@pytest.mark.parametrize("m, k, n", [(48, 80, 24), (7, 33, 5)])
+def test_xla_flops_of_a_matmul_is_two_m_n_k(m, k, n):
+  import jax
+  import jax.numpy as jnp
+
+  a = jnp.ones((m, k), jnp.float32)
+  b = jnp.ones((k, n), jnp.float32)
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  assert benchmark.xla_flops(compiled) == 2 * m * n * k
+
+
+def test_peak_matmul_counts_and_times_the_product():
+  peak = benchmark.measure_peak_matmul(128, "float32", num_warmup=1, num_timed=3)
+  assert peak["flops"] == peak["xla_flops"] == 2 * 128**3
+  assert peak["median_s"] > 0
+  assert peak["flops_per_sec"] == pytest.approx(peak["flops"] / peak["median_s"])
+
+
+def _ega_float64(teacher, student, node_weight=0.8, edge_weight=0.24, eps=1e-8):
+  """EGA from the formula: Pearson rows of [x_t; x_s], Frobenius norms of the blocks."""
+  x = np.concatenate([teacher, student]).astype(np.float64)
+  batch, dim = teacher.shape
+  centred = x - x.mean(axis=1, keepdims=True)
+  covariance = centred @ centred.T / (dim - 1)
+  std = np.sqrt(np.diag(covariance) + eps)
+  graph = covariance / np.outer(std, std)
+  node = graph[:batch, batch:] - np.eye(batch)
+  edge = graph[:batch, :batch] - graph[batch:, batch:]
+  return node_weight * np.sqrt((node**2).sum()) + edge_weight * np.sqrt((edge**2).sum())
+
+
+def test_torch_ega_loss_matches_the_formula():
+  rng = np.random.default_rng(0)
+  teacher = rng.normal(size=(6, 16)).astype(np.float32)
+  student = (0.5 * teacher + rng.normal(size=(6, 16))).astype(np.float32)
+  loss = benchmark.torch_ega_loss(torch.from_numpy(teacher), torch.from_numpy(student), 0.8, 0.24)
+  assert float(loss) == pytest.approx(_ega_float64(teacher, student), rel=1e-5)
+
+
+@pytest.mark.parametrize("name, expected", [("resnet8", 83_892), ("resnet8x4", 1_233_540)])
+def test_torch_student_has_repdistillers_parameter_count(name, expected):
+  cifar_resnet, _ = benchmark.build_torch_modules()
+  depth, widths = benchmark.TORCH_STUDENTS[name]
+  model = cifar_resnet(depth, widths, 100)
+  assert sum(p.numel() for p in model.parameters()) == expected
+  logits, feature = model(torch.zeros(2, 3, 32, 32))
+  assert logits.shape == (2, 100) and feature.shape == (2, widths[3])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--teacher", "clip_vit_b99"], "--teacher='clip_vit_b99' is not valid; valid: clip_vit_b32"),
+    (["--student", "vgg8", "--compare-torch"], "PyTorch students resnet8"),
+    (["--method", "kd", "--compare-torch"], "EGA step"),
+    (["--config", "configs/nope.py"], "--config='configs/nope.py' is not a file"),
+])
+def test_user_mistakes_are_one_line(flags, message, capsys):
+  assert benchmark.main(flags) == 2
+  error = capsys.readouterr().err
+  assert message in error and error.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_cli_reports_the_production_step(tmp_path):
+  report, stdout = _run_cli(
+      tmp_path, "--config=configs/fashion_mnist.py", "--teacher", "resnet18", "--student",
+      "resnet8", "--batch_size", "8", "--steps", "3", "--warmup", "1",
+      "--peak_matmul_size", "256")
+  assert "images/s" in stdout and "MFU" in stdout
+  jax_result = report["jax"]
+  assert (report["dataset"], report["teacher"], report["student"], report["method"],
+          report["batch_size"], report["dtype"]) == (
+              "fashion_mnist", "resnet18", "resnet8", "ega", 8, "float32")
+  assert jax_result["teacher_image_size"] == 224  # TEACHER_SPECS['resnet18']
+  assert len(jax_result["step_time"]["all_s"]) == 3
+  median = jax_result["step_time"]["median_s"]
+  assert report["images_per_sec"] == pytest.approx(8 / median)
+  assert report["steps_per_sec"] == pytest.approx(1 / median)
+  assert report["compile_s"] > 0 and report["peak_host_memory_mb"] > 100
+  # The frozen ResNet-18 forward at 224 alone is several GFLOPs per image.
+  assert report["flops_per_step"] > 8 * 2e9
+  assert 0.5 < jax_result["teacher_forward"]["flops_fraction"] < 1.0
+  assert report["peak_matmul"]["flops"] == 2 * 256**3
+  assert 0 < report["mfu"] < 1.5
+  assert report["mfu"] == pytest.approx(
+      report["flops_per_step"] / median / report["peak_matmul"]["flops_per_sec"])
+  assert math.isfinite(jax_result["first_loss"]) and math.isfinite(jax_result["last_loss"])
+  assert "torch" not in report
+
+
+@pytest.mark.slow
+def test_cli_compares_with_pytorch(tmp_path):
+  report, stdout = _run_cli(
+      tmp_path, "--config=configs/fashion_mnist.py", "--teacher", "resnet18", "--student",
+      "resnet8x4", "--batch_size", "4", "--steps", "2", "--warmup", "1",
+      "--teacher_image_size", "64", "--peak_matmul_size", "256", "--compare-torch",
+      "--torch_threads", "1")
+  assert "JAX / PyTorch images/s" in stdout
+  torch_result = report["torch"]
+  assert torch_result["num_threads"] == 1 and torch_result["dtype"] == "float32"
+  assert len(torch_result["step_time"]["all_s"]) == 2
+  assert torch_result["images_per_sec"] == pytest.approx(
+      4 / torch_result["step_time"]["median_s"])
+  assert report["jax_over_torch_images_per_sec"] == pytest.approx(
+      report["images_per_sec"] / torch_result["images_per_sec"])
+  assert 0 < torch_result["teacher_forward_time_fraction"] < 1
+  assert report["jax"]["teacher_image_size"] == 64
+  assert report["flops_per_step"] > 0 and 0 < report["mfu"] < 1.5
