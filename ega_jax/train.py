@@ -587,6 +587,27 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
   return new_state, metrics
 
 
+def _eval_student(state: TrainState, images_uint8, models: DistillModels):
+  """Eval-mode student embedding and logits: (b, feature_dim), (b, classes) float32."""
+  student_images = normalize_images(images_uint8, models.data_mean, models.data_std)
+  _, student_features = models.student.apply(
+      {"params": state.student_params["backbone"], "batch_stats": state.student_batch_stats},
+      student_images.astype(models.dtype), train=False)
+  embedding, logits = models.student_head.apply(
+      {"params": state.student_params["head"]}, student_features["penultimate"])
+  return embedding.astype(jnp.float32), logits.astype(jnp.float32)
+
+
+def _eval_teacher(state: TrainState, teacher_variables, images_uint8, models: DistillModels):
+  """Teacher embedding and teacher-head logits: (b, feature_dim), (b, classes) float32."""
+  teacher_images = teacher_inputs(images_uint8, models.teacher_image_size,
+                                  models.teacher_mean, models.teacher_std)
+  teacher_feature = models.teacher.apply(teacher_variables, teacher_images.astype(models.dtype))
+  embedding, logits = models.teacher_head.apply(
+      {"params": state.teacher_head_params}, teacher_feature.astype(jnp.float32))
+  return embedding.astype(jnp.float32), logits.astype(jnp.float32)
+
+
 def eval_step(state: TrainState, teacher_variables, batch, *, models: DistillModels,
               with_teacher: bool = True):
   """Counts correct predictions on this device's slice of a padded eval batch.
@@ -602,19 +623,9 @@ def eval_step(state: TrainState, teacher_variables, batch, *, models: DistillMod
   """
   mask = batch["mask"].astype(jnp.float32)
   labels = batch["label"]
-  student_images = normalize_images(batch["image"], models.data_mean, models.data_std)
-  _, student_features = models.student.apply(
-      {"params": state.student_params["backbone"], "batch_stats": state.student_batch_stats},
-      student_images.astype(models.dtype), train=False)
-  _, student_logits = models.student_head.apply(
-      {"params": state.student_params["head"]}, student_features["penultimate"])
+  _, student_logits = _eval_student(state, batch["image"], models)
   if with_teacher:
-    teacher_images = teacher_inputs(batch["image"], models.teacher_image_size,
-                                    models.teacher_mean, models.teacher_std)
-    teacher_feature = models.teacher.apply(
-        teacher_variables, teacher_images.astype(models.dtype))
-    _, teacher_logits = models.teacher_head.apply(
-        {"params": state.teacher_head_params}, teacher_feature.astype(jnp.float32))
+    _, teacher_logits = _eval_teacher(state, teacher_variables, batch["image"], models)
   else:
     teacher_logits = jnp.zeros_like(student_logits)
   num_classes = student_logits.shape[-1]
@@ -635,20 +646,9 @@ def embedding_step(state: TrainState, teacher_variables, batch, *, models: Disti
     (teacher_emb (B, feature_dim), student_emb (B, feature_dim), labels (B,)),
     replicated, B the global batch.
   """
-  student_images = normalize_images(batch["image"], models.data_mean, models.data_std)
-  _, student_features = models.student.apply(
-      {"params": state.student_params["backbone"], "batch_stats": state.student_batch_stats},
-      student_images.astype(models.dtype), train=False)
-  student_emb, _ = models.student_head.apply(
-      {"params": state.student_params["head"]}, student_features["penultimate"])
-  teacher_images = teacher_inputs(batch["image"], models.teacher_image_size,
-                                  models.teacher_mean, models.teacher_std)
-  teacher_feature = models.teacher.apply(teacher_variables, teacher_images.astype(models.dtype))
-  teacher_emb, _ = models.teacher_head.apply(
-      {"params": state.teacher_head_params}, teacher_feature.astype(jnp.float32))
-  gathered = (_all_gather(teacher_emb.astype(jnp.float32)),
-              _all_gather(student_emb.astype(jnp.float32)),
-              _all_gather(batch["label"]))
+  student_emb, _ = _eval_student(state, batch["image"], models)
+  teacher_emb, _ = _eval_teacher(state, teacher_variables, batch["image"], models)
+  gathered = (_all_gather(teacher_emb), _all_gather(student_emb), _all_gather(batch["label"]))
   # Identical on every device; pmean records that for the replication check.
   return (jax.lax.pmean(gathered[0], AXIS), jax.lax.pmean(gathered[1], AXIS),
           jax.lax.pmax(gathered[2], AXIS))
@@ -1105,6 +1105,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       scalars = {f"train/{k}": v for k, v in summary.items() if k != "finite"}
       scalars["train/top1"] *= 100.0
       scalars["train/teacher_top1"] *= 100.0
+      if not uses_teacher(config):
+        del scalars["train/teacher_top1"], scalars["train/teacher_ce"]
       scalars["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
       scalars["train/learning_rate"] = float(
           student_learning_rate_schedule(config, num_train)(step - 1))
