@@ -22,7 +22,13 @@ Reported (table on stdout, everything in --json):
     dtype, timed the same way, 2 N^3 FLOPs; MFU = achieved / measured peak;
   * the teacher's share: its forward pass (resize, normalise, backbone) on one
     device's slice, compiled and timed on its own;
-  * peak host memory (maxrss of this process).
+  * peak host memory (maxrss of this process; the JAX part is read before
+    PyTorch builds its models).
+
+Timings are taken in rounds: each round runs the step, the teacher alone, the
+peak matmul and (with --compare-torch) the PyTorch step once each, so on a
+machine shared with other jobs they all see the same load and their ratios
+(MFU, JAX / PyTorch) stay meaningful while the absolute numbers move.
 
 --compare-torch also times a PyTorch implementation of the same step on the
 same machine, in the same run (written below, independent of ega_jax): the
@@ -35,6 +41,7 @@ each with its own SGD (momentum, weight decay), float32.
 """
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -44,6 +51,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any, Callable
 import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,21 +90,39 @@ def peak_host_memory_mb() -> float:
   return maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
 
 
-def time_calls(call, wait, num_warmup: int, num_timed: int) -> list[float]:
-  """Seconds of each of `num_timed` calls after `num_warmup` untimed ones.
+@dataclasses.dataclass
+class TimedCall:
+  """One thing to time.
 
-  Args:
-    call: () -> result; runs one step (it may update state it closes over).
+  Attributes:
+    name: key of its times in the result of `time_interleaved`.
+    call: () -> result; runs it once (it may update state it closes over).
     wait: result -> None; blocks until the result is computed (e.g.
-      jax.block_until_ready), so each time covers the whole step.
+      jax.block_until_ready), so each time covers the whole computation.
   """
-  for _ in range(num_warmup):
-    wait(call())
-  times = []
+
+  name: str
+  call: Callable[[], Any]
+  wait: Callable[[Any], None]
+
+
+def time_interleaved(calls: list[TimedCall], num_warmup: int,
+                     num_timed: int) -> dict[str, list[float]]:
+  """Seconds of each call in `num_timed` rounds, after `num_warmup` untimed calls of each.
+
+  Every round times each call once, in order, so on a machine shared with
+  other jobs all the timings (the step, its parts, the peak matmul, PyTorch)
+  see the same load, and their ratios stay meaningful when it changes.
+  """
+  for timed in calls:
+    for _ in range(num_warmup):
+      timed.wait(timed.call())
+  times = {timed.name: [] for timed in calls}
   for _ in range(num_timed):
-    start = time.perf_counter()
-    wait(call())
-    times.append(time.perf_counter() - start)
+    for timed in calls:
+      start = time.perf_counter()
+      timed.wait(timed.call())
+      times[timed.name].append(time.perf_counter() - start)
   return times
 
 
@@ -120,12 +146,12 @@ def xla_flops(compiled) -> float:
   return float(sum(entry["flops"] for entry in analysis))
 
 
-def measure_peak_matmul(size: int, dtype_name: str, num_warmup: int, num_timed: int) -> dict:
-  """Times a jitted (size, size) @ (size, size) matmul on the default device.
+def prepare_peak_matmul(size: int, dtype_name: str) -> tuple[TimedCall, dict]:
+  """A jitted (size, size) @ (size, size) matmul on the default device, compiled.
 
   Returns:
-    'size', 'dtype', 'flops' (2 size^3), 'xla_flops' (cost analysis),
-    'median_s', 'flops_per_sec' (2 size^3 / median time).
+    its TimedCall ('peak_matmul') and {'size', 'dtype', 'flops' (2 size^3),
+    'xla_flops' (XLA's count of the compiled matmul)}.
   """
   import jax
   import jax.numpy as jnp
@@ -135,11 +161,26 @@ def measure_peak_matmul(size: int, dtype_name: str, num_warmup: int, num_timed: 
   a = jax.random.normal(key_a, (size, size), jnp.float32).astype(dtype)
   b = jax.random.normal(key_b, (size, size), jnp.float32).astype(dtype)
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-  times = time_calls(lambda: compiled(a, b), jax.block_until_ready, num_warmup, num_timed)
-  flops = 2.0 * size**3
+  timed = TimedCall("peak_matmul", lambda: compiled(a, b), jax.block_until_ready)
+  return timed, {"size": size, "dtype": dtype_name, "flops": 2.0 * size**3,
+                 "xla_flops": xla_flops(compiled)}
+
+
+def peak_matmul_result(info: dict, times: list[float]) -> dict:
   median = statistics.median(times)
-  return {"size": size, "dtype": dtype_name, "flops": flops, "xla_flops": xla_flops(compiled),
-          "median_s": median, "flops_per_sec": flops / median}
+  return {**info, **summarise_times(times), "flops_per_sec": info["flops"] / median}
+
+
+def measure_peak_matmul(size: int, dtype_name: str, num_warmup: int, num_timed: int) -> dict:
+  """Times the matmul of `prepare_peak_matmul` on its own.
+
+  Returns:
+    'size', 'dtype', 'flops', 'xla_flops', the times ('median_s', ...) and
+    'flops_per_sec' (2 size^3 / median time).
+  """
+  timed, info = prepare_peak_matmul(size, dtype_name)
+  times = time_interleaved([timed], num_warmup, num_timed)
+  return peak_matmul_result(info, times["peak_matmul"])
 
 
 # ---------------------------------------------------------------------------
@@ -227,8 +268,14 @@ def synthetic_local_batches(count: int, batch_size: int, image_size: int, num_cl
 # JAX: the production step.
 
 
-def benchmark_jax(config, args, local_batches) -> dict:
-  """Compiles and times train.compile_steps' train step; see the module docstring."""
+def prepare_jax(config, args, local_batches) -> tuple[list[TimedCall], dict, Callable]:
+  """Builds and compiles train.compile_steps' train step (and the teacher alone).
+
+  Returns:
+    (timed calls 'jax_step' [+ 'jax_teacher_forward' when the method uses the
+    teacher], facts measured once: compile times, first step, FLOPs, ...,
+    last_loss(): the loss of the latest step run).
+  """
   import jax
   import jax.numpy as jnp
   from jax.sharding import Mesh
@@ -289,6 +336,7 @@ def benchmark_jax(config, args, local_batches) -> dict:
   flops_per_device = xla_flops(compiled)
 
   step_count = [0]
+  latest_metrics = []
 
   def run_step():
     nonlocal state
@@ -296,56 +344,67 @@ def benchmark_jax(config, args, local_batches) -> dict:
     step_count[0] += 1
     # The step donates its state: always continue from the returned one.
     state, metrics = compiled(state, teacher_variables, batch, crd_tables)
+    latest_metrics[:] = [metrics]
     return state, metrics
 
   start = time.perf_counter()
-  _, first_metrics = jax.block_until_ready(run_step())
+  jax.block_until_ready(run_step())
   first_step_s = time.perf_counter() - start
-  times = time_calls(run_step, jax.block_until_ready, args.warmup, args.steps)
-  _, last_metrics = jax.block_until_ready(run_step())
-  step_s = statistics.median(times)
-  result = {
+  facts = {
       "backend": jax.default_backend(),
       "device_kind": devices[0].device_kind,
       "num_devices": num_devices,
+      "teacher_image_size": teacher_image_size,
       "lower_s": lower_s,
       "compile_s": compile_s,
       "first_step_s": first_step_s,
-      "step_time": summarise_times(times),
-      "steps_per_sec": 1.0 / step_s,
-      "images_per_sec": config.batch_size / step_s,
+      "first_loss": float(latest_metrics[0]["loss"]),
       "flops_per_step_per_device": flops_per_device,
       "flops_per_step": flops_per_device * num_devices,
-      "achieved_flops_per_sec_per_device": flops_per_device / step_s,
-      "achieved_flops_per_sec": flops_per_device * num_devices / step_s,
-      "first_loss": float(first_metrics["loss"]),
-      "last_loss": float(last_metrics["loss"]),
-      "teacher_image_size": teacher_image_size,
   }
-  del state
+  calls = [TimedCall("jax_step", run_step, jax.block_until_ready)]
+  if train.uses_teacher(config):
+    # The teacher alone on one device's slice: resize + normalise + backbone.
+    per_device_batch = config.batch_size // num_devices
 
-  # The teacher alone on one device's slice: resize + normalise + backbone.
-  per_device_batch = config.batch_size // num_devices
-  teacher_source = jnp.asarray(local_batches[0]["teacher_image"][:per_device_batch])
+    def teacher_forward(variables, images_uint8):
+      images = train.teacher_inputs(images_uint8, models.teacher_image_size,
+                                    models.teacher_mean, models.teacher_std)
+      return models.teacher.apply(variables, images.astype(models.dtype))
 
-  def teacher_forward(variables, images_uint8):
-    images = train.teacher_inputs(images_uint8, models.teacher_image_size, models.teacher_mean,
-                                  models.teacher_std)
-    return models.teacher.apply(variables, images.astype(models.dtype))
+    single_device_variables = jax.device_put(teacher_host_variables, devices[0])
+    teacher_source = jax.device_put(
+        local_batches[0]["teacher_image"][:per_device_batch], devices[0])
+    teacher_compiled = jax.jit(teacher_forward).lower(
+        single_device_variables, teacher_source).compile()
+    facts["teacher_forward_flops_per_device"] = xla_flops(teacher_compiled)
+    calls.append(TimedCall(
+        "jax_teacher_forward", lambda: teacher_compiled(single_device_variables, teacher_source),
+        jax.block_until_ready))
+  return calls, facts, lambda: float(latest_metrics[0]["loss"])
 
-  single_device_variables = jax.device_put(teacher_host_variables, devices[0])
-  teacher_source = jax.device_put(teacher_source, devices[0])
-  teacher_compiled = jax.jit(teacher_forward).lower(
-      single_device_variables, teacher_source).compile()
-  teacher_times = time_calls(lambda: teacher_compiled(single_device_variables, teacher_source),
-                             jax.block_until_ready, args.warmup, args.steps)
-  teacher_flops = xla_flops(teacher_compiled)
-  result["teacher_forward"] = {
-      "flops_per_device": teacher_flops,
-      "flops_fraction": teacher_flops / flops_per_device,
-      "time": summarise_times(teacher_times),
-      "time_fraction": statistics.median(teacher_times) / step_s,
+
+def jax_result(facts: dict, times: dict[str, list[float]], batch_size: int,
+               last_loss: float) -> dict:
+  step_s = statistics.median(times["jax_step"])
+  result = {
+      **facts,
+      "step_time": summarise_times(times["jax_step"]),
+      "steps_per_sec": 1.0 / step_s,
+      "images_per_sec": batch_size / step_s,
+      "achieved_flops_per_sec_per_device": facts["flops_per_step_per_device"] / step_s,
+      "achieved_flops_per_sec": facts["flops_per_step"] / step_s,
+      "last_loss": last_loss,
   }
+  if "jax_teacher_forward" in times:
+    teacher_times = times["jax_teacher_forward"]
+    result["teacher_forward"] = {
+        "flops_per_device": facts["teacher_forward_flops_per_device"],
+        "flops_fraction": (facts["teacher_forward_flops_per_device"]
+                           / facts["flops_per_step_per_device"]),
+        "time": summarise_times(teacher_times),
+        "time_fraction": statistics.median(teacher_times) / step_s,
+    }
   return result
 
 
@@ -478,8 +537,14 @@ def build_torch_teacher(arch: str, image_size: int):
   raise AssertionError(f"no PyTorch teacher for family {spec.family!r}")
 
 
-def benchmark_torch(config, args, local_batches, teacher_image_size: int) -> dict:
-  """Times the PyTorch EGA step on the same synthetic batches (float32)."""
+def prepare_torch(config, args, local_batches, teacher_image_size: int
+                  ) -> tuple[TimedCall, Callable[[list[float]], dict]]:
+  """Builds the PyTorch EGA step on the same synthetic batches (float32).
+
+  Returns:
+    its TimedCall ('torch_step') and a function of its step times giving the
+    result (images/s, the teacher's share of the step, losses).
+  """
   import torch
   import torch.nn.functional as F
 
@@ -513,10 +578,12 @@ def benchmark_torch(config, args, local_batches, teacher_image_size: int) -> dic
   teacher_mean, teacher_std = channel_constant(spec.mean), channel_constant(spec.std)
   batches = [{key: torch.from_numpy(value) for key, value in batch.items()}
              for batch in local_batches]
+  batch_size = local_batches[0]["image"].shape[0]
   d = config.distill
   synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
   step_count = [0]
   teacher_seconds = []
+  losses = []
 
   def run_step():
     batch = batches[step_count[0] % len(batches)]
@@ -551,20 +618,25 @@ def benchmark_torch(config, args, local_batches, teacher_image_size: int) -> dic
 
   def wait(loss):
     synchronise()
-    loss.item()
+    losses.append(loss.item())
 
-  times = time_calls(run_step, wait, args.warmup, args.steps)
-  step_s = statistics.median(times)
-  return {
-      "device": str(device),
-      "num_threads": torch.get_num_threads(),
-      "torch_version": torch.__version__,
-      "dtype": "float32",
-      "step_time": summarise_times(times),
-      "steps_per_sec": 1.0 / step_s,
-      "images_per_sec": local_batches[0]["image"].shape[0] / step_s,
-      "teacher_forward_time_fraction": statistics.median(teacher_seconds[-args.steps:]) / step_s,
-  }
+  def result(times: list[float]) -> dict:
+    step_s = statistics.median(times)
+    return {
+        "device": str(device),
+        "num_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "dtype": "float32",
+        "step_time": summarise_times(times),
+        "steps_per_sec": 1.0 / step_s,
+        "images_per_sec": batch_size / step_s,
+        "teacher_forward_time_fraction": (
+            statistics.median(teacher_seconds[-len(times):]) / step_s),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
+
+  return TimedCall("torch_step", run_step, wait), result
 
 
 # ---------------------------------------------------------------------------
@@ -579,43 +651,52 @@ def _si(value: float, unit: str) -> str:
 
 
 def format_table(report: dict) -> str:
-  jax_result = report["jax"]
+  jax_part = report["jax"]
   peak = report["peak_matmul"]
-  teacher = jax_result["teacher_forward"]
+  step = jax_part["step_time"]
+  load = lambda key: " ".join(f"{v:.2f}" for v in report[key])  # noqa: E731
   rows = [
-      ("machine", f"{report['cpu_count']} CPUs, load average "
-                  f"{' '.join(f'{v:.2f}' for v in report['load_average_before'])} (before), "
-                  f"{jax_result['backend']} x{jax_result['num_devices']} "
-                  f"({jax_result['device_kind']})"),
+      ("machine", f"{report['cpu_count']} CPUs, {jax_part['backend']} x{jax_part['num_devices']} "
+                  f"({jax_part['device_kind']})"),
+      ("load average (1/5/15 min)", f"{load('load_average_before')} before, "
+                                    f"{load('load_average_after')} after"),
       ("setting", f"{report['dataset']} {report['image_size']}px, teacher {report['teacher']} "
-                  f"@{jax_result['teacher_image_size']}px, student {report['student']}, "
+                  f"@{jax_part['teacher_image_size']}px, student {report['student']}, "
                   f"{report['method']}, batch {report['batch_size']}, {report['dtype']}"),
-      ("compile (lower + compile)", f"{jax_result['lower_s']:.2f} s + {jax_result['compile_s']:.2f} s"),
-      ("first step", f"{jax_result['first_step_s']:.3f} s"),
-      ("step time (median of "
-       f"{report['steps']})", f"{jax_result['step_time']['median_s'] * 1e3:.1f} ms "
-       f"(min {jax_result['step_time']['min_s'] * 1e3:.1f}, "
-       f"max {jax_result['step_time']['max_s'] * 1e3:.1f})"),
-      ("steps/s", f"{jax_result['steps_per_sec']:.3f}"),
-      ("images/s", f"{jax_result['images_per_sec']:.2f}"),
-      ("FLOPs per step (XLA)", _si(jax_result["flops_per_step"], "FLOP")),
-      ("teacher share of FLOPs", f"{100 * teacher['flops_fraction']:.1f} %"),
-      ("teacher share of step time", f"{100 * teacher['time_fraction']:.1f} %"),
-      ("achieved", _si(jax_result["achieved_flops_per_sec"], "FLOP/s")),
+      ("compile (lower + compile)", f"{jax_part['lower_s']:.2f} s + {jax_part['compile_s']:.2f} s"),
+      ("first step", f"{jax_part['first_step_s']:.3f} s"),
+      (f"step time (median of {report['steps']})",
+       f"{step['median_s'] * 1e3:.1f} ms (min {step['min_s'] * 1e3:.1f}, "
+       f"max {step['max_s'] * 1e3:.1f})"),
+      ("steps/s", f"{jax_part['steps_per_sec']:.3f}"),
+      ("images/s", f"{jax_part['images_per_sec']:.2f}"),
+      ("FLOPs per step (XLA)", _si(jax_part["flops_per_step"], "FLOP")),
+  ]
+  if "teacher_forward" in jax_part:
+    teacher = jax_part["teacher_forward"]
+    rows += [
+        ("teacher forward alone (median)", f"{teacher['time']['median_s'] * 1e3:.1f} ms"),
+        ("teacher share of FLOPs", f"{100 * teacher['flops_fraction']:.1f} %"),
+        ("teacher alone / step time", f"{100 * teacher['time_fraction']:.1f} %"),
+    ]
+  else:
+    rows.append(("teacher", f"not in the step (method {report['method']})"))
+  rows += [
+      ("achieved", _si(jax_part["achieved_flops_per_sec"], "FLOP/s")),
       (f"measured peak ({peak['size']}^3 {peak['dtype']} matmul)",
        _si(peak["flops_per_sec"], "FLOP/s") + " per device"),
       ("MFU (achieved / measured peak)", f"{100 * report['mfu']:.1f} %"),
       ("peak host memory (JAX part)", f"{report['peak_host_memory_mb']:.0f} MiB"),
   ]
   if "torch" in report:
-    torch_result = report["torch"]
+    torch_part = report["torch"]
     rows += [
-        ("PyTorch step time (median)", f"{torch_result['step_time']['median_s'] * 1e3:.1f} ms "
-                                       f"({torch_result['device']}, "
-                                       f"{torch_result['num_threads']} threads, float32)"),
-        ("PyTorch images/s", f"{torch_result['images_per_sec']:.2f}"),
+        ("PyTorch step time (median)", f"{torch_part['step_time']['median_s'] * 1e3:.1f} ms "
+                                       f"({torch_part['device']}, "
+                                       f"{torch_part['num_threads']} threads, float32)"),
+        ("PyTorch images/s", f"{torch_part['images_per_sec']:.2f}"),
         ("PyTorch teacher share of step time",
-         f"{100 * torch_result['teacher_forward_time_fraction']:.1f} %"),
+         f"{100 * torch_part['teacher_forward_time_fraction']:.1f} %"),
         ("JAX / PyTorch images/s", f"{report['jax_over_torch_images_per_sec']:.2f}x"),
     ]
   width = max(len(name) for name, _ in rows)
@@ -642,7 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--teacher_image_size", type=int, default=None,
                       help="teacher resolution (default: TEACHER_SPECS')")
   parser.add_argument("--peak_matmul_size", type=int, default=4096,
-                      help="N of the N x N @ N x N matmul measuring the peak (default 4096)")
+                      help="N of the N x N @ N x N matmul measuring the peak (default 4096; "
+                      "too small a matmul is overhead-bound and understates the peak)")
   parser.add_argument("--torch_threads", type=int, default=None,
                       help="torch.set_num_threads for --compare-torch (default: os.cpu_count())")
   parser.add_argument("--seed", type=int, default=0)
@@ -667,8 +749,19 @@ def run(args) -> dict:
   local_batch_size = config.batch_size // jax.process_count()
   local_batches = synthetic_local_batches(
       2, local_batch_size, info.image_size, info.num_classes, info.num_train, args.seed)
-  jax_result = benchmark_jax(config, args, local_batches)
-  peak = measure_peak_matmul(args.peak_matmul_size, config.dtype, 1, max(3, min(args.steps, 10)))
+  calls, jax_facts, last_jax_loss = prepare_jax(config, args, local_batches)
+  peak_call, peak_info = prepare_peak_matmul(args.peak_matmul_size, config.dtype)
+  calls.append(peak_call)
+  memory_jax_mb = peak_host_memory_mb()
+  torch_result = None
+  if args.compare_torch:
+    torch_call, torch_result = prepare_torch(
+        config, args, local_batches, jax_facts["teacher_image_size"])
+    calls.append(torch_call)
+  times = time_interleaved(calls, args.warmup, args.steps)
+
+  jax_part = jax_result(jax_facts, times, config.batch_size, last_jax_loss())
+  peak = peak_matmul_result(peak_info, times["peak_matmul"])
   report = {
       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
       "host": platform.node(),
@@ -685,20 +778,19 @@ def run(args) -> dict:
       "dtype": config.dtype,
       "steps": args.steps,
       "warmup": args.warmup,
-      "jax": jax_result,
-      "images_per_sec": jax_result["images_per_sec"],
-      "steps_per_sec": jax_result["steps_per_sec"],
-      "flops_per_step": jax_result["flops_per_step"],
-      "compile_s": jax_result["compile_s"],
+      "jax": jax_part,
+      "images_per_sec": jax_part["images_per_sec"],
+      "steps_per_sec": jax_part["steps_per_sec"],
+      "flops_per_step": jax_part["flops_per_step"],
+      "compile_s": jax_part["compile_s"],
       "peak_matmul": peak,
-      "mfu": jax_result["achieved_flops_per_sec_per_device"] / peak["flops_per_sec"],
-      "peak_host_memory_mb": peak_host_memory_mb(),
+      "mfu": jax_part["achieved_flops_per_sec_per_device"] / peak["flops_per_sec"],
+      "peak_host_memory_mb": memory_jax_mb,
   }
-  if args.compare_torch:
-    torch_result = benchmark_torch(config, args, local_batches, jax_result["teacher_image_size"])
-    report["torch"] = torch_result
+  if torch_result is not None:
+    report["torch"] = torch_result(times["torch_step"])
     report["jax_over_torch_images_per_sec"] = (
-        jax_result["images_per_sec"] / torch_result["images_per_sec"])
+        jax_part["images_per_sec"] / report["torch"]["images_per_sec"])
     report["peak_host_memory_mb_with_torch"] = peak_host_memory_mb()
   report["load_average_after"] = list(os.getloadavg())
   return report

@@ -100,7 +100,7 @@ def test_cli_reports_the_production_step(tmp_path):
   report, stdout = _run_cli(
       tmp_path, "--config=configs/fashion_mnist.py", "--teacher", "resnet18", "--student",
       "resnet8", "--batch_size", "8", "--steps", "3", "--warmup", "1",
-      "--peak_matmul_size", "256")
+      "--peak_matmul_size", "1024")
   assert "images/s" in stdout and "MFU" in stdout
   jax_result = report["jax"]
   assert (report["dataset"], report["teacher"], report["student"], report["method"],
@@ -115,7 +115,7 @@ def test_cli_reports_the_production_step(tmp_path):
   # The frozen ResNet-18 forward at 224 alone is several GFLOPs per image.
   assert report["flops_per_step"] > 8 * 2e9
   assert 0.5 < jax_result["teacher_forward"]["flops_fraction"] < 1.0
-  assert report["peak_matmul"]["flops"] == 2 * 256**3
+  assert report["peak_matmul"]["flops"] == 2 * 1024**3
   assert 0 < report["mfu"] < 1.5
   assert report["mfu"] == pytest.approx(
       report["flops_per_step"] / median / report["peak_matmul"]["flops_per_sec"])
@@ -128,7 +128,7 @@ def test_cli_compares_with_pytorch(tmp_path):
   report, stdout = _run_cli(
       tmp_path, "--config=configs/fashion_mnist.py", "--teacher", "resnet18", "--student",
       "resnet8x4", "--batch_size", "4", "--steps", "2", "--warmup", "1",
-      "--teacher_image_size", "64", "--peak_matmul_size", "256", "--compare-torch",
+      "--teacher_image_size", "64", "--peak_matmul_size", "1024", "--compare-torch",
       "--torch_threads", "1")
   assert "JAX / PyTorch images/s" in stdout
   torch_result = report["torch"]
