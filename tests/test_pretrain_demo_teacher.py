@@ -115,6 +115,21 @@ def test_jitter_keeps_range_and_changes_images():
   assert (jittered - images).abs().mean() > 1e-3
 
 
+def test_linear_probe_separates_separable_classes_and_not_noise():
+  generator = torch.Generator().manual_seed(4)
+  centres = 3.0 * torch.randn(10, 32, generator=generator)
+  train_labels = torch.arange(600) % 10
+  test_labels = torch.arange(400) % 10
+  train = centres[train_labels] + torch.randn(600, 32, generator=generator)
+  test = centres[test_labels] + torch.randn(400, 32, generator=generator)
+  assert teacher_script.linear_probe_accuracy(train, train_labels, test, test_labels,
+                                              steps=100) > 0.97
+  # Labels unrelated to the features: the probe cannot beat chance by much.
+  shuffled = train_labels[torch.randperm(600, generator=generator)]
+  assert teacher_script.linear_probe_accuracy(train, shuffled, test, test_labels,
+                                              steps=100) < 0.25
+
+
 def test_script_imports_neither_tensorflow_nor_jax():
   with open(SCRIPT) as f:
     tree = ast.parse(f.read())
@@ -163,7 +178,8 @@ def test_tiny_run_writes_a_torchvision_checkpoint_and_is_cached(tmp_path):
   output = str(tmp_path / 'teacher' / 'simclr.pth')
   args = ['--output', output, '--num_train_examples', '512', '--epochs', '1',
           '--batch_size', '64', '--probe_train_examples', '1000', '--probe_test_examples',
-          '1000', '--probe_steps', '100', '--log_every', '4', '--seed', '1']
+          '1000', '--probe_steps', '100', '--log_every', '4', '--seed', '1',
+          '--time_budget_s', '900']
   first = _run_script(*args)
   assert first.returncode == 0, first.stderr
   assert 'images/s' in first.stdout and 'ETA' in first.stdout
@@ -198,3 +214,22 @@ def test_tiny_run_writes_a_torchvision_checkpoint_and_is_cached(tmp_path):
   assert 'cached' in second.stdout
   assert time.time() - start < 30  # Imports only; no data loaded, nothing trained.
   assert os.path.getmtime(output) == modified
+
+
+@needs_fashion_mnist
+def test_time_budget_stops_training_early(tmp_path, capsys):
+  output = str(tmp_path / 'teacher.pth')
+  threads = torch.get_num_threads()
+  try:
+    # A 1 s budget cannot hold even the probe's reserve: one step, then the probe.
+    assert teacher_script.main([
+        '--output', output, '--num_train_examples', '256', '--batch_size', '32', '--epochs', '3',
+        '--probe_train_examples', '200', '--probe_test_examples', '200', '--probe_steps', '20',
+        '--time_budget_s', '1']) == 0
+  finally:
+    torch.set_num_threads(threads)  # main() sets the process-wide thread count.
+  assert 'stopping after step 1/24' in capsys.readouterr().out
+  with open(output + '.json') as f:
+    metadata = json.load(f)
+  assert metadata['stopped_early'] is True
+  assert metadata['steps_run'] == 1 and metadata['epochs_run'] == pytest.approx(1 / 8)
