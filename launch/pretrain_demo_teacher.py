@@ -22,6 +22,11 @@ Outputs `--output` (a plain `state_dict`) and `<output>.json` (preprocessing,
 epochs run, final loss, probe accuracy, seconds). A second run with the same
 settings finds both and exits at once ("cached").
 
+Budget: the defaults (20k images x 5 epochs, batch 256, NT-Xent temperature
+0.2) are sized for about 3 minutes on 2 idle CPU cores. `--time_budget_s`
+(225 s) bounds the whole run: on a slower or busy machine training stops early,
+leaving the probe the time it needs, and the JSON says so (`stopped_early`).
+
 This file imports neither tensorflow nor jax (torch must not share a process
 with tensorflow imported first).
 
@@ -418,9 +423,11 @@ def parse_args(argv):
   if args.device.split(':')[0] not in ('cpu', 'cuda', 'mps'):
     raise ScriptError(f"--device must be 'cpu', 'cuda[:N]' or 'mps', got {args.device!r}.")
   if args.device.startswith('cuda') and not torch.cuda.is_available():
-    raise ScriptError(f'--device {args.device} was asked for but torch sees no CUDA device; use --device cpu.')
+    raise ScriptError(f'--device {args.device} was asked for but torch sees no CUDA device; '
+                      'use --device cpu.')
   if args.batch_size < 2:
-    raise ScriptError(f'--batch_size must be at least 2 (NT-Xent needs negatives), got {args.batch_size}.')
+    raise ScriptError(
+        f'--batch_size must be at least 2 (NT-Xent needs negatives), got {args.batch_size}.')
   if args.num_train_examples < args.batch_size:
     raise ScriptError(
         f'--num_train_examples ({args.num_train_examples}) must be at least '
@@ -515,7 +522,8 @@ def main(argv=None):
                           ('probe_train_examples', len(train_images)),
                           ('probe_test_examples', len(test_images))):
     if getattr(args, name) > available:
-      raise ScriptError(f'--{name} is {getattr(args, name)} but the split has only {available} images.')
+      raise ScriptError(
+          f'--{name} is {getattr(args, name)} but the split has only {available} images.')
   # The dataset's own statistics, over the whole train split (28x28, [0, 1]).
   mean, std = dataset_mean_std(train_images)
 
@@ -523,7 +531,8 @@ def main(argv=None):
   subset = rng.permutation(len(train_images))
   ssl_images = to_unit_tensor(train_images[subset[:args.num_train_examples]]).to(args.device)
   print(f'SimCLR ResNet-18 on {len(ssl_images)} Fashion-MNIST images, {args.epochs} epochs, '
-        f'batch {args.batch_size}, {args.threads} threads on {args.device}; mean {mean:.4f} std {std:.4f}', flush=True)
+        f'batch {args.batch_size}, {args.threads} threads on {args.device}; '
+        f'mean {mean:.4f} std {std:.4f}', flush=True)
 
   model = build_simclr_resnet18().to(args.device, memory_format=torch.channels_last)
   train_start = time.time()
@@ -572,7 +581,8 @@ def main(argv=None):
   with open(metadata_path(args.output) + '.tmp', 'w') as f:
     json.dump(metadata, f, indent=2)
   os.replace(metadata_path(args.output) + '.tmp', metadata_path(args.output))
-  print(f'wrote {args.output} and {metadata_path(args.output)} in {format_seconds(time.time() - start)}')
+  print(f'wrote {args.output} and {metadata_path(args.output)} '
+        f'in {format_seconds(time.time() - start)}')
   return 0
 
 
