@@ -57,8 +57,9 @@ def write_results(args, results, extra):
   lines = [
       f"# Distiller comparison ({os.path.basename(args.config)})", "",
       f"Teacher: `{args.teacher}`; seeds: {args.seeds}; extra flags: "
-      f"`{' '.join(extra) or '(none)'}`. Top-1 in % on the full test split; "
-      "mean ± sample standard deviation over seeds.", "",
+      f"`{' '.join(extra) or '(none)'}`. Top-1 in % on the evaluation split "
+      "(all of it unless the flags set `dataset.max_eval_examples`); with several seeds, "
+      "mean ± sample standard deviation.", "",
       "| method | best top-1 | last top-1 | wall time (s) |",
       "|---|---|---|---|",
   ]
