@@ -19,6 +19,7 @@ gradient equals the single-device gradient of the same global batch:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -351,8 +352,10 @@ def init_train_state(config, models: DistillModels, teacher_variables, rng,
   # use an identical module without it.
   student_no_axis = models.student.clone(bn_axis_name=None)
   student_variables = student_no_axis.init(init_rng, dummy, train=False)
-  _, student_features = student_no_axis.apply(student_variables, dummy, train=False)
-  head_params = models.student_head.init(head_rng, student_features["penultimate"])["params"]
+  _, student_features = jax.eval_shape(
+      lambda v, x: student_no_axis.apply(v, x, train=False), student_variables, dummy)
+  head_params = models.student_head.init(
+      head_rng, jnp.zeros(student_features["penultimate"].shape, jnp.float32))["params"]
 
   teacher_dummy = jnp.zeros((1, models.teacher_image_size, models.teacher_image_size, 3),
                             jnp.float32)
@@ -404,11 +407,6 @@ def _correct_topk(logits, labels, k):
   return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def _head_input_width(state: TrainState) -> int:
-  """Width of the teacher feature the teacher head was initialised for."""
-  return state.teacher_head_params["embed"]["Dense_0"]["kernel"].shape[0]
-
-
 def _all_gather(x):
   return jax.lax.all_gather(x, AXIS, axis=0, tiled=True)
 
@@ -446,16 +444,15 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
     teacher_source = batch["image"]
   else:
     teacher_source = batch["teacher_image"]
-  # Cross-entropy alone needs no teacher: skip its forward pass (the teacher
-  # head then stays untrained and its accuracy is not reported).
-  if uses_teacher(config):
+  # Cross-entropy alone needs no teacher: neither its forward pass nor its
+  # head runs (the head stays as initialised and its accuracy is not reported).
+  with_teacher = uses_teacher(config)
+  if with_teacher:
     teacher_images = teacher_inputs(teacher_source, models.teacher_image_size,
                                     models.teacher_mean, models.teacher_std)
     teacher_feature = models.teacher.apply(
         teacher_variables, teacher_images.astype(models.dtype))
     teacher_feature = jax.lax.stop_gradient(teacher_feature.astype(jnp.float32))
-  else:
-    teacher_feature = jnp.zeros((labels.shape[0], _head_input_width(state)), jnp.float32)
 
   def objective(student_params, teacher_head_params):
     (_, student_features), new_model_state = models.student.apply(
@@ -464,28 +461,29 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
     backbone_feature = student_features["penultimate"]
     student_emb, student_logits = models.student_head.apply(
         {"params": student_params["head"]}, backbone_feature)
-    teacher_emb, teacher_logits = models.teacher_head.apply(
-        {"params": teacher_head_params}, teacher_feature)
     student_emb = student_emb.astype(jnp.float32)
-    teacher_emb = teacher_emb.astype(jnp.float32)
     student_logits = student_logits.astype(jnp.float32)
-    teacher_logits = teacher_logits.astype(jnp.float32)
 
     # Local terms: local sum / global batch (their sum over devices is the mean).
     ce_student = _cross_entropy_sum(student_logits, labels) / global_batch
-    ce_teacher = _cross_entropy_sum(teacher_logits, labels) / global_batch
-    if not uses_teacher(config):
-      ce_teacher = jnp.zeros((), jnp.float32)
-
-    # Global terms: every device computes the same value from gathered rows.
-    if not config.distill.train_teacher_head_jointly:
-      teacher_emb_for_distill = jax.lax.stop_gradient(teacher_emb)
-    else:
-      teacher_emb_for_distill = teacher_emb
+    ce_teacher = jnp.zeros((), jnp.float32)
+    teacher_correct = jnp.zeros((), jnp.float32)
+    if with_teacher:
+      teacher_emb, teacher_logits = models.teacher_head.apply(
+          {"params": teacher_head_params}, teacher_feature)
+      teacher_emb = teacher_emb.astype(jnp.float32)
+      teacher_logits = teacher_logits.astype(jnp.float32)
+      ce_teacher = _cross_entropy_sum(teacher_logits, labels) / global_batch
+      teacher_correct = jnp.sum(_correct_topk(teacher_logits, labels, 1))
+      # Global terms: every device computes the same value from gathered rows.
+      if not config.distill.train_teacher_head_jointly:
+        teacher_emb_for_distill = jax.lax.stop_gradient(teacher_emb)
+      else:
+        teacher_emb_for_distill = teacher_emb
+      global_teacher_emb = _all_gather(teacher_emb_for_distill)
+      global_teacher_logits = _all_gather(jax.lax.stop_gradient(teacher_logits))
     global_student_emb = _all_gather(student_emb)
-    global_teacher_emb = _all_gather(teacher_emb_for_distill)
     global_student_logits = _all_gather(student_logits)
-    global_teacher_logits = _all_gather(jax.lax.stop_gradient(teacher_logits))
 
     kd = jnp.zeros((), jnp.float32)
     if config.distill.alpha:
@@ -529,13 +527,17 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
         "kd": kd,
         "distill": distill,
         "correct": jnp.sum(_correct_topk(student_logits, labels, 1)),
-        "teacher_correct": jnp.sum(_correct_topk(teacher_logits, labels, 1)),
+        "teacher_correct": teacher_correct,
     }
     return total, aux
 
-  grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
-  (student_grads, teacher_head_grads), aux = grad_fn(
-      state.student_params, state.teacher_head_params)
+  if with_teacher:
+    grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
+    (student_grads, teacher_head_grads), aux = grad_fn(
+        state.student_params, state.teacher_head_params)
+  else:
+    student_grads, aux = jax.grad(objective, has_aux=True)(
+        state.student_params, state.teacher_head_params)
 
   # Gathered/global quantities are identical on every device; pmean makes
   # that visible to shard_map's replication check without changing values.
@@ -549,12 +551,14 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
   student_updates, new_student_opt = student_tx.update(
       student_grads, state.student_opt_state, state.student_params)
   new_student_params = optax.apply_updates(state.student_params, student_updates)
-  teacher_updates, new_teacher_opt = teacher_head_tx.update(
-      teacher_head_grads, state.teacher_head_opt_state, state.teacher_head_params)
-  new_teacher_head = optax.apply_updates(state.teacher_head_params, teacher_updates)
+  new_teacher_head, new_teacher_opt = state.teacher_head_params, state.teacher_head_opt_state
+  if with_teacher:
+    teacher_updates, new_teacher_opt = teacher_head_tx.update(
+        teacher_head_grads, state.teacher_head_opt_state, state.teacher_head_params)
+    new_teacher_head = optax.apply_updates(state.teacher_head_params, teacher_updates)
 
   finite = jnp.isfinite(loss) & jnp.isfinite(teacher_ce) & _tree_all_finite(
-      (student_grads, teacher_head_grads))
+      (student_grads, teacher_head_grads if with_teacher else ()))
 
   def keep_if_finite(new, old):
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -724,22 +728,15 @@ class DevicePrefetcher:
     self._fill()
     return batch
 
+  @contextlib.contextmanager
   def iterator_at_consumed_position(self):
     """Context: the wrapped iterator temporarily set to the consumed position."""
-    prefetcher = self
-
-    class _AtConsumed:
-
-      def __enter__(self):
-        self._ahead = prefetcher._iterator.get_state()
-        prefetcher._iterator.set_state(prefetcher.consumed_state)
-        return prefetcher._iterator
-
-      def __exit__(self, *exc):
-        prefetcher._iterator.set_state(self._ahead)
-        return False
-
-    return _AtConsumed()
+    ahead = self._iterator.get_state()
+    self._iterator.set_state(self.consumed_state)
+    try:
+      yield self._iterator
+    finally:
+      self._iterator.set_state(ahead)
 
 
 def workdir_path(workdir: str):
@@ -917,20 +914,15 @@ def _one_line(error: BaseException) -> str:
   return " ".join(str(error).split())
 
 
-class _as_user_error:
+@contextlib.contextmanager
+def _as_user_error(what: str):
   """Context: FileNotFoundError/ValueError from data or models -> UserInputError."""
-
-  def __init__(self, what: str):
-    self._what = what
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, traceback):
-    if error is not None and isinstance(error, (FileNotFoundError, ValueError)) and not (
-        isinstance(error, UserInputError)):
-      raise UserInputError(f"{self._what}: {_one_line(error)}") from error
-    return False
+  try:
+    yield
+  except UserInputError:
+    raise
+  except (FileNotFoundError, ValueError) as error:
+    raise UserInputError(f"{what}: {_one_line(error)}") from error
 
 
 def _create_loaders(config, process_index: int, process_count: int):
@@ -1027,6 +1019,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       if config.checkpoint_every_steps > 0 else spe)
 
   student_tx, teacher_head_tx = create_optimizers(config, num_train)
+  learning_rate = student_learning_rate_schedule(config, num_train)
   teacher_variables = replicate(teacher_host_variables, mesh)
   image_shape = (info.image_size, info.image_size, 3)
   with _as_user_error(f"config.student.arch={config.student.arch!r} on "
@@ -1083,85 +1076,88 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.dataset.name, num_steps, spe, config.batch_size)
 
   batches = DevicePrefetcher(data_iterator, mesh)
-  preemption = PreemptionRequested().__enter__()
+  preemption = PreemptionRequested()
+  # Restored in the finally below, also when the loop raises.
+  preemption.__enter__()
   preempted = False
   history = []
   last_eval = {}
   last_log_time = time.time()
   last_log_step = step
-  while step < num_steps:
-    batch = next(batches)
-    state, metrics = train_fn(state, teacher_variables, batch, crd_tables)
-    step += 1
-    history.append(metrics)
-    report_progress(step)
-    if step % config.log_every_steps == 0 or step == num_steps:
-      history_window = history
-      summary = _mean_metrics(history)
-      history = []
-      now = time.time()
-      steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
-      last_log_time, last_log_step = now, step
-      scalars = {f"train/{k}": v for k, v in summary.items() if k != "finite"}
-      scalars["train/top1"] *= 100.0
-      scalars["train/teacher_top1"] *= 100.0
-      if not uses_teacher(config):
-        del scalars["train/teacher_top1"], scalars["train/teacher_ce"]
-      scalars["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
-      scalars["train/learning_rate"] = float(
-          student_learning_rate_schedule(config, num_train)(step - 1))
-      scalars["steps_per_sec"] = steps_per_sec
-      writer.write_scalars(step, scalars)
-      logging.info("step %d/%d: loss %.4f ce %.4f distill %.4f top1 %.2f%% (%.2f steps/s)",
-                   step, num_steps, summary["loss"], summary["ce"], summary["distill"],
-                   scalars["train/top1"], steps_per_sec)
-      if summary["finite"] < 1.0 and config.nonfinite_policy == "stop":
-        bad_step = int(jax.device_get(state.first_nonfinite_step))
-        position = bad_step - 1 - (step - len(history_window))
-        bad = (jax.device_get(history_window[position])
-               if 0 <= position < len(history_window) else summary)
-        raise NonFiniteError(
-            f"Non-finite loss or gradient at step {bad_step} (loss {float(bad['loss'])}, "
-            f"ce {float(bad['ce'])}, distill {float(bad['distill'])}, kd "
-            f"{float(bad['kd'])}); its update was not applied and training stopped. Last "
-            f"good checkpoint: step {latest_manager.latest_step()} in "
-            f"{workdir / 'checkpoints'}.")
-    if step % eval_every == 0 or step == num_steps:
-      with report_progress.timed("eval"):
-        last_eval = evaluate(evaluate_fn, state, teacher_variables, eval_loader, mesh)
-      is_best = last_eval["eval/top1"] > meta["best_top1"]
-      if is_best:
-        meta["best_top1"], meta["best_step"] = last_eval["eval/top1"], step
-      meta["last_top1"] = last_eval["eval/top1"]
-      scalars = dict(last_eval)
-      scalars["eval/best_top1"] = meta["best_top1"]
-      if not uses_teacher(config):
-        del scalars["eval/teacher_top1"]
-      writer.write_scalars(step, scalars)
-      logging.info("eval at step %d: top1 %.2f%% top5 %.2f%% teacher %.2f%% (best %.2f%%)",
-                   step, last_eval["eval/top1"], last_eval["eval/top5"],
-                   last_eval["eval/teacher_top1"], meta["best_top1"])
-      if picture_batch is not None:
-        image = _graph_picture(embed_fn, state, teacher_variables, picture_batch,
-                               config.graph_picture_batch, None)
-        if jax.process_index() == 0:
-          import matplotlib.image
+  try:
+    while step < num_steps:
+      batch = next(batches)
+      state, metrics = train_fn(state, teacher_variables, batch, crd_tables)
+      step += 1
+      history.append(metrics)
+      report_progress(step)
+      if step % config.log_every_steps == 0 or step == num_steps:
+        history_window = history
+        summary = _mean_metrics(history)
+        history = []
+        now = time.time()
+        steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
+        last_log_time, last_log_step = now, step
+        scalars = {f"train/{k}": v for k, v in summary.items() if k != "finite"}
+        scalars["train/top1"] *= 100.0
+        scalars["train/teacher_top1"] *= 100.0
+        if not uses_teacher(config):
+          del scalars["train/teacher_top1"], scalars["train/teacher_ce"]
+        scalars["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
+        scalars["train/learning_rate"] = float(learning_rate(step - 1))
+        scalars["steps_per_sec"] = steps_per_sec
+        writer.write_scalars(step, scalars)
+        logging.info("step %d/%d: loss %.4f ce %.4f distill %.4f top1 %.2f%% (%.2f steps/s)",
+                     step, num_steps, summary["loss"], summary["ce"], summary["distill"],
+                     scalars["train/top1"], steps_per_sec)
+        if summary["finite"] < 1.0 and config.nonfinite_policy == "stop":
+          bad_step = int(jax.device_get(state.first_nonfinite_step))
+          position = bad_step - 1 - (step - len(history_window))
+          bad = (jax.device_get(history_window[position])
+                 if 0 <= position < len(history_window) else summary)
+          raise NonFiniteError(
+              f"Non-finite loss or gradient at step {bad_step} (loss {float(bad['loss'])}, "
+              f"ce {float(bad['ce'])}, distill {float(bad['distill'])}, kd "
+              f"{float(bad['kd'])}); its update was not applied and training stopped. Last "
+              f"good checkpoint: step {latest_manager.latest_step()} in "
+              f"{workdir / 'checkpoints'}.")
+      if step % eval_every == 0 or step == num_steps:
+        with report_progress.timed("eval"):
+          last_eval = evaluate(evaluate_fn, state, teacher_variables, eval_loader, mesh)
+        is_best = last_eval["eval/top1"] > meta["best_top1"]
+        if is_best:
+          meta["best_top1"], meta["best_step"] = last_eval["eval/top1"], step
+        meta["last_top1"] = last_eval["eval/top1"]
+        scalars = dict(last_eval)
+        scalars["eval/best_top1"] = meta["best_top1"]
+        if not uses_teacher(config):
+          del scalars["eval/teacher_top1"]
+        writer.write_scalars(step, scalars)
+        logging.info("eval at step %d: top1 %.2f%% top5 %.2f%% teacher %.2f%% (best %.2f%%)",
+                     step, last_eval["eval/top1"], last_eval["eval/top5"],
+                     last_eval["eval/teacher_top1"], meta["best_top1"])
+        if picture_batch is not None:
+          image = _graph_picture(embed_fn, state, teacher_variables, picture_batch,
+                                 config.graph_picture_batch, None)
+          if jax.process_index() == 0:
+            import matplotlib.image
 
-          (workdir / "graphs").mkdir(parents=True, exist_ok=True)
-          with (workdir / "graphs" / f"graphs_{step:08d}.png").open("wb") as f:
-            matplotlib.image.imsave(f, image, format="png")
-        writer.write_images(step, {"graphs": image[None, ..., :3]})
-      if is_best:
-        best_manager.save(step, args=_save_args(state, None, dict(meta), with_data=False))
-    preempted = preemption.requested(step, config.log_every_steps)
-    if step % checkpoint_every == 0 or step == num_steps or preempted:
-      with batches.iterator_at_consumed_position() as consumed_iterator:
-        latest_manager.save(
-            step, args=_save_args(state, consumed_iterator, dict(meta)), force=True)
-    writer.flush()
-    if preempted:
-      break
-  preemption.__exit__()
+            (workdir / "graphs").mkdir(parents=True, exist_ok=True)
+            with (workdir / "graphs" / f"graphs_{step:08d}.png").open("wb") as f:
+              matplotlib.image.imsave(f, image, format="png")
+          writer.write_images(step, {"graphs": image[None, ..., :3]})
+        if is_best:
+          best_manager.save(step, args=_save_args(state, None, dict(meta), with_data=False))
+      preempted = preemption.requested(step, config.log_every_steps)
+      if step % checkpoint_every == 0 or step == num_steps or preempted:
+        with batches.iterator_at_consumed_position() as consumed_iterator:
+          latest_manager.save(
+              step, args=_save_args(state, consumed_iterator, dict(meta)), force=True)
+      writer.flush()
+      if preempted:
+        break
+  finally:
+    preemption.__exit__()
 
   if preempted:
     latest_manager.wait_until_finished()
