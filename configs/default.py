@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.arch = "clip_vit_b32"
   # Directory written by launch/convert_teacher.py (holds teacher.json).
   config.teacher.checkpoint = ""
+  # Directory written by launch/cache_teacher.py: the teacher's embeddings of
+  # cached views are read from it instead of running the teacher in every
+  # step ('' = run the teacher live).
+  config.teacher.cache = ""
 
   # 'independent': the teacher sees its own random crop/flip (released code);
   # 'same': the teacher sees the student's augmented view.

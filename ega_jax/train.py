@@ -209,6 +209,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ConfigError(
         f"config.teacher.checkpoint={config.teacher.checkpoint!r} is not a "
         "directory; run launch/convert_teacher.py to create it.")
+  cache_dir = config.teacher.get("cache", "")
+  if cache_dir and not os.path.isdir(cache_dir):
+    raise ConfigError(
+        f"config.teacher.cache={cache_dir!r} is not a directory; build it with "
+        "launch/cache_teacher.py or leave config.teacher.cache empty to run the teacher live.")
 
 
 def uses_teacher(config) -> bool:
@@ -426,7 +431,9 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
     state: replicated TrainState.
     teacher_variables: replicated frozen teacher variables.
     batch: this device's slice: 'image', 'teacher_image' (b, H, W, 3) uint8,
-      'label' (b,) int32, 'index' (b,) int32.
+      'label' (b,) int32, 'index' (b,) int32; with a teacher-embedding cache
+      'teacher_feature' (b, D) float16 replaces 'teacher_image' and the
+      teacher does not run.
     crd_tables: replicated class tables for CRD negatives (empty dict otherwise).
 
   Returns:
@@ -440,14 +447,13 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
   step_rng = jax.random.fold_in(state.rng, state.step)
 
   student_images = normalize_images(batch["image"], models.data_mean, models.data_std)
-  if config.teacher_view == "same":
-    teacher_source = batch["image"]
-  else:
-    teacher_source = batch["teacher_image"]
   # Cross-entropy alone needs no teacher: neither its forward pass nor its
   # head runs (the head stays as initialised and its accuracy is not reported).
   with_teacher = uses_teacher(config)
-  if with_teacher:
+  if with_teacher and "teacher_feature" in batch:
+    teacher_feature = batch["teacher_feature"].astype(jnp.float32)
+  elif with_teacher:
+    teacher_source = batch["image"] if config.teacher_view == "same" else batch["teacher_image"]
     teacher_images = teacher_inputs(teacher_source, models.teacher_image_size,
                                     models.teacher_mean, models.teacher_std)
     teacher_feature = models.teacher.apply(
@@ -602,11 +608,19 @@ def _eval_student(state: TrainState, images_uint8, models: DistillModels):
   return embedding.astype(jnp.float32), logits.astype(jnp.float32)
 
 
-def _eval_teacher(state: TrainState, teacher_variables, images_uint8, models: DistillModels):
-  """Teacher embedding and teacher-head logits: (b, feature_dim), (b, classes) float32."""
-  teacher_images = teacher_inputs(images_uint8, models.teacher_image_size,
-                                  models.teacher_mean, models.teacher_std)
-  teacher_feature = models.teacher.apply(teacher_variables, teacher_images.astype(models.dtype))
+def _eval_teacher(state: TrainState, teacher_variables, batch, models: DistillModels):
+  """Teacher embedding and teacher-head logits: (b, feature_dim), (b, classes) float32.
+
+  From the batch's cached 'teacher_feature' when it has one, else the teacher
+  runs on 'image'.
+  """
+  if "teacher_feature" in batch:
+    teacher_feature = batch["teacher_feature"]
+  else:
+    teacher_images = teacher_inputs(batch["image"], models.teacher_image_size,
+                                    models.teacher_mean, models.teacher_std)
+    teacher_feature = models.teacher.apply(
+        teacher_variables, teacher_images.astype(models.dtype))
   embedding, logits = models.teacher_head.apply(
       {"params": state.teacher_head_params}, teacher_feature.astype(jnp.float32))
   return embedding.astype(jnp.float32), logits.astype(jnp.float32)
@@ -618,7 +632,8 @@ def eval_step(state: TrainState, teacher_variables, batch, *, models: DistillMod
 
   Args:
     batch: 'image' (b, H, W, 3) uint8, 'label' (b,), 'mask' (b,) bool; padded
-      rows have mask False and count nowhere.
+      rows have mask False and count nowhere. Optionally 'teacher_feature'
+      (b, D) cached teacher embeddings of the images.
     with_teacher: False skips the teacher (its 'teacher_top1' is then 0).
 
   Returns:
@@ -629,7 +644,7 @@ def eval_step(state: TrainState, teacher_variables, batch, *, models: DistillMod
   labels = batch["label"]
   _, student_logits = _eval_student(state, batch["image"], models)
   if with_teacher:
-    _, teacher_logits = _eval_teacher(state, teacher_variables, batch["image"], models)
+    _, teacher_logits = _eval_teacher(state, teacher_variables, batch, models)
   else:
     teacher_logits = jnp.zeros_like(student_logits)
   num_classes = student_logits.shape[-1]
@@ -651,7 +666,7 @@ def embedding_step(state: TrainState, teacher_variables, batch, *, models: Disti
     replicated, B the global batch.
   """
   student_emb, _ = _eval_student(state, batch["image"], models)
-  teacher_emb, _ = _eval_teacher(state, teacher_variables, batch["image"], models)
+  teacher_emb, _ = _eval_teacher(state, teacher_variables, batch, models)
   gathered = (_all_gather(teacher_emb), _all_gather(student_emb), _all_gather(batch["label"]))
   # Identical on every device; pmean records that for the replication check.
   return (jax.lax.pmean(gathered[0], AXIS), jax.lax.pmean(gathered[1], AXIS),
@@ -925,17 +940,54 @@ def _as_user_error(what: str):
     raise UserInputError(f"{what}: {_one_line(error)}") from error
 
 
-def _create_loaders(config, process_index: int, process_count: int):
+def _create_loaders(config, process_index: int, process_count: int,
+                    train_cache: str | None = None, eval_cache: str | None = None):
+  """The train and eval loaders; `*_cache` (a cache directory) makes their
+  batches carry cached teacher embeddings."""
   train_loader = data_lib.create_train_loader(
       config.dataset.name, config.dataset.data_dir, global_batch_size=config.batch_size,
       seed=config.seed, process_index=process_index, process_count=process_count,
       teacher_view=config.teacher_view, worker_count=config.dataset.worker_count,
-      max_examples=config.dataset.max_train_examples)
+      max_examples=config.dataset.max_train_examples, teacher_cache_dir=train_cache)
   eval_loader = data_lib.create_eval_loader(
       config.dataset.name, config.dataset.data_dir,
       global_batch_size=config.eval_batch_size, process_index=process_index,
-      process_count=process_count, max_examples=config.dataset.max_eval_examples)
+      process_count=process_count, max_examples=config.dataset.max_eval_examples,
+      teacher_cache_dir=eval_cache)
   return train_loader, eval_loader
+
+
+def _teacher_cache_splits(config, teacher_meta) -> tuple[str | None, str | None]:
+  """(train cache, eval cache): config.teacher.cache for the splits it holds.
+
+  The cache must come from the loaded teacher and the configured dataset; a
+  train run needs its train split, and evaluation uses its eval split when
+  complete (else the live teacher).
+  """
+  from ega_jax.data import augment, teacher_cache
+
+  directory = config.teacher.get("cache", "")
+  if not directory or not uses_teacher(config):
+    return None, None
+  try:
+    manifest = teacher_cache.read_manifest(directory)
+    teacher_cache.check_matches(
+        manifest, directory=directory, teacher_meta=teacher_meta,
+        dataset=config.dataset.name,
+        padding=augment.crop_padding(data_lib.get_dataset_info(config.dataset.name).image_size))
+  except (FileNotFoundError, ValueError) as error:
+    raise ConfigError(f"config.teacher.cache={directory!r}: {_one_line(error)}") from error
+  splits = manifest.get("splits", {})
+  if not splits.get("train", {}).get("complete"):
+    raise ConfigError(
+        f"config.teacher.cache={directory!r} has no complete train split; run "
+        "launch/cache_teacher.py again to finish it.")
+  eval_cache = directory if splits.get("eval", {}).get("complete") else None
+  logging.info("Teacher embeddings for training from the cache %s (%d views per image%s); "
+               "evaluation uses %s.", directory, splits["train"]["num_views"],
+               ", all of them" if splits["train"]["all_views"] else "",
+               "its centre views" if eval_cache else "the live teacher")
+  return directory, eval_cache
 
 
 def _check_workdir(workdir: str, signature: dict, overwrite: bool) -> None:
@@ -1007,8 +1059,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   models = build_models(config, teacher_module, teacher_meta, info.num_classes)
 
   process_index, process_count = jax.process_index(), jax.process_count()
+  train_cache, eval_cache = _teacher_cache_splits(config, teacher_meta)
   with _as_user_error(f"config.dataset.name={config.dataset.name!r}"):
-    train_loader, eval_loader = _create_loaders(config, process_index, process_count)
+    train_loader, eval_loader = _create_loaders(
+        config, process_index, process_count, train_cache, eval_cache)
   num_train = info.num_train
   if config.dataset.max_train_examples > 0:
     num_train = min(num_train, config.dataset.max_train_examples)
@@ -1020,7 +1074,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   student_tx, teacher_head_tx = create_optimizers(config, num_train)
   learning_rate = student_learning_rate_schedule(config, num_train)
-  teacher_variables = replicate(teacher_host_variables, mesh)
+  # With every teacher embedding cached the teacher never runs: its weights
+  # stay off the devices.
+  live_teacher = not (train_cache and eval_cache)
+  teacher_variables = replicate(teacher_host_variables if live_teacher else {}, mesh)
   image_shape = (info.image_size, info.image_size, 3)
   with _as_user_error(f"config.student.arch={config.student.arch!r} on "
                       f"{info.image_size}x{info.image_size} {config.dataset.name} images"):

@@ -19,6 +19,7 @@ import numpy as np
 from ega_jax.data import augment
 from ega_jax.data import info as info_lib
 from ega_jax.data import sources
+from ega_jax.data import teacher_cache as teacher_cache_lib
 
 
 def _per_process_batch_size(global_batch_size: int, process_index: int,
@@ -86,8 +87,10 @@ class TrainExamples:
 
   def __init__(self, source: sources.ExampleSource, *, seed: int,
                global_batch_size: int, process_index: int,
-               process_count: int, padding: int, teacher_view: str):
+               process_count: int, padding: int, teacher_view: str,
+               teacher_cache: teacher_cache_lib.CachedFeatures | None = None):
     self.source = source
+    self.teacher_cache = teacher_cache
     self.seed = seed
     self.num_records = len(source)
     self.global_batch_size = global_batch_size
@@ -110,6 +113,9 @@ class TrainExamples:
     record_key = epoch_permutation(self.seed, epoch, self.num_records)[position]
     example = self.source[int(record_key)]
     rng = augment.view_generator(self.seed, epoch, position)
+    if self.teacher_cache is not None:
+      return augment.student_view_cached_teacher(
+          example, rng, self.padding, self.teacher_view, self.teacher_cache)
     return augment.student_teacher_views(
         example, rng, self.padding, self.teacher_view)
 
@@ -127,6 +133,7 @@ def create_train_loader(
     worker_count: int = 0,
     read_options: grain.ReadOptions | None = None,
     max_examples: int | None = None,
+    teacher_cache_dir: str | None = None,
 ) -> grain.IterDataset:
   """Shuffled, augmented training batches for this process.
 
@@ -157,6 +164,9 @@ def create_train_loader(
       prefetch buffer size in batches (None: `DEFAULT_TRAIN_READ_OPTIONS`).
     max_examples: > 0 trains on the first that many examples of the split
       only (quick runs and tests); None or <= 0 uses all of it.
+    teacher_cache_dir: a directory written by launch/cache_teacher.py; the
+      batches then carry the teacher's cached embedding of its view
+      ('teacher_feature') instead of the teacher image.
 
   Returns:
     a `grain.IterDataset`; `iter()` gives a `grain.DatasetIterator` with
@@ -164,7 +174,8 @@ def create_train_loader(
     `grain.checkpoint.CheckpointSave`), yielding dicts with
     b = global_batch_size // process_count:
       'image': uint8 (b, S, S, 3) student view (pad S//8, random crop, flip),
-      'teacher_image': uint8 (b, S, S, 3) teacher view,
+      'teacher_image': uint8 (b, S, S, 3) teacher view (without a cache),
+      'teacher_feature': float16 (b, D) cached teacher embedding (with one),
       'label': int32 (b,),
       'index': int32 (b,) position of each example in the train split.
   """
@@ -197,11 +208,20 @@ def create_train_loader(
         f'global_batch_size={global_batch_size} is larger than the '
         f'{len(source)} examples of {name} train; an epoch needs at least one '
         f'full batch.')
+  padding = augment.crop_padding(info.image_size)
+  cache = None
+  if teacher_cache_dir:
+    cache = teacher_cache_lib.CachedFeatures(teacher_cache_dir, 'train')
+    if cache.num_examples != len(source) or cache.padding != padding:
+      raise ValueError(
+          f'teacher cache {teacher_cache_dir!r} holds {cache.num_examples} train examples '
+          f'with crop padding {cache.padding}; this run reads {len(source)} with padding '
+          f'{padding}. Rebuild it with launch/cache_teacher.py with the same '
+          'config.dataset.max_train_examples.')
   examples = TrainExamples(
       source, seed=seed, global_batch_size=global_batch_size,
       process_index=process_index, process_count=process_count,
-      padding=augment.crop_padding(info.image_size),
-      teacher_view=teacher_view)
+      padding=padding, teacher_view=teacher_view, teacher_cache=cache)
   slots_per_epoch = examples.steps_per_epoch * batch_size
   if num_epochs is None:
     num_slots = (_ENDLESS_SLOTS // slots_per_epoch) * slots_per_epoch
@@ -211,7 +231,7 @@ def create_train_loader(
   # function of its step alone: grain's worker processes then each build
   # whole batches (worker w: steps w, w + W, ...), interleaved back in order.
   batches = grain.MapDataset.range(num_slots).map(examples).batch(batch_size)
-  if teacher_view == 'same':
+  if teacher_view == 'same' and cache is None:
     batches = batches.map(augment.ShareStudentView())
   stream = batches.to_iter_dataset(read_options or DEFAULT_TRAIN_READ_OPTIONS)
   if worker_count > 0:
@@ -246,8 +266,10 @@ class EvalLoader:
 
   def __init__(self, source: sources.ExampleSource, batch_size: int,
                process_index: int, process_count: int,
-               read_options: grain.ReadOptions | None = None):
+               read_options: grain.ReadOptions | None = None,
+               teacher_cache: teacher_cache_lib.CachedFeatures | None = None):
     self.source = source
+    self.teacher_cache = teacher_cache
     self.batch_size = batch_size
     self.num_examples = len(source)
     self.start, self.end = even_shard_bounds(
@@ -257,6 +279,8 @@ class EvalLoader:
     self.read_options = read_options
     size = source.image_size
     self._padding_image = np.zeros((size, size, 3), np.uint8)
+    if teacher_cache is not None:
+      self._padding_feature = np.zeros((teacher_cache.feature_dim,), np.float16)
 
   def __len__(self) -> int:
     return self.num_batches
@@ -265,10 +289,16 @@ class EvalLoader:
     record_key = self.start + slot
     if record_key < self.end:
       record = self.source[record_key]
-      return {'image': record['image'], 'label': record['label'],
-              'mask': np.bool_(True)}
-    return {'image': self._padding_image, 'label': np.int32(0),
-            'mask': np.bool_(False)}
+      example = {'image': record['image'], 'label': record['label'],
+                 'mask': np.bool_(True)}
+      if self.teacher_cache is not None:
+        example['teacher_feature'] = self.teacher_cache.feature(record_key, 0)
+    else:
+      example = {'image': self._padding_image, 'label': np.int32(0),
+                 'mask': np.bool_(False)}
+      if self.teacher_cache is not None:
+        example['teacher_feature'] = self._padding_feature
+    return example
 
   def __iter__(self):
     slots = grain.MapDataset.range(self.num_batches * self.batch_size)
@@ -284,23 +314,37 @@ def create_eval_loader(
     process_index: int = 0,
     process_count: int = 1,
     max_examples: int | None = None,
+    teacher_cache_dir: str | None = None,
 ) -> EvalLoader:
   """Unaugmented, padded and masked evaluation batches for this process.
 
   The evaluation split (test; validation for tiny_imagenet) is split evenly
   and contiguously across processes. `max_examples` > 0 evaluates on the
-  first that many examples only.
+  first that many examples only. With `teacher_cache_dir` (a cache whose
+  'eval' split exists), batches also carry the teacher's cached embedding of
+  each unaugmented image.
 
   Returns:
     an `EvalLoader`; each iteration yields `len(loader)` dicts with
     b = global_batch_size // process_count:
-      'image': uint8 (b, S, S, 3), 'label': int32 (b,), 'mask': bool (b,).
+      'image': uint8 (b, S, S, 3), 'label': int32 (b,), 'mask': bool (b,),
+      with a cache also 'teacher_feature': float16 (b, D) (zeros where
+      masked).
   """
   info_lib.get_dataset_info(name)
   batch_size = _per_process_batch_size(
       global_batch_size, process_index, process_count)
   source = sources.open_split(name, 'eval', data_dir, max_examples)
-  loader = EvalLoader(source, batch_size, process_index, process_count)
+  cache = None
+  if teacher_cache_dir:
+    cache = teacher_cache_lib.CachedFeatures(teacher_cache_dir, 'eval')
+    if cache.num_examples != len(source):
+      raise ValueError(
+          f'teacher cache {teacher_cache_dir!r} holds {cache.num_examples} eval examples; '
+          f'this run reads {len(source)}. Rebuild it with launch/cache_teacher.py with the same '
+          'config.dataset.max_eval_examples.')
+  loader = EvalLoader(source, batch_size, process_index, process_count,
+                      teacher_cache=cache)
   logging.info(
       '%s eval: process %d/%d reads examples [%d, %d) of %d in %d batches.',
       name, process_index, process_count, loader.start, loader.end,
