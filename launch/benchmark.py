@@ -232,6 +232,16 @@ def apply_flags(config, args):
                          "losses and BatchNorm need two rows).")
   if args.steps < 1 or args.warmup < 0:
     raise BenchmarkError(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0.")
+  if args.teacher_cache:
+    from ega_jax import train
+
+    if not train.uses_teacher(config):
+      raise BenchmarkError(f"--teacher_cache needs a step with a teacher; --method="
+                           f"{config.distill.method!r} with alpha=0 has none.")
+    if args.cache_views != "all" and not (
+        args.cache_views.isdigit() and int(args.cache_views) >= 1):
+      raise BenchmarkError(f"--cache_views={args.cache_views!r} is not valid; use 'all' or a "
+                           "positive number of views.")
   if args.compare_torch:
     if config.student.arch not in TORCH_STUDENTS:
       raise BenchmarkError(
@@ -316,6 +326,8 @@ def prepare_jax(config, args, local_batches) -> tuple[list[TimedCall], dict, Cal
                                     jax.random.key(args.seed, impl="unsafe_rbg"))
   host_state = host_state.replace(rng=jax.random.PRNGKey(args.seed))
   state = train.replicate(host_state, mesh)
+  # The cached step gets its own copy: each step donates its state.
+  cached_state = train.replicate(host_state, mesh) if args.teacher_cache else None
   teacher_variables = train.replicate(teacher_host_variables, mesh)
   crd_tables = {}
   if config.distill.method == "crd":
@@ -381,6 +393,37 @@ def prepare_jax(config, args, local_batches) -> tuple[list[TimedCall], dict, Cal
     calls.append(TimedCall(
         "jax_teacher_forward", lambda: teacher_compiled(single_device_variables, teacher_source),
         jax.block_until_ready))
+  if args.teacher_cache:
+    # The same step reading cached float16 teacher embeddings (what
+    # config.teacher.cache feeds it): the teacher neither runs nor sits on
+    # the devices.
+    feature_dim = jax.eval_shape(
+        models.teacher.apply, teacher_host_variables,
+        jnp.zeros((1, teacher_image_size, teacher_image_size, 3), jnp.float32)).shape[-1]
+    rng = np.random.default_rng(args.seed + 1)
+    cached_batches = [train.global_batch_from_local(mesh, {
+        "image": b["image"], "label": b["label"], "index": b["index"],
+        "teacher_feature": rng.standard_normal((len(b["label"]), feature_dim)).astype(
+            np.float16)}) for b in local_batches]
+    no_teacher = train.replicate({}, mesh)
+    start = time.perf_counter()
+    cached_compiled = train_fn.lower(
+        cached_state, no_teacher, cached_batches[0], crd_tables).compile()
+    facts["cached_compile_s"] = time.perf_counter() - start
+    facts["cached_flops_per_step_per_device"] = xla_flops(cached_compiled)
+    facts["cached_flops_per_step"] = facts["cached_flops_per_step_per_device"] * num_devices
+    facts["teacher_feature_dim"] = int(feature_dim)
+    cached_count = [0]
+
+    def run_cached_step():
+      nonlocal cached_state
+      batch = cached_batches[cached_count[0] % len(cached_batches)]
+      cached_count[0] += 1
+      cached_state, metrics = cached_compiled(cached_state, no_teacher, batch, crd_tables)
+      return cached_state, metrics
+
+    jax.block_until_ready(run_cached_step())
+    calls.append(TimedCall("jax_cached_step", run_cached_step, jax.block_until_ready))
   return calls, facts, lambda: float(latest_metrics[0]["loss"])
 
 
@@ -405,6 +448,44 @@ def jax_result(facts: dict, times: dict[str, list[float]], batch_size: int,
         "time": summarise_times(teacher_times),
         "time_fraction": statistics.median(teacher_times) / step_s,
     }
+  if "jax_cached_step" in times:
+    cached_s = statistics.median(times["jax_cached_step"])
+    result["cached"] = {
+        "compile_s": facts["cached_compile_s"],
+        "step_time": summarise_times(times["jax_cached_step"]),
+        "steps_per_sec": 1.0 / cached_s,
+        "images_per_sec": batch_size / cached_s,
+        "flops_per_step": facts["cached_flops_per_step"],
+        "achieved_flops_per_sec_per_device": facts["cached_flops_per_step_per_device"] / cached_s,
+        "teacher_feature_dim": facts["teacher_feature_dim"],
+    }
+  return result
+
+
+def cache_economics(num_train: int, batch_size: int, num_epochs: float, num_views: int,
+                    live_step_s: float, cached_step_s: float, teacher_batch_s: float,
+                    torch_step_s: float | None) -> dict:
+  """Epoch times with and without the cache, and the cache's build cost.
+
+  Building K views runs the teacher over K x num_train images, at the timed
+  teacher-alone rate (batch_size images per `teacher_batch_s`); "amortised"
+  spreads that over `num_epochs` epochs of cached training.
+  """
+  steps = num_train // batch_size
+  build_s = num_views * num_train / batch_size * teacher_batch_s
+  result = {
+      "num_train": num_train, "steps_per_epoch": steps, "num_epochs": num_epochs,
+      "num_views": num_views,
+      "live_epoch_s": steps * live_step_s,
+      "cached_epoch_s": steps * cached_step_s,
+      "cache_build_s": build_s,
+      "cached_epoch_amortised_s": steps * cached_step_s + build_s / num_epochs,
+  }
+  if torch_step_s is not None:
+    result["torch_epoch_s"] = steps * torch_step_s
+    result["cached_over_torch_per_epoch"] = result["torch_epoch_s"] / result["cached_epoch_s"]
+    result["cached_amortised_over_torch_per_epoch"] = (
+        result["torch_epoch_s"] / result["cached_epoch_amortised_s"])
   return result
 
 
@@ -699,6 +780,31 @@ def format_table(report: dict) -> str:
          f"{100 * torch_part['teacher_forward_time_fraction']:.1f} %"),
         ("JAX / PyTorch images/s", f"{report['jax_over_torch_images_per_sec']:.2f}x"),
     ]
+  if "cached" in jax_part:
+    cached = jax_part["cached"]
+    economics = report["cache_economics"]
+    rows += [
+        ("cached step: compile", f"{cached['compile_s']:.2f} s"),
+        (f"cached step time (median of {report['steps']})",
+         f"{cached['step_time']['median_s'] * 1e3:.1f} ms (min "
+         f"{cached['step_time']['min_s'] * 1e3:.1f}, max {cached['step_time']['max_s'] * 1e3:.1f})"),
+        ("cached images/s", f"{cached['images_per_sec']:.2f}"),
+        ("cached FLOPs per step (XLA)", _si(cached["flops_per_step"], "FLOP")),
+        ("cached MFU", f"{100 * report['cached_mfu']:.1f} %"),
+        (f"epoch of {economics['num_train']} images: live / cached",
+         f"{economics['live_epoch_s']:.0f} s / {economics['cached_epoch_s']:.0f} s"),
+        (f"cache build, {economics['num_views']} views x {economics['num_train']} images",
+         f"{economics['cache_build_s']:.0f} s (teacher alone)"),
+        (f"cached epoch incl. build / {economics['num_epochs']:g} epochs",
+         f"{economics['cached_epoch_amortised_s']:.0f} s"),
+    ]
+    if "torch_epoch_s" in economics:
+      rows += [
+          ("PyTorch epoch", f"{economics['torch_epoch_s']:.0f} s"),
+          ("cached / PyTorch per epoch",
+           f"{economics['cached_over_torch_per_epoch']:.2f}x "
+           f"({economics['cached_amortised_over_torch_per_epoch']:.2f}x incl. build)"),
+      ]
   width = max(len(name) for name, _ in rows)
   return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -729,6 +835,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch.set_num_threads for --compare-torch (default: os.cpu_count())")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", default=None, metavar="OUT", help="write the report here")
+  parser.add_argument("--teacher_cache", "--teacher-cache", dest="teacher_cache",
+                      action="store_true",
+                      help="also time the step reading cached teacher embeddings "
+                      "(config.teacher.cache) and report epoch times with the cache")
+  parser.add_argument("--cache_views", default="all",
+                      help="views per image assumed for the cache's build cost "
+                      "('all' = every crop x flip view; default)")
   parser.add_argument("--compare-torch", "--compare_torch", dest="compare_torch",
                       action="store_true",
                       help="also time the PyTorch implementation of the same step")
@@ -792,6 +905,26 @@ def run(args) -> dict:
     report["jax_over_torch_images_per_sec"] = (
         jax_part["images_per_sec"] / report["torch"]["images_per_sec"])
     report["peak_host_memory_mb_with_torch"] = peak_host_memory_mb()
+  if "cached" in jax_part:
+    from ega_jax.data import augment
+
+    padding = augment.crop_padding(info.image_size)
+    all_views = 2 * (2 * padding + 1) ** 2
+    num_views = all_views if args.cache_views == "all" else int(args.cache_views)
+    num_train = info.num_train
+    if config.dataset.max_train_examples > 0:
+      num_train = min(num_train, config.dataset.max_train_examples)
+    report["cached_mfu"] = (jax_part["cached"]["achieved_flops_per_sec_per_device"]
+                            / peak["flops_per_sec"])
+    # The teacher alone is timed on one device's slice; all devices run it at once.
+    report["cache_economics"] = cache_economics(
+        num_train, config.batch_size, config.num_epochs, num_views,
+        jax_part["step_time"]["median_s"], jax_part["cached"]["step_time"]["median_s"],
+        jax_part["teacher_forward"]["time"]["median_s"],
+        report["torch"]["step_time"]["median_s"] if "torch" in report else None)
+    if "torch" in report:
+      report["cached_over_torch_images_per_sec"] = (
+          jax_part["cached"]["images_per_sec"] / report["torch"]["images_per_sec"])
   report["load_average_after"] = list(os.getloadavg())
   return report
 

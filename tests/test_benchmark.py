@@ -88,6 +88,8 @@ def test_torch_student_has_repdistillers_parameter_count(name, expected):
     (["--student", "vgg8", "--compare-torch"], "PyTorch students resnet8"),
     (["--method", "kd", "--compare-torch"], "EGA step"),
     (["--config", "configs/nope.py"], "--config='configs/nope.py' is not a file"),
+    (["--teacher_cache", "--cache_views", "some"], "--cache_views='some' is not valid"),
+    (["--teacher_cache", "--method", "none"], "--teacher_cache needs a step with a teacher"),
 ])
 def test_user_mistakes_are_one_line(flags, message, capsys):
   assert benchmark.main(flags) == 2
@@ -123,13 +125,27 @@ def test_cli_reports_the_production_step(tmp_path):
   assert "torch" not in report
 
 
+def test_cache_economics_arithmetic():
+  economics = benchmark.cache_economics(
+      num_train=1000, batch_size=100, num_epochs=20, num_views=4, live_step_s=2.0,
+      cached_step_s=0.5, teacher_batch_s=1.5, torch_step_s=3.0)
+  assert economics["steps_per_epoch"] == 10
+  assert economics["live_epoch_s"] == pytest.approx(20.0)
+  assert economics["cached_epoch_s"] == pytest.approx(5.0)
+  # 4 views of 1000 images = 40 teacher batches of 1.5 s.
+  assert economics["cache_build_s"] == pytest.approx(60.0)
+  assert economics["cached_epoch_amortised_s"] == pytest.approx(5.0 + 60.0 / 20)
+  assert economics["cached_over_torch_per_epoch"] == pytest.approx(30.0 / 5.0)
+  assert economics["cached_amortised_over_torch_per_epoch"] == pytest.approx(30.0 / 8.0)
+
+
 @pytest.mark.slow
 def test_cli_compares_with_pytorch(tmp_path):
   report, stdout = _run_cli(
       tmp_path, "--config=configs/fashion_mnist.py", "--teacher", "resnet18", "--student",
       "resnet8x4", "--batch_size", "4", "--steps", "2", "--warmup", "1",
       "--teacher_image_size", "64", "--peak_matmul_size", "1024", "--compare-torch",
-      "--torch_threads", "1")
+      "--torch_threads", "1", "--teacher_cache", "--cache_views", "3")
   assert "JAX / PyTorch images/s" in stdout
   torch_result = report["torch"]
   assert torch_result["num_threads"] == 1 and torch_result["dtype"] == "float32"
@@ -141,3 +157,15 @@ def test_cli_compares_with_pytorch(tmp_path):
   assert 0 < torch_result["teacher_forward_time_fraction"] < 1
   assert report["jax"]["teacher_image_size"] == 64
   assert report["flops_per_step"] > 0 and 0 < report["mfu"] < 1.5
+  # The cached step: same step without the teacher, fed 512-d embeddings.
+  cached = report["jax"]["cached"]
+  assert "cached images/s" in stdout and "cached / PyTorch per epoch" in stdout
+  assert cached["teacher_feature_dim"] == 512
+  assert cached["images_per_sec"] == pytest.approx(4 / cached["step_time"]["median_s"])
+  teacher_flops = report["jax"]["teacher_forward"]["flops_per_device"]
+  assert cached["flops_per_step"] == pytest.approx(report["flops_per_step"] - teacher_flops,
+                                                   rel=0.05)
+  economics = report["cache_economics"]
+  assert economics["num_views"] == 3 and economics["num_train"] == 25600
+  assert report["cached_over_torch_images_per_sec"] == pytest.approx(
+      cached["images_per_sec"] / torch_result["images_per_sec"])
