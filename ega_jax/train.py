@@ -673,8 +673,13 @@ def embedding_step(state: TrainState, teacher_variables, batch, *, models: Disti
           jax.lax.pmax(gathered[2], AXIS))
 
 
-def compile_steps(mesh: Mesh, models: DistillModels, config, student_tx, teacher_head_tx):
-  """jit(shard_map(...)) versions of the steps over the 1-D data mesh."""
+def compile_steps(mesh: Mesh, models: DistillModels, config, student_tx, teacher_head_tx,
+                  donate_state: bool = True):
+  """jit(shard_map(...)) versions of the steps over the 1-D data mesh.
+
+  `donate_state=False` (launch/ablations.py only) keeps the input state's
+  buffers alive instead of reusing them for the new state.
+  """
   replicated = P()
   sharded = P(AXIS)
   train = functools.partial(
@@ -684,7 +689,7 @@ def compile_steps(mesh: Mesh, models: DistillModels, config, student_tx, teacher
       jax.shard_map(train, mesh=mesh,
                     in_specs=(replicated, replicated, sharded, replicated),
                     out_specs=(replicated, replicated)),
-      donate_argnums=(0,))
+      donate_argnums=(0,) if donate_state else ())
   evaluate = jax.jit(jax.shard_map(
       functools.partial(eval_step, models=models, with_teacher=uses_teacher(config)), mesh=mesh,
       in_specs=(replicated, replicated, sharded), out_specs=replicated))

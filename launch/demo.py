@@ -52,24 +52,15 @@ def train_stage(title, workdir, teacher_dir, extra_flags):
     return json.load(f), seconds, False
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--output_dir", default="demo_out")
-  parser.add_argument("--fresh", action="store_true",
-                      help="retrain the students (the teacher stays cached)")
-  parser.add_argument("extra", nargs="*", help="extra --config.* flags for both trainings")
-  args = parser.parse_args(argv)
+def prepare_teacher(output_dir: str) -> tuple[dict, str, dict[str, float]]:
+  """Stages 1-2: the SimCLR teacher (PyTorch) and its Flax conversion, each cached.
 
-  output_dir = os.path.join(REPO, args.output_dir) if not os.path.isabs(
-      args.output_dir) else args.output_dir
+  Returns:
+    (the pretraining report, the converted teacher directory, wall time per stage).
+  """
   teacher_pth = os.path.join(output_dir, "teacher", "simclr_resnet18_fmnist.pth")
   teacher_dir = os.path.join(output_dir, "teacher", "flax")
-  runs = os.path.join(output_dir, "runs")
-  if args.fresh:
-    shutil.rmtree(runs, ignore_errors=True)
-  os.makedirs(runs, exist_ok=True)
   wall = {}
-
   wall["teacher pretraining (PyTorch SimCLR)"] = run_stage(
       "1/4 pretrain the SimCLR teacher in PyTorch",
       [sys.executable, "launch/pretrain_demo_teacher.py", "--output", teacher_pth])
@@ -87,6 +78,28 @@ def main(argv=None):
     wall["conversion to Flax"] = 0.0
   else:
     wall["conversion to Flax"] = run_stage("2/4 convert the teacher to Flax", convert_command)
+
+  return teacher_report, teacher_dir, wall
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--output_dir", default="demo_out")
+  parser.add_argument("--fresh", action="store_true",
+                      help="retrain the students (the teacher stays cached)")
+  parser.add_argument("extra", nargs="*", help="extra --config.* flags for both trainings")
+  args = parser.parse_args(argv)
+
+  output_dir = os.path.join(REPO, args.output_dir) if not os.path.isabs(
+      args.output_dir) else args.output_dir
+  runs = os.path.join(output_dir, "runs")
+  if args.fresh:
+    shutil.rmtree(runs, ignore_errors=True)
+  os.makedirs(runs, exist_ok=True)
+  wall = {}
+
+  teacher_report, teacher_dir, teacher_wall = prepare_teacher(output_dir)
+  wall.update(teacher_wall)
 
   ega, wall["student with EGA"], _ = train_stage(
       "3/4 distil the teacher into the student with EGA", os.path.join(runs, "ega"), teacher_dir,

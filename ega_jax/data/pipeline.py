@@ -12,6 +12,7 @@ from absl import logging
 import functools
 import math
 import numbers
+import os
 
 import grain
 import numpy as np
@@ -49,11 +50,19 @@ def _per_process_batch_size(global_batch_size: int, process_index: int,
 # First entropy word of the order permutations (see augment.VIEW_STREAM).
 ORDER_STREAM = 0x6F726472  # 'ordr'
 
-# Default thread prefetch of the train loader, counted in batches: enough
-# threads to overlap reads with the step, a buffer that stays small in memory
-# and cheap to refill after `set_state`.
-DEFAULT_TRAIN_READ_OPTIONS = grain.ReadOptions(
-    num_threads=16, prefetch_buffer_size=32)
+def default_train_read_options(cpu_count: int | None = None) -> grain.ReadOptions:
+  """Reader threads (each builds whole batches) and prefetch buffer (batches).
+
+  Half the host's cores, at most 16, and two buffered batches per thread:
+  enough to overlap reading with the step on an accelerator host, a buffer
+  that stays small and cheap to refill after `set_state`. On a small CPU-only
+  machine the threads compete with XLA for the same cores; 16 threads made
+  the demo's steps 10-25 % slower on 2 cores than 1 thread
+  (docs/performance.md).
+  """
+  cpu_count = cpu_count or os.cpu_count() or 1
+  threads = max(1, min(16, cpu_count // 2))
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
 # An "infinite" stream is a MapDataset this many examples long per process
 # (rounded down to whole epochs): far beyond any run, still a valid Python
@@ -161,7 +170,7 @@ def create_train_loader(
     worker_count: grain worker processes (0 reads in this process with
       threads); the batches do not depend on it.
     read_options: grain reader threads (each builds whole batches) and
-      prefetch buffer size in batches (None: `DEFAULT_TRAIN_READ_OPTIONS`).
+      prefetch buffer size in batches (None: `default_train_read_options()`).
     max_examples: > 0 trains on the first that many examples of the split
       only (quick runs and tests); None or <= 0 uses all of it.
     teacher_cache_dir: a directory written by launch/cache_teacher.py; the
@@ -233,7 +242,7 @@ def create_train_loader(
   batches = grain.MapDataset.range(num_slots).map(examples).batch(batch_size)
   if teacher_view == 'same' and cache is None:
     batches = batches.map(augment.ShareStudentView())
-  stream = batches.to_iter_dataset(read_options or DEFAULT_TRAIN_READ_OPTIONS)
+  stream = batches.to_iter_dataset(read_options or default_train_read_options())
   if worker_count > 0:
     stream = stream.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=worker_count))
