@@ -169,3 +169,28 @@ def test_cli_compares_with_pytorch(tmp_path):
   assert economics["num_views"] == 3 and economics["num_train"] == 25600
   assert report["cached_over_torch_images_per_sec"] == pytest.approx(
       cached["images_per_sec"] / torch_result["images_per_sec"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="Debian dataset-fashion-mnist not installed")
+def test_ablations_script_measures_every_variant(tmp_path):
+  out = tmp_path / "ablations.json"
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "ablations.py"), "--steps", "2",
+       "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  report = json.loads(out.read_text())
+  loop, donation = report["loop"], report["donation"]
+  for value in (loop["naive_step_ms"], loop["production_step_ms"], loop["host_batch_ms"],
+                loop["step_alone_ms"], donation["with_ms"], donation["without_ms"]):
+    assert 0 < value < 60_000
+  # resnet8 + the two 256-d heads + momentum buffers: a few MiB.
+  assert 0.5 < donation["state_mib"] < 10
+  clip = report["traffic"]["CIFAR + CLIP (32 -> 224 px)"]
+  assert clip["uint8_bytes"] == 64 * 32 * 32 * 3
+  assert clip["float32_bytes"] == 64 * 224 * 224 * 3 * 4
+  demo = report["traffic"]["demo (28 -> 32 px)"]
+  assert demo["uint8_bytes"] == 128 * 28 * 28 * 3
+  assert demo["float32_bytes"] == 128 * 32 * 32 * 3 * 4
+  assert "loop: production" in result.stdout and "donation: with / without" in result.stdout

@@ -606,3 +606,12 @@ def test_max_examples_keeps_a_prefix_of_the_split():
   iterator = iter(train_loader)
   indices = np.concatenate([next(iterator)['index'] for _ in range(4)])
   assert sorted(indices.tolist()) == list(range(40))
+
+
+@pytest.mark.parametrize('cpus, threads', [(1, 1), (2, 1), (8, 4), (64, 16), (240, 16)])
+def test_reader_threads_scale_with_the_hosts_cores(cpus, threads):
+  from ega_jax.data import pipeline
+
+  options = pipeline.default_train_read_options(cpus)
+  assert options.num_threads == threads
+  assert options.prefetch_buffer_size == 2 * threads
