@@ -68,7 +68,7 @@ def main(argv=None):
   results = {}
   for variant in args.variants:
     for seed in args.seeds:
-      name = f"cached_views_{args.views}" if variant == "cached" and args.views != "2" else variant
+      name = f"cached_views_{args.views}" if variant == "cached" else variant
       workdir = os.path.join(study_dir, f"{name}_seed{seed}")
       summary, seconds, _ = demo.train_stage(
           f"{variant}, seed {seed}", workdir, teacher_dir,
