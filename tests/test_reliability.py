@@ -83,27 +83,38 @@ class _Run:
     return code
 
 
+# Long enough for five kills even when steps are fast; it crosses the
+# learning-rate drop (step 11) and an epoch boundary (16 steps of 32 per epoch).
+KILL_RUN_STEPS = 24
+
+
 @pytest.fixture(scope="module")
-def uninterrupted_10_steps(converted_resnet18, tmp_path_factory):
+def uninterrupted_run(converted_resnet18, tmp_path_factory):
+  """{step: train metrics} of an uninterrupted KILL_RUN_STEPS-step run.
+
+  The first n steps of it are also what an n-step run trains: the schedule
+  depends on the epoch length, not on num_train_steps.
+  """
   root = tmp_path_factory.mktemp("uninterrupted")
   workdir = root / "run"
-  result = subprocess.run(_command(workdir, converted_resnet18, "--config.num_train_steps=10"),
+  result = subprocess.run(_command(workdir, converted_resnet18,
+                                   f"--config.num_train_steps={KILL_RUN_STEPS}"),
                           cwd=REPO, env=_env(root / "cache"), capture_output=True, text=True,
                           timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return _train_metrics(workdir)
 
 
-def _assert_same_training(resumed, reference):
-  assert sorted(resumed) == sorted(reference) == list(range(1, 11))
-  for step, record in reference.items():
+def _assert_same_training(resumed, reference, num_steps):
+  assert sorted(resumed) == list(range(1, num_steps + 1))
+  for step in range(1, num_steps + 1):
     for key in ("train/loss", "train/ce", "train/distill", "train/top1"):
-      assert resumed[step][key] == pytest.approx(record[key], rel=1e-6), (step, key)
+      assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-6), (step, key)
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_zero_and_resume_matches(converted_resnet18, tmp_path,
-                                                           uninterrupted_10_steps):
+                                                           uninterrupted_run):
   workdir = tmp_path / "run"
   env = _env(tmp_path / "cache")
   # Checkpoints only at the end: the one written on SIGTERM is what resumes.
@@ -121,16 +132,16 @@ def test_sigterm_checkpoints_exits_zero_and_resume_matches(converted_resnet18, t
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Resumed from {workdir} at step {saved[0]}" in result.stderr
-  _assert_same_training(_train_metrics(workdir), uninterrupted_10_steps)
+  _assert_same_training(_train_metrics(workdir), uninterrupted_run, 10)
 
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_always_resumes(converted_resnet18, tmp_path,
-                                                uninterrupted_10_steps):
+                                                uninterrupted_run):
   workdir = tmp_path / "run"
   env = _env(tmp_path / "cache")
   # A checkpoint every step, so kills land during saves as well as between them.
-  command = _command(workdir, converted_resnet18, "--config.num_train_steps=10",
+  command = _command(workdir, converted_resnet18, f"--config.num_train_steps={KILL_RUN_STEPS}",
                      "--config.checkpoint_every_steps=1")
   moments = random.Random(1234)
   kills = 0
@@ -143,7 +154,8 @@ def test_kill_9_at_random_moments_always_resumes(converted_resnet18, tmp_path,
       # Finished (or no steps left) before we could kill it: that must be success.
       assert run.wait() == 0, "".join(run.lines[-40:])
       break
-    time.sleep(moments.uniform(0.0, 1.5))
+    # Up to about two steps with their checkpoints, so five kills fit in the run.
+    time.sleep(moments.uniform(0.0, 1.0))
     run.process.kill()
     run.wait()
     kills += 1
@@ -151,10 +163,10 @@ def test_kill_9_at_random_moments_always_resumes(converted_resnet18, tmp_path,
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["steps"] == 10
+  assert summary["steps"] == KILL_RUN_STEPS
   # Steps trained twice after a kill log twice; the last record per step must
   # equal the uninterrupted run's, so nothing was lost or corrupted.
-  _assert_same_training(_train_metrics(workdir), uninterrupted_10_steps)
+  _assert_same_training(_train_metrics(workdir), uninterrupted_run, KILL_RUN_STEPS)
 
 
 @pytest.mark.slow
