@@ -619,12 +619,14 @@ def build_torch_teacher(arch: str, image_size: int):
 
 
 def prepare_torch(config, args, local_batches, teacher_image_size: int
-                  ) -> tuple[TimedCall, Callable[[list[float]], dict]]:
+                  ) -> tuple[list[TimedCall], Callable[..., dict]]:
   """Builds the PyTorch EGA step on the same synthetic batches (float32).
 
   Returns:
-    its TimedCall ('torch_step') and a function of its step times giving the
-    result (images/s, the teacher's share of the step, losses).
+    its TimedCalls ('torch_step', and with --teacher_cache 'torch_cached_step':
+    the same step fed float16 embeddings instead of running the teacher) and
+    a function of their step times giving the result (images/s, the
+    teacher's share of the step, losses).
   """
   import torch
   import torch.nn.functional as F
@@ -666,21 +668,30 @@ def prepare_torch(config, args, local_batches, teacher_image_size: int
   teacher_seconds = []
   losses = []
 
-  def run_step():
-    batch = batches[step_count[0] % len(batches)]
+  generator = torch.Generator().manual_seed(args.seed + 1)
+  cached_features = [torch.randn(batch_size, spec.embed_dim, generator=generator).half()
+                     for _ in batches]
+
+  def run_step(cached: bool = False):
+    index = step_count[0] % len(batches)
+    batch = batches[index]
     step_count[0] += 1
     images = batch["image"].to(device).permute(0, 3, 1, 2).float() / 255.0
     labels = batch["label"].to(device).long()
     student_images = (images - data_mean) / data_std
-    teacher_start = time.perf_counter()
-    with torch.no_grad():
-      teacher_images = batch["teacher_image"].to(device).permute(0, 3, 1, 2).float() / 255.0
-      if teacher_images.shape[-1] != teacher_image_size:
-        teacher_images = F.interpolate(teacher_images, size=(teacher_image_size,) * 2,
-                                       mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
-      teacher_feature = teacher((teacher_images - teacher_mean) / teacher_std).float()
-    synchronise()
-    teacher_seconds.append(time.perf_counter() - teacher_start)
+    if cached:
+      # As the JAX cached step: float16 embeddings read instead of the teacher.
+      teacher_feature = cached_features[index].to(device).float()
+    else:
+      teacher_start = time.perf_counter()
+      with torch.no_grad():
+        teacher_images = batch["teacher_image"].to(device).permute(0, 3, 1, 2).float() / 255.0
+        if teacher_images.shape[-1] != teacher_image_size:
+          teacher_images = F.interpolate(teacher_images, size=(teacher_image_size,) * 2,
+                                         mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
+        teacher_feature = teacher((teacher_images - teacher_mean) / teacher_std).float()
+      synchronise()
+      teacher_seconds.append(time.perf_counter() - teacher_start)
     _, student_feature = student(student_images)
     student_emb, student_logits = student_head(student_feature)
     teacher_emb, teacher_logits = teacher_head(teacher_feature)
@@ -701,9 +712,14 @@ def prepare_torch(config, args, local_batches, teacher_image_size: int
     synchronise()
     losses.append(loss.item())
 
-  def result(times: list[float]) -> dict:
+  def result(times: list[float], cached_times: list[float] | None = None) -> dict:
     step_s = statistics.median(times)
+    extra = {}
+    if cached_times:
+      extra["cached"] = {"step_time": summarise_times(cached_times),
+                         "images_per_sec": batch_size / statistics.median(cached_times)}
     return {
+        **extra,
         "device": str(device),
         "num_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
@@ -717,7 +733,10 @@ def prepare_torch(config, args, local_batches, teacher_image_size: int
         "last_loss": losses[-1],
     }
 
-  return TimedCall("torch_step", run_step, wait), result
+  calls = [TimedCall("torch_step", run_step, wait)]
+  if args.teacher_cache:
+    calls.append(TimedCall("torch_cached_step", lambda: run_step(cached=True), wait))
+  return calls, result
 
 
 # ---------------------------------------------------------------------------
@@ -804,6 +823,11 @@ def format_table(report: dict) -> str:
           ("cached / PyTorch per epoch",
            f"{economics['cached_over_torch_per_epoch']:.2f}x "
            f"({economics['cached_amortised_over_torch_per_epoch']:.2f}x incl. build)"),
+          ("PyTorch cached step: images/s",
+           f"{report['torch']['cached']['images_per_sec']:.2f} (fed the same float16 "
+           "embeddings)"),
+          ("cached JAX / cached PyTorch images/s",
+           f"{report['cached_over_torch_cached_images_per_sec']:.2f}x"),
       ]
   width = max(len(name) for name, _ in rows)
   return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -868,9 +892,9 @@ def run(args) -> dict:
   memory_jax_mb = peak_host_memory_mb()
   torch_result = None
   if args.compare_torch:
-    torch_call, torch_result = prepare_torch(
+    torch_calls, torch_result = prepare_torch(
         config, args, local_batches, jax_facts["teacher_image_size"])
-    calls.append(torch_call)
+    calls.extend(torch_calls)
   times = time_interleaved(calls, args.warmup, args.steps)
 
   jax_part = jax_result(jax_facts, times, config.batch_size, last_jax_loss())
@@ -901,7 +925,7 @@ def run(args) -> dict:
       "peak_host_memory_mb": memory_jax_mb,
   }
   if torch_result is not None:
-    report["torch"] = torch_result(times["torch_step"])
+    report["torch"] = torch_result(times["torch_step"], times.get("torch_cached_step"))
     report["jax_over_torch_images_per_sec"] = (
         jax_part["images_per_sec"] / report["torch"]["images_per_sec"])
     report["peak_host_memory_mb_with_torch"] = peak_host_memory_mb()
@@ -925,6 +949,8 @@ def run(args) -> dict:
     if "torch" in report:
       report["cached_over_torch_images_per_sec"] = (
           jax_part["cached"]["images_per_sec"] / report["torch"]["images_per_sec"])
+      report["cached_over_torch_cached_images_per_sec"] = (
+          jax_part["cached"]["images_per_sec"] / report["torch"]["cached"]["images_per_sec"])
   report["load_average_after"] = list(os.getloadavg())
   return report
 

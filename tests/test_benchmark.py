@@ -169,6 +169,13 @@ def test_cli_compares_with_pytorch(tmp_path):
   assert economics["num_views"] == 3 and economics["num_train"] == 25600
   assert report["cached_over_torch_images_per_sec"] == pytest.approx(
       cached["images_per_sec"] / torch_result["images_per_sec"])
+  torch_cached = torch_result["cached"]
+  assert len(torch_cached["step_time"]["all_s"]) == 2
+  assert torch_cached["images_per_sec"] == pytest.approx(
+      4 / torch_cached["step_time"]["median_s"])
+  assert report["cached_over_torch_cached_images_per_sec"] == pytest.approx(
+      cached["images_per_sec"] / torch_cached["images_per_sec"])
+  assert "cached JAX / cached PyTorch" in stdout
 
 
 @pytest.mark.slow
