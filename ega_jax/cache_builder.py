@@ -67,9 +67,9 @@ def _teacher_forward(module, teacher_meta, dtype, mesh: Mesh) -> Callable:
   mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
 
   def forward(variables, images_uint8):
-    # The same preprocessing as the live train step (train.teacher_inputs).
-    images = train_lib.teacher_inputs(images_uint8, image_size, mean, std)
-    return module.apply(variables, images.astype(dtype)).astype(jnp.float16)
+    # Exactly what the live train step runs.
+    return train_lib.teacher_embedding(
+        module, variables, images_uint8, image_size, mean, std, dtype).astype(jnp.float16)
 
   sharded = NamedSharding(mesh, P(train_lib.AXIS))
   return jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), sharded),
@@ -251,15 +251,17 @@ def build_teacher_cache(config, directory: str, *, views: int | str = ALL_VIEWS,
       progress(f"{split}: already complete in {directory}.")
       continue
     source = opened[split]
-    if not teacher_cache.split_arrays_exist(directory, split):
+    if teacher_cache.split_arrays_exist(directory, split):  # resuming
+      view_ids = teacher_cache.load_view_ids(directory, split)
+    else:
       if split == "train":
         view_ids = np.stack([teacher_cache.cached_view_ids(seed, index, num_columns, padding)
                              for index in range(len(source))])
       else:
         view_ids = np.full((len(source), 1), teacher_cache.centre_view(padding), np.int16)
       teacher_cache.create_split_arrays(directory, split, view_ids, feature_dim)
-    _fill_split(directory, split, source, teacher_cache.load_view_ids(directory, split),
-                forward, variables, batch_size, padding, log_every_s, progress)
+    _fill_split(directory, split, source, view_ids, forward, variables, batch_size, padding,
+                log_every_s, progress)
     manifest["splits"][split]["complete"] = True
     teacher_cache.write_manifest(directory, manifest)
     progress(f"{split}: complete.")

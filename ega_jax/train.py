@@ -292,6 +292,23 @@ def teacher_inputs(images_uint8: jnp.ndarray, image_size: int, mean, std) -> jnp
   return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def teacher_embedding(teacher: nn.Module, variables, images_uint8: jnp.ndarray,
+                      image_size: int, mean, std, dtype=jnp.float32) -> jnp.ndarray:
+  """The frozen backbone on raw views: (B, h, w, 3) uint8 -> (B, D) float32.
+
+  `teacher_inputs` (resize, clip, normalise) on device, then the teacher in
+  `dtype`. The one place the teacher runs: live steps, evaluation, the
+  embedding cache's builder and the benchmark.
+  """
+  images = teacher_inputs(images_uint8, image_size, mean, std)
+  return teacher.apply(variables, images.astype(dtype)).astype(jnp.float32)
+
+
+def _live_teacher_embedding(models: DistillModels, variables, images_uint8) -> jnp.ndarray:
+  return teacher_embedding(models.teacher, variables, images_uint8, models.teacher_image_size,
+                           models.teacher_mean, models.teacher_std, models.dtype)
+
+
 # ---------------------------------------------------------------------------
 # Optimisers.
 
@@ -395,6 +412,17 @@ def init_train_state(config, models: DistillModels, teacher_variables, rng,
   )
 
 
+def create_train_state(config, models: DistillModels, teacher_variables, rng, image_shape,
+                       num_train_examples: int, student_tx, teacher_head_tx) -> TrainState:
+  """`init_train_state` compiled as one program (op by op it took ~15 s on a
+  2-core CPU); the teacher's variables only lend their shapes."""
+  teacher_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                teacher_variables)
+  return jax.jit(lambda key: init_train_state(
+      config, models, teacher_shapes, key, image_shape, num_train_examples, student_tx,
+      teacher_head_tx))(rng)
+
+
 # ---------------------------------------------------------------------------
 # Per-device steps (run under shard_map over AXIS).
 
@@ -456,11 +484,8 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
     teacher_feature = batch["teacher_feature"].astype(jnp.float32)
   elif with_teacher:
     teacher_source = batch["image"] if config.teacher_view == "same" else batch["teacher_image"]
-    teacher_images = teacher_inputs(teacher_source, models.teacher_image_size,
-                                    models.teacher_mean, models.teacher_std)
-    teacher_feature = models.teacher.apply(
-        teacher_variables, teacher_images.astype(models.dtype))
-    teacher_feature = jax.lax.stop_gradient(teacher_feature.astype(jnp.float32))
+    teacher_feature = jax.lax.stop_gradient(
+        _live_teacher_embedding(models, teacher_variables, teacher_source))
 
   def objective(student_params, teacher_head_params):
     (_, student_features), new_model_state = models.student.apply(
@@ -619,10 +644,7 @@ def _eval_teacher(state: TrainState, teacher_variables, batch, models: DistillMo
   if "teacher_feature" in batch:
     teacher_feature = batch["teacher_feature"]
   else:
-    teacher_images = teacher_inputs(batch["image"], models.teacher_image_size,
-                                    models.teacher_mean, models.teacher_std)
-    teacher_feature = models.teacher.apply(
-        teacher_variables, teacher_images.astype(models.dtype))
+    teacher_feature = _live_teacher_embedding(models, teacher_variables, batch["image"])
   embedding, logits = models.teacher_head.apply(
       {"params": state.teacher_head_params}, teacher_feature.astype(jnp.float32))
   return embedding.astype(jnp.float32), logits.astype(jnp.float32)
@@ -1088,13 +1110,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   image_shape = (info.image_size, info.image_size, 3)
   with _as_user_error(f"config.student.arch={config.student.arch!r} on "
                       f"{info.image_size}x{info.image_size} {config.dataset.name} images"):
-    # Compiled as one program: op by op, initialisation took ~15 s on a
-    # 2-core CPU. The teacher's weights only lend their shapes.
-    teacher_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                  teacher_host_variables)
-    host_state = jax.jit(lambda rng: init_train_state(
-        config, models, teacher_shapes, rng, image_shape, num_train, student_tx,
-        teacher_head_tx))(jax.random.PRNGKey(config.seed))
+    host_state = create_train_state(
+        config, models, teacher_host_variables, jax.random.PRNGKey(config.seed), image_shape,
+        num_train, student_tx, teacher_head_tx)
   state = replicate(host_state, mesh)
   del host_state
 

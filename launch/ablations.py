@@ -75,9 +75,9 @@ def main(argv=None):
   models = train.build_models(config, teacher, meta, info.num_classes)
   num_train = config.dataset.max_train_examples
   student_tx, teacher_head_tx = train.create_optimizers(config, num_train)
-  host_state = jax.jit(lambda v, r: train.init_train_state(
-      config, models, v, r, (28, 28, 3), num_train, student_tx, teacher_head_tx))(
-          teacher_variables_host, jax.random.key(0, impl="unsafe_rbg"))
+  host_state = train.create_train_state(
+      config, models, teacher_variables_host, jax.random.key(0, impl="unsafe_rbg"), (28, 28, 3),
+      num_train, student_tx, teacher_head_tx)
   host_state = host_state.replace(rng=jax.random.PRNGKey(0))
   teacher_variables = train.replicate(teacher_variables_host, mesh)
   report = {"setting": "fashion_mnist 28px, resnet18 teacher @32px (random weights), resnet8, "

@@ -317,13 +317,11 @@ def prepare_jax(config, args, local_batches) -> tuple[list[TimedCall], dict, Cal
   teacher_meta = {"image_size": teacher_image_size, "mean": spec.mean, "std": spec.std}
   models = train.build_models(config, teacher_module, teacher_meta, info.num_classes)
   student_tx, teacher_head_tx = train.create_optimizers(config, info.num_train)
-  # Compiled as a whole (op by op it takes ~15 s on a 2-core CPU) and drawn
-  # with 'unsafe_rbg' (threefry's initialiser compiles ~4x slower); the state
-  # then gets the production (threefry) key, so the step sees the same types.
-  host_state = jax.jit(lambda variables, rng: train.init_train_state(
-      config, models, variables, rng, (info.image_size, info.image_size, 3), info.num_train,
-      student_tx, teacher_head_tx))(teacher_host_variables,
-                                    jax.random.key(args.seed, impl="unsafe_rbg"))
+  # Drawn with 'unsafe_rbg' (threefry's initialiser compiles ~4x slower); the
+  # state then gets the production (threefry) key, so the step sees the same types.
+  host_state = train.create_train_state(
+      config, models, teacher_host_variables, jax.random.key(args.seed, impl="unsafe_rbg"),
+      (info.image_size, info.image_size, 3), info.num_train, student_tx, teacher_head_tx)
   host_state = host_state.replace(rng=jax.random.PRNGKey(args.seed))
   state = train.replicate(host_state, mesh)
   # The cached step gets its own copy: each step donates its state.
@@ -380,9 +378,9 @@ def prepare_jax(config, args, local_batches) -> tuple[list[TimedCall], dict, Cal
     per_device_batch = config.batch_size // num_devices
 
     def teacher_forward(variables, images_uint8):
-      images = train.teacher_inputs(images_uint8, models.teacher_image_size,
-                                    models.teacher_mean, models.teacher_std)
-      return models.teacher.apply(variables, images.astype(models.dtype))
+      return train.teacher_embedding(
+          models.teacher, variables, images_uint8, models.teacher_image_size,
+          models.teacher_mean, models.teacher_std, models.dtype)
 
     single_device_variables = jax.device_put(teacher_host_variables, devices[0])
     teacher_source = jax.device_put(

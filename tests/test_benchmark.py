@@ -1,6 +1,5 @@
 """launch/benchmark.py: the FLOP count, the PyTorch step's parts, and two tiny CLI runs."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,18 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from run_configs import load_launch_script, needs_fashion_mnist
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "launch", "benchmark.py")
 
 
-def _load_benchmark():
-  spec = importlib.util.spec_from_file_location("benchmark_under_test", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-benchmark = _load_benchmark()
+benchmark = load_launch_script("benchmark", "benchmark_under_test")
 
 
 def _run_cli(tmp_path, *flags):
@@ -179,8 +173,7 @@ def test_cli_compares_with_pytorch(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
-                    reason="Debian dataset-fashion-mnist not installed")
+@needs_fashion_mnist
 def test_ablations_script_measures_every_variant(tmp_path):
   out = tmp_path / "ablations.json"
   result = subprocess.run(

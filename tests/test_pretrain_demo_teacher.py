@@ -1,6 +1,5 @@
 """Tests for launch/pretrain_demo_teacher.py (the offline demo's SimCLR teacher)."""
 import ast
-import importlib.util
 import json
 import math
 import os
@@ -13,22 +12,11 @@ import pytest
 import torch
 import torchvision
 
+from run_configs import load_launch_script, needs_fashion_mnist
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, 'launch', 'pretrain_demo_teacher.py')
-DATA_DIR = '/usr/share/datasets/fashion-mnist'
-needs_fashion_mnist = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(DATA_DIR, 'train-images-idx3-ubyte.gz')),
-    reason=f'Fashion-MNIST idx files not installed in {DATA_DIR} (make fashion-mnist)')
-
-
-def _load_script():
-  spec = importlib.util.spec_from_file_location('pretrain_demo_teacher', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-teacher_script = _load_script()
+teacher_script = load_launch_script('pretrain_demo_teacher')
 
 
 def _nt_xent_reference(view_a, view_b, temperature):

@@ -18,13 +18,11 @@ import pytest
 from ega_jax import data as data_lib
 from ega_jax.data import sources
 from ega_jax.data import teacher_cache
+from run_configs import fashion_mnist_config
+from run_configs import needs_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_PADDING = 3  # 28 // 8
-needs_fashion_files = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(sources.DEBIAN_FASHION_MNIST_DIR,
-                                    'train-images-idx3-ubyte.gz')),
-    reason='Debian dataset-fashion-mnist not installed')
 
 
 def _reference_view(image, top, left, flip, padding):
@@ -87,7 +85,7 @@ def _write_index_cache(directory, num_examples, num_columns, padding, split='tra
   teacher_cache.write_manifest(str(directory), manifest)
 
 
-@needs_fashion_files
+@needs_fashion_mnist
 @pytest.mark.parametrize('teacher_view', ['independent', 'same'])
 @pytest.mark.parametrize('all_views', [True, False])
 def test_cached_loader_serves_the_embedding_of_the_teacher_view(tmp_path, teacher_view,
@@ -124,7 +122,7 @@ def test_cached_loader_serves_the_embedding_of_the_teacher_view(tmp_path, teache
         np.testing.assert_array_equal(teacher_sees, cached_batch['image'][row])
 
 
-@needs_fashion_files
+@needs_fashion_mnist
 def test_cached_eval_loader_serves_the_centre_view_and_zero_padding(tmp_path):
   _write_index_cache(tmp_path, 30, 1, FASHION_PADDING, split='train')
   _write_index_cache(tmp_path, 30, 1, FASHION_PADDING, split='eval')
@@ -157,17 +155,13 @@ def _teacher_at_28(converted_resnet18, tmp_path):
   return directory, meta
 
 
-def _cache_config(teacher_dir, num_train, num_eval):
-  from configs import fashion_mnist
-
-  config = fashion_mnist.get_config()
-  config.teacher.checkpoint = str(teacher_dir)
-  config.dataset.max_train_examples = num_train
-  config.dataset.max_eval_examples = num_eval
-  return config
+def _cache_config(teacher_dir, num_train, num_eval, **overrides):
+  return fashion_mnist_config(teacher_dir, **{'dataset.max_train_examples': num_train,
+                                              'dataset.max_eval_examples': num_eval},
+                              **overrides)
 
 
-@needs_fashion_files
+@needs_fashion_mnist
 def test_builder_stores_the_torch_teacher_embedding_of_each_view_and_resumes(
     converted_resnet18, tmp_path):
   import torch
@@ -237,21 +231,16 @@ def test_builder_stores_the_torch_teacher_embedding_of_each_view_and_resumes(
     cache_builder.build_teacher_cache(config, str(tmp_path / 'other'), views='200')
 
 
-@needs_fashion_files
+@needs_fashion_mnist
 def test_training_with_every_view_cached_follows_the_live_run(converted_resnet18, tmp_path):
   """Same teacher views, embeddings rounded to float16: the same losses to ~1e-3."""
   from ega_jax import cache_builder
   from ega_jax import train
 
   teacher_dir, _ = _teacher_at_28(converted_resnet18, tmp_path)
-  config = _cache_config(teacher_dir, 32, 40)
-  config.batch_size = 16
-  config.eval_batch_size = 40
-  config.num_train_steps = 3
-  config.log_every_steps = 1
-  config.eval_every_steps = 3
-  config.checkpoint_every_steps = 3
-  config.graph_pictures = False
+  config = _cache_config(teacher_dir, 32, 40, batch_size=16, eval_batch_size=40,
+                         num_train_steps=3, eval_every_steps=3, checkpoint_every_steps=3,
+                         graph_pictures=False)
   cache_dir = str(tmp_path / 'cache')
   cache_builder.build_teacher_cache(config, cache_dir, views='all', batch_size=196,
                                     log_every_s=1e9)
@@ -274,14 +263,13 @@ def test_training_with_every_view_cached_follows_the_live_run(converted_resnet18
   assert abs(cached['last_top1'] - live['last_top1']) <= 100 / 40 + 1e-9
 
 
-@needs_fashion_files
+@needs_fashion_mnist
 def test_a_cache_of_another_teacher_or_an_unfinished_one_is_refused(converted_resnet18,
                                                                     tmp_path):
   from ega_jax import train
 
   teacher_dir, _ = _teacher_at_28(converted_resnet18, tmp_path)
-  config = _cache_config(teacher_dir, 48, 40)
-  config.num_train_steps = 1
+  config = _cache_config(teacher_dir, 48, 40, num_train_steps=1)
   other = tmp_path / 'other_teacher_cache'
   _write_index_cache(other, 48, 2, FASHION_PADDING)  # sha256 'abc'
   config.teacher.cache = str(other)
@@ -292,7 +280,7 @@ def test_a_cache_of_another_teacher_or_an_unfinished_one_is_refused(converted_re
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
-@needs_fashion_files
+@needs_fashion_mnist
 def test_cache_teacher_cli_reports_progress_and_one_line_errors(converted_resnet18, tmp_path):
   teacher_dir, _ = _teacher_at_28(converted_resnet18, tmp_path)
   command = [sys.executable, os.path.join(REPO, 'launch', 'cache_teacher.py'),

@@ -175,7 +175,7 @@ class CachedFeatures:
 
   Attributes:
     num_examples, num_views (K), feature_dim (D), all_views (K == V),
-    view_ids: int16 (N, K).
+    view_ids: int16 (N, K), or None when all_views (column = view id).
   """
 
   def __init__(self, directory: str, split: str):
@@ -195,7 +195,9 @@ class CachedFeatures:
     self.all_views = bool(entry['all_views'])
     self.feature_dim = int(manifest['feature_dim'])
     self.padding = int(manifest['dataset']['padding'])
-    self.view_ids = load_view_ids(directory, split)
+    # With every view cached, column k is view id k: no table to hold (it
+    # would be N x V int16 in every reader process).
+    self.view_ids = None if self.all_views else load_view_ids(directory, split)
     self._features = None
 
   def __getstate__(self):
@@ -209,15 +211,6 @@ class CachedFeatures:
     if self._features is None:
       self._features = open_features(self.directory, self.split)
     return self._features
-
-  def column_of_view(self, index: int, view: int) -> int:
-    """The column holding view id `view` of example `index` (all-views caches: the id)."""
-    if self.all_views:
-      return int(view)
-    columns = np.flatnonzero(self.view_ids[index] == view)
-    if not columns.size:
-      raise KeyError(f'view {view} of example {index} is not cached')
-    return int(columns[0])
 
   def feature(self, index: int, column: int) -> np.ndarray:
     """float16 (D,): the cached embedding in column `column` of example `index`."""
