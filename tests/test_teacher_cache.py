@@ -299,3 +299,17 @@ def test_cache_teacher_cli_reports_progress_and_one_line_errors(converted_resnet
   assert bad.returncode == 2
   error_lines = [line for line in bad.stderr.splitlines() if line.startswith('error:')]
   assert len(error_lines) == 1 and '--views' in error_lines[0]
+
+
+def test_cached_features_reopen_their_memory_map_when_unpickled(tmp_path):
+  # grain worker processes receive the reader pickled: the memory map must be
+  # reopened there, not copied.
+  import pickle
+
+  _write_index_cache(tmp_path, 12, 2, FASHION_PADDING)
+  cache = teacher_cache.CachedFeatures(str(tmp_path), 'train')
+  clone = pickle.loads(pickle.dumps(cache))
+  # A pickled memory map comes back as a plain in-memory copy; a reopened one is a memmap.
+  assert isinstance(clone.features, np.memmap)
+  for index in range(12):
+    np.testing.assert_array_equal(clone.feature(index, 1), cache.feature(index, 1))

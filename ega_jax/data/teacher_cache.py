@@ -171,7 +171,11 @@ def split_arrays_exist(directory: str, split: str) -> bool:
 class CachedFeatures:
   """Read access to one complete split of a cache (picklable for grain workers).
 
-  The memory map is opened lazily in each process that reads.
+  The memory map is opened once per process: here, and again when a grain
+  worker process unpickles the object. Never lazily from reader threads:
+  numpy parses the .npy header with `ast`, which is not thread-safe in
+  Python 3.11 (concurrent first reads failed with "AST constructor
+  recursion depth mismatch").
 
   Attributes:
     num_examples, num_views (K), feature_dim (D), all_views (K == V),
@@ -198,19 +202,16 @@ class CachedFeatures:
     # With every view cached, column k is view id k: no table to hold (it
     # would be N x V int16 in every reader process).
     self.view_ids = None if self.all_views else load_view_ids(directory, split)
-    self._features = None
+    self.features = open_features(directory, split)  # float16 (N, K, D)
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state['_features'] = None
+    del state['features']  # a memory map would pickle as a full copy
     return state
 
-  @property
-  def features(self) -> np.memmap:
-    """float16 (N, K, D), memory-mapped."""
-    if self._features is None:
-      self._features = open_features(self.directory, self.split)
-    return self._features
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self.features = open_features(self.directory, self.split)
 
   def feature(self, index: int, column: int) -> np.ndarray:
     """float16 (D,): the cached embedding in column `column` of example `index`."""
