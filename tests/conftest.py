@@ -46,3 +46,30 @@ def converted_resnet18(tmp_path_factory):
   return output
 
 
+
+
+# A full disk turns most of this suite into setup errors far from the cause (it
+# happened on CI), so say how much room the temporary directory has: in the
+# header, and as a warning under -q when it is too little.
+_TMP_SPACE_NEEDED_GIB = 2.0
+
+
+def _tmp_space_line():
+  import shutil
+  import tempfile
+  free_gib = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+  line = f"free disk space in {tempfile.gettempdir()}: {free_gib:.1f} GiB"
+  if free_gib < _TMP_SPACE_NEEDED_GIB:
+    line += (f" -- WARNING: the conversion tests write checkpoints of up to 0.7 GB; "
+             f"free at least {_TMP_SPACE_NEEDED_GIB:.0f} GiB or set TMPDIR to a larger disk")
+  return free_gib, line
+
+
+def pytest_report_header(config):
+  return _tmp_space_line()[1]
+
+
+def pytest_sessionstart(session):
+  free_gib, line = _tmp_space_line()
+  if free_gib < _TMP_SPACE_NEEDED_GIB and session.config.get_verbosity() < 0:
+    print(line, file=sys.stderr)
