@@ -194,3 +194,29 @@ def test_ablations_script_measures_every_variant(tmp_path):
   assert demo["uint8_bytes"] == 128 * 28 * 28 * 3
   assert demo["float32_bytes"] == 128 * 32 * 32 * 3 * 4
   assert "loop: production" in result.stdout and "donation: with / without" in result.stdout
+
+
+def test_conv_ablation_times_both_variants_of_the_same_function(tmp_path):
+  # ShuffleV1 exercises the depthwise and grouped 1x1 rewrites; the "before" variant must be a
+  # different program (plain lax convs) computing the same loss and gradients.
+  out = tmp_path / "conv.json"
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "conv_ablation.py"), "--students",
+       "ShuffleV1", "--batch_size", "4", "--rounds", "1", "--json", str(out)],
+      capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  (row,) = json.loads(out.read_text())
+  assert row["student"] == "ShuffleV1" and row["batch_size"] == 4
+  assert 0 < row["before_ms"] < 60_000 and 0 < row["after_ms"] < 60_000
+  assert row["speedup"] == pytest.approx(row["before_ms"] / row["after_ms"])
+  assert row["loss_after"] == pytest.approx(row["loss_before"], rel=1e-5)
+  assert 0 < row["relative_grad_difference"] < 1e-2
+  assert "ShuffleV1" in result.stdout and "speed-up" in result.stdout
+
+
+def test_conv_ablation_rejects_an_unknown_student():
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "conv_ablation.py"), "--students", "resnet9"],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert result.returncode == 2
+  assert "--students: unknown resnet9; valid names are:" in result.stderr

@@ -283,36 +283,3 @@ def test_load_rejects_corrupt_or_mismatched_variables(saved_resnet18):
                                             'mean': [0.5] * 3, 'std': [0.5] * 3})
   with pytest.raises(ValueError, match=r'variables.msgpack does not fit resnet18.*unexpected'):
     load_teacher(directory)
-
-
-def _conv_float64(x, kernel, stride, padding):
-  """Direct float64 convolution (cross-correlation), NHWC x HWIO, symmetric zero padding."""
-  x = np.pad(np.asarray(x, np.float64), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  kernel = np.asarray(kernel, np.float64)
-  k = kernel.shape[0]
-  out_h = (x.shape[1] - k) // stride + 1
-  out_w = (x.shape[2] - k) // stride + 1
-  out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[-1]))
-  for i in range(out_h):
-    for j in range(out_w):
-      window = x[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
-      out[:, i, j] = np.einsum('bhwc,hwco->bo', window, kernel)
-  return out
-
-
-@pytest.mark.parametrize('size,kernel,stride,padding', [
-    (1, 3, 1, 1), (2, 3, 1, 1), (2, 3, 2, 1), (4, 3, 2, 1), (2, 1, 2, 0), (2, 1, 1, 0),
-    (6, 3, 1, 1), (3, 3, 1, 0),
-])
-def test_small_map_conv_matches_a_float64_convolution(size, kernel, stride, padding):
-  # Covers both paths: the patch matmul (<= 4 output pixels) and lax.conv.
-  from ega_jax.models.teachers.resnet import SmallMapConv
-
-  conv = SmallMapConv(5, kernel, stride, padding)
-  x = np.random.default_rng(size).standard_normal((3, size, size, 4)).astype(np.float32)
-  variables = conv.init(jax.random.PRNGKey(1), x)
-  assert variables['params']['kernel'].shape == (kernel, kernel, 4, 5)
-  got = np.asarray(conv.apply(variables, x))
-  expected = _conv_float64(x, variables['params']['kernel'], stride, padding)
-  assert got.shape == expected.shape
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

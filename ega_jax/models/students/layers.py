@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ega_jax.models.conv import TorchConv
+
 Dtype = Any
 
 # PyTorch's BatchNorm2d defaults: running = 0.9 * running + 0.1 * batch.
@@ -59,19 +61,20 @@ def conv2d(features: int,
            groups: int = 1,
            use_bias: bool = False,
            kernel_init=kaiming_normal_fan_out,
-           bias_init=nn.initializers.zeros) -> nn.Conv:
+           bias_init=nn.initializers.zeros) -> TorchConv:
   """A square conv padded like PyTorch's ``padding=kernel_size // 2``.
 
   Explicit symmetric padding matters for strided convs: flax's 'SAME' pads
   (0, 1) on even inputs where PyTorch pads (1, 1), which shifts every window.
+  `TorchConv` has `nn.Conv`'s parameters; it computes depthwise, grouped 1x1
+  and tiny-map convs in forms XLA:CPU runs several times faster (models/conv.py).
   """
-  pad = kernel_size // 2
-  return nn.Conv(
+  return TorchConv(
       features,
-      (kernel_size, kernel_size),
-      strides=(stride, stride),
-      padding=((pad, pad), (pad, pad)),
-      feature_group_count=groups,
+      kernel_size,
+      stride=stride,
+      padding=kernel_size // 2,
+      groups=groups,
       use_bias=use_bias,
       kernel_init=kernel_init,
       bias_init=bias_init,
