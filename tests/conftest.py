@@ -46,8 +46,6 @@ def converted_resnet18(tmp_path_factory):
   return output
 
 
-
-
 # A full disk turns most of this suite into setup errors far from the cause (it
 # happened on CI), so say how much room the temporary directory has: in the
 # header, and as a warning under -q when it is too little.
