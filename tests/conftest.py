@@ -4,7 +4,9 @@ torch/torchvision are imported first on purpose: importing tensorflow and then
 torchvision in one process segfaults on this stack, the reverse order is fine.
 """
 import os
+import shutil
 import sys
+import tempfile
 
 # torch's OpenMP threads busy-wait by default, which starves the JAX work on a
 # small shared CPU; passive waiting made torch-using tests up to 10x faster.
@@ -53,8 +55,6 @@ _TMP_SPACE_NEEDED_GIB = 2.0
 
 
 def _tmp_space_line():
-  import shutil
-  import tempfile
   free_gib = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
   line = f"free disk space in {tempfile.gettempdir()}: {free_gib:.1f} GiB"
   if free_gib < _TMP_SPACE_NEEDED_GIB:

@@ -37,10 +37,14 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
   return (size + 2 * padding - kernel) // stride + 1
 
 
-def _strided_window(padded: jax.Array, i: int, j: int, out_h: int, out_w: int,
-                    stride: int) -> jax.Array:
-  """padded (B, Hp, Wp, C) -> (B, out_h, out_w, C): the inputs that kernel tap (i, j) sees."""
-  return padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+def _tap_windows(x: jax.Array, k: int, stride: int, padding: int) -> list[jax.Array]:
+  """x (B, H, W, C) -> k*k arrays (B, H', W', C), row-major over the taps: the inputs that
+  kernel tap (i, j) meets at every output position, after symmetric zero padding."""
+  out_h = output_size(x.shape[1], k, stride, padding)
+  out_w = output_size(x.shape[2], k, stride, padding)
+  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  return [padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+          for i in range(k) for j in range(k)]
 
 
 def _depthwise(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -49,16 +53,12 @@ def _depthwise(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> ja
   Accumulates in float32 (a bfloat16 sum of k*k products would lose bits lax's conv keeps).
   """
   k = kernel.shape[0]
-  out_h = output_size(x.shape[1], k, stride, padding)
-  out_w = output_size(x.shape[2], k, stride, padding)
-  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   accumulator = jnp.promote_types(x.dtype, jnp.float32)
+  taps = kernel.reshape(k * k, -1).astype(accumulator)
   total = None
-  for i in range(k):
-    for j in range(k):
-      term = (_strided_window(padded, i, j, out_h, out_w, stride).astype(accumulator) *
-              kernel[i, j, 0].astype(accumulator))
-      total = term if total is None else total + term
+  for window, tap in zip(_tap_windows(x, k, stride, padding), taps):
+    term = window.astype(accumulator) * tap
+    total = term if total is None else total + term
   return total.astype(x.dtype)
 
 
@@ -80,12 +80,16 @@ def _grouped_pointwise(x: jax.Array, kernel: jax.Array, stride: int, groups: int
 def _patch_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
   """x (B, H, W, C), kernel (k, k, C, O) -> (B, H', W', O) as one matmul of gathered patches."""
   k = kernel.shape[0]
-  out_h = output_size(x.shape[1], k, stride, padding)
-  out_w = output_size(x.shape[2], k, stride, padding)
-  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  patches = jnp.stack([_strided_window(padded, i, j, out_h, out_w, stride)
-                       for i in range(k) for j in range(k)], axis=3)  # (B, H', W', k*k, C)
+  patches = jnp.stack(_tap_windows(x, k, stride, padding), axis=3)  # (B, H', W', k*k, C)
   return jnp.einsum('bhwpc,pco->bhwo', patches, kernel.reshape(k * k, x.shape[-1], -1))
+
+
+def lax_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
+             groups: int = 1) -> jax.Array:
+  """`conv_nhwc`'s function through XLA's own convolution (what `nn.Conv` runs)."""
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
 
 
 def conv_nhwc(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
@@ -116,9 +120,7 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int 
     return _grouped_pointwise(x, kernel, stride, groups)
   if groups == 1 and out_pixels <= SMALL_MAP_PIXELS:
     return _patch_matmul(x, kernel, stride, padding)
-  return lax.conv_general_dilated(
-      x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+  return lax_conv(x, kernel, stride=stride, padding=padding, groups=groups)
 
 
 class TorchConv(nn.Module):
