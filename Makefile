@@ -37,11 +37,11 @@ test-fast: $(STAMP)
 # The main job on the offline default: SimCLR teacher in PyTorch -> conversion
 # -> EGA distillation (+ a CE-only baseline) on Fashion-MNIST, then a table.
 demo: $(STAMP) fashion-mnist
-	$(PY) launch/demo.py
+	$(PY) -m experiments.demo
 
 # Every distiller on the demo teacher (run `make demo` first).
 compare: $(STAMP) fashion-mnist
-	$(PY) launch/compare.py --config=configs/fashion_mnist.py --teacher=demo_out/teacher/flax
+	$(PY) -m experiments.compare --config=configs/fashion_mnist.py --teacher=demo_out/teacher/flax
 
 demo-clean:
 	rm -rf demo_out

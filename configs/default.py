@@ -7,6 +7,8 @@ Every field can be overridden from the command line, e.g.
 
 import ml_collections
 
+from ega_jax import losses
+
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default configuration."""
@@ -41,21 +43,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill = ml_collections.ConfigDict()
   # One of ega_jax.losses.DISTILL_METHODS ('none' = cross-entropy only).
   config.distill.method = "ega"
-  config.distill.node_weight = 0.8
-  config.distill.edge_weight = 0.24
   config.distill.gamma = 1.0  # cross-entropy weight
   config.distill.alpha = 0.0  # KD (logit) weight
   config.distill.beta = 1.0  # distillation-loss weight
-  config.distill.kd_temperature = 4.0
-  config.distill.rkd_distance_weight = 25.0
-  config.distill.rkd_angle_weight = 50.0
-  config.distill.nce_temperature = 0.1
-  config.distill.irg_vertex_weight = 0.1
-  config.distill.irg_edge_weight = 5.0  # Knowledge-Distillation-Zoo defaults (see losses.irg_loss)
-  config.distill.crd_feature_dim = 128
-  config.distill.crd_num_negatives = 16384
-  config.distill.crd_temperature = 0.07
-  config.distill.crd_momentum = 0.5
+  # Every loss hyperparameter (EGA node/edge weights, KD temperature, RKD, PKT,
+  # NCE/CCL, IRG and CRD settings) with its default from its one home,
+  # ega_jax.losses.DEFAULT_HPARAMS (documented there); e.g.
+  # --config.distill.node_weight=0.8 --config.distill.pearson_eps=1e-8.
+  for key, value in losses.DEFAULT_HPARAMS.items():
+    config.distill[key] = value
   # False (released): the teacher head learns from its own cross-entropy only
   # and the distillation gradient never reaches it. True: it also receives
   # beta * distillation-loss gradients.

@@ -20,10 +20,12 @@ import numpy as np
 
 from ega_jax import data as data_lib
 from ega_jax import models as models_lib
-from ega_jax import train as train_lib
+from ega_jax import config as config_lib
 from ega_jax.data import augment
 from ega_jax.data import sources
 from ega_jax.data import teacher_cache
+from ega_jax.models import preprocess
+from ega_jax.train.state import AXIS
 
 ALL_VIEWS = "all"
 
@@ -68,10 +70,10 @@ def _teacher_forward(module, teacher_meta, dtype, mesh: Mesh) -> Callable:
 
   def forward(variables, images_uint8):
     # Exactly what the live train step runs.
-    return train_lib.teacher_embedding(
+    return preprocess.teacher_embedding(
         module, variables, images_uint8, image_size, mean, std, dtype).astype(jnp.float16)
 
-  sharded = NamedSharding(mesh, P(train_lib.AXIS))
+  sharded = NamedSharding(mesh, P(AXIS))
   return jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), sharded),
                  out_shardings=sharded)
 
@@ -181,9 +183,9 @@ def build_teacher_cache(config, directory: str, *, views: int | str = ALL_VIEWS,
   if unknown or not splits:
     raise ValueError(f"--splits={','.join(splits)!r} is not valid; use a comma-separated subset "
                      f"of {', '.join(teacher_cache.SPLITS)}.")
-  if compute_dtype not in train_lib.DTYPES:
+  if compute_dtype not in config_lib.DTYPES:
     raise ValueError(f"--dtype={compute_dtype!r} is not valid; valid: "
-                     f"{', '.join(train_lib.DTYPES)}.")
+                     f"{', '.join(config_lib.DTYPES)}.")
   if batch_size < 1:
     raise ValueError(f"--batch_size={batch_size} must be positive.")
   if not config.teacher.checkpoint:
@@ -194,14 +196,14 @@ def build_teacher_cache(config, directory: str, *, views: int | str = ALL_VIEWS,
     raise ValueError(
         f"config.teacher.arch={config.teacher.arch!r} does not match "
         f"{os.path.join(config.teacher.checkpoint, 'teacher.json')} (arch {meta['arch']!r}).")
-  dtype = train_lib.DTYPES[compute_dtype]
+  dtype = config_lib.DTYPES[compute_dtype]
   if dtype != jnp.float32 and hasattr(module, "dtype"):
     module = module.clone(dtype=dtype)
   info = data_lib.get_dataset_info(config.dataset.name)
   padding = augment.crop_padding(info.image_size)
   num_columns = resolve_num_views(views, padding)
 
-  mesh = Mesh(np.array(jax.local_devices()), (train_lib.AXIS,))
+  mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
   devices = mesh.size
   batch_size = -(-batch_size // devices) * devices
   forward = _teacher_forward(module, meta, dtype, mesh)

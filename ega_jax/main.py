@@ -95,17 +95,18 @@ def main(argv):
   hide_accelerators_from_tensorflow()
 
   import jax
+  from ega_jax import config as config_lib
   from ega_jax import train
 
   logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.UserInputError as e:
+  except config_lib.UserInputError as e:
     # A user mistake: one sentence, no traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except train.NonFiniteError as e:
+  except config_lib.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
   if summary.get("preempted"):

@@ -1,6 +1,6 @@
 r"""Runs the frozen teacher once over K augmented views of every training image.
 
-  python launch/cache_teacher.py --config=configs/cifar100.py \
+  python -m launch.cache_teacher --config=configs/cifar100.py \
       --config.teacher.checkpoint=teachers/clip_vit_b32 --cache_dir=caches/clip_b32_c100 \
       --views=all
 
@@ -14,17 +14,15 @@ teacher views exactly) and of each unaugmented eval image. Interrupted builds
 resume where they stopped when run again with the same flags. Progress (with
 an estimate of the time left) is logged every --log_every_s seconds.
 Layout and semantics: ega_jax/data/teacher_cache.py and docs/performance.md.
+Run it from the repository root (or with the repository on PYTHONPATH).
 """
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -1,19 +1,17 @@
 """Converts a PyTorch teacher checkpoint into a Flax teacher directory.
 
-  python launch/convert_teacher.py --arch auto --checkpoint ViT-B-32.pt --output teachers/vit_b32
+  python -m launch.convert_teacher --arch auto --checkpoint ViT-B-32.pt --output teachers/vit_b32
+
+Run it from the repository root (or with the repository on PYTHONPATH).
 
 Writes OUTPUT/variables.msgpack and OUTPUT/teacher.json; training reads them with
 ega_jax.models.load_teacher(OUTPUT). See docs/converting.md for every checkpoint family.
 """
 
 import argparse
-import os
 import sys
 
-if __package__ in (None, ''):  # Run as a script: make the repository importable.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ega_jax.convert import ARCH_CHOICES, ConversionError, convert_checkpoint  # noqa: E402
+from ega_jax.convert import ARCH_CHOICES, ConversionError, convert_checkpoint
 
 
 def _three_numbers(values: list[str]) -> list[float]:
@@ -27,6 +25,7 @@ def _three_numbers(values: list[str]) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
+      prog='python -m launch.convert_teacher',
       description='Convert a PyTorch teacher checkpoint (OpenAI CLIP, Hugging Face CLIP, '
       'torchvision-layout ResNet, timm/DINO ViT) into a Flax teacher directory.')
   parser.add_argument('--arch', default='auto', choices=ARCH_CHOICES, metavar='NAME',

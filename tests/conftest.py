@@ -16,8 +16,6 @@ import torch  # noqa: F401  (must precede any tensorflow import)
 import torchvision  # noqa: F401
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
 
 
 import subprocess  # noqa: E402
@@ -40,7 +38,7 @@ def converted_resnet18(tmp_path_factory):
   torch.save(model.state_dict(), checkpoint)
   output = root / "flax"
   result = subprocess.run(
-      [sys.executable, os.path.join(REPO_ROOT, "launch", "convert_teacher.py"), "--arch", "resnet18",
+      [sys.executable, "-m", "launch.convert_teacher", "--arch", "resnet18",
        "--checkpoint", str(checkpoint), "--output", str(output), "--image_size", "32",
        "--mean", "0.286", "0.286", "0.286", "--std", "0.353", "0.353", "0.353"],
       capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)

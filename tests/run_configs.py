@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import sys
 
 import pytest
 
@@ -23,7 +22,6 @@ def load_launch_script(name, module_name=None):
 
 
 def fashion_mnist_config(teacher_dir, **overrides):
-  sys.path.insert(0, REPO)
   from configs import fashion_mnist
 
   config = fashion_mnist.get_config()

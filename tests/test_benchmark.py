@@ -1,4 +1,4 @@
-"""launch/benchmark.py: the FLOP count, the PyTorch step's parts, and two tiny CLI runs."""
+"""benchmarks/: the FLOP count, the PyTorch step's parts, and tiny runs of its commands."""
 
 import json
 import math
@@ -10,20 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from run_configs import load_launch_script, needs_fashion_mnist
+from benchmarks import report as report_lib
+from benchmarks import timing, torch_reference
+from run_configs import needs_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "launch", "benchmark.py")
 
 
-benchmark = load_launch_script("benchmark", "benchmark_under_test")
+def _run_module(module, *flags, timeout=300):
+  return subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True,
+                        cwd=REPO, timeout=timeout)
 
 
 def _run_cli(tmp_path, *flags):
   out = tmp_path / "report.json"
-  result = subprocess.run(
-      [sys.executable, SCRIPT, *flags, "--json", str(out)], capture_output=True, text=True,
-      cwd=REPO, timeout=300)
+  result = _run_module("benchmarks.step", *flags, f"--json={out}")
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
   return json.loads(out.read_text()), result.stdout
 
@@ -36,11 +37,11 @@ def test_xla_flops_of_a_matmul_is_two_m_n_k(m, k, n):
   a = jnp.ones((m, k), jnp.float32)
   b = jnp.ones((k, n), jnp.float32)
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-  assert benchmark.xla_flops(compiled) == 2 * m * n * k
+  assert timing.xla_flops(compiled) == 2 * m * n * k
 
 
 def test_peak_matmul_counts_and_times_the_product():
-  peak = benchmark.measure_peak_matmul(128, "float32", num_warmup=1, num_timed=3)
+  peak = timing.measure_peak_matmul(128, "float32", num_warmup=1, num_timed=3)
   assert peak["flops"] == peak["xla_flops"] == 2 * 128**3
   assert peak["median_s"] > 0
   assert peak["flops_per_sec"] == pytest.approx(peak["flops"] / peak["median_s"])
@@ -63,40 +64,43 @@ def test_torch_ega_loss_matches_the_formula():
   rng = np.random.default_rng(0)
   teacher = rng.normal(size=(6, 16)).astype(np.float32)
   student = (0.5 * teacher + rng.normal(size=(6, 16))).astype(np.float32)
-  loss = benchmark.torch_ega_loss(torch.from_numpy(teacher), torch.from_numpy(student), 0.8, 0.24)
+  loss = torch_reference.torch_ega_loss(torch.from_numpy(teacher), torch.from_numpy(student), 0.8, 0.24)
   assert float(loss) == pytest.approx(_ega_float64(teacher, student), rel=1e-5)
 
 
 @pytest.mark.parametrize("name, expected", [("resnet8", 83_892), ("resnet8x4", 1_233_540)])
 def test_torch_student_has_repdistillers_parameter_count(name, expected):
-  cifar_resnet, _ = benchmark.build_torch_modules()
-  depth, widths = benchmark.TORCH_STUDENTS[name]
-  model = cifar_resnet(depth, widths, 100)
+  model = torch_reference.build_torch_student(name, 100)
+  _, widths = torch_reference.TORCH_STUDENTS[name]
   assert sum(p.numel() for p in model.parameters()) == expected
   logits, feature = model(torch.zeros(2, 3, 32, 32))
   assert logits.shape == (2, 100) and feature.shape == (2, widths[3])
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--teacher", "clip_vit_b99"], "--teacher='clip_vit_b99' is not valid; valid: clip_vit_b32"),
-    (["--student", "vgg8", "--compare-torch"], "PyTorch students resnet8"),
-    (["--method", "kd", "--compare-torch"], "EGA step"),
-    (["--config", "configs/nope.py"], "--config='configs/nope.py' is not a file"),
-    (["--teacher_cache", "--cache_views", "some"], "--cache_views='some' is not valid"),
-    (["--teacher_cache", "--method", "none"], "--teacher_cache needs a step with a teacher"),
+    (["--config.teacher.arch=clip_vit_b99"],
+     "config.teacher.arch='clip_vit_b99' is not valid; valid: clip_vit_b32"),
+    (["--config.student.arch=vgg8", "--compare_torch"], "PyTorch students resnet8"),
+    (["--config.distill.method=kd", "--compare-torch"], "EGA step"),
+    (["--config=configs/nope.py"], "--config='configs/nope.py' is not a file"),
+    (["--teacher_cache", "--cache_views=some"], "--cache_views='some' is not valid"),
+    (["--teacher_cache", "--config.distill.method=none"],
+     "--teacher_cache needs a step with a teacher"),
 ])
-def test_user_mistakes_are_one_line(flags, message, capsys):
-  assert benchmark.main(flags) == 2
-  error = capsys.readouterr().err
-  assert message in error and error.count("\n") == 1
+def test_user_mistakes_are_one_line(flags, message):
+  if not any(flag.startswith("--config=") for flag in flags):
+    flags = ["--config=configs/cifar100.py", *flags]
+  result = _run_module("benchmarks.step", *flags, timeout=120)
+  assert result.returncode == 2
+  assert message in result.stderr and result.stderr.count("\n") == 1
 
 
 @pytest.mark.slow
 def test_cli_reports_the_production_step(tmp_path):
   report, stdout = _run_cli(
-      tmp_path, "--config=configs/fashion_mnist.py", "--teacher", "resnet18", "--student",
-      "resnet8", "--batch_size", "8", "--steps", "3", "--warmup", "1",
-      "--peak_matmul_size", "1024")
+      tmp_path, "--config=configs/fashion_mnist.py", "--config.teacher.arch=resnet18",
+      "--config.student.arch=resnet8", "--config.batch_size=8", "--steps=3", "--warmup=1",
+      "--peak_matmul_size=1024")
   assert "images/s" in stdout and "MFU" in stdout
   jax_result = report["jax"]
   assert (report["dataset"], report["teacher"], report["student"], report["method"],
@@ -120,7 +124,7 @@ def test_cli_reports_the_production_step(tmp_path):
 
 
 def test_cache_economics_arithmetic():
-  economics = benchmark.cache_economics(
+  economics = report_lib.cache_economics(
       num_train=1000, batch_size=100, num_epochs=20, num_views=4, live_step_s=2.0,
       cached_step_s=0.5, teacher_batch_s=1.5, torch_step_s=3.0)
   assert economics["steps_per_epoch"] == 10
@@ -136,10 +140,10 @@ def test_cache_economics_arithmetic():
 @pytest.mark.slow
 def test_cli_compares_with_pytorch(tmp_path):
   report, stdout = _run_cli(
-      tmp_path, "--config=configs/fashion_mnist.py", "--teacher", "resnet18", "--student",
-      "resnet8x4", "--batch_size", "4", "--steps", "2", "--warmup", "1",
-      "--teacher_image_size", "64", "--peak_matmul_size", "1024", "--compare-torch",
-      "--torch_threads", "1", "--teacher_cache", "--cache_views", "3")
+      tmp_path, "--config=configs/fashion_mnist.py", "--config.teacher.arch=resnet18",
+      "--config.student.arch=resnet8x4", "--config.batch_size=4", "--steps=2", "--warmup=1",
+      "--teacher_image_size=64", "--peak_matmul_size=1024", "--compare_torch",
+      "--torch_threads=1", "--teacher_cache", "--cache_views=3")
   assert "JAX / PyTorch images/s" in stdout
   torch_result = report["torch"]
   assert torch_result["num_threads"] == 1 and torch_result["dtype"] == "float32"
@@ -176,9 +180,7 @@ def test_cli_compares_with_pytorch(tmp_path):
 @needs_fashion_mnist
 def test_ablations_script_measures_every_variant(tmp_path):
   out = tmp_path / "ablations.json"
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "ablations.py"), "--steps", "2",
-       "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600)
+  result = _run_module("benchmarks.ablations", "--steps", "2", "--json", str(out), timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
   report = json.loads(out.read_text())
   loop, donation = report["loop"], report["donation"]
@@ -200,10 +202,8 @@ def test_conv_ablation_times_both_variants_of_the_same_function(tmp_path):
   # ShuffleV1 exercises the depthwise and grouped 1x1 rewrites; the "before" variant must be a
   # different program (plain lax convs) computing the same loss and gradients.
   out = tmp_path / "conv.json"
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "conv_ablation.py"), "--students",
-       "ShuffleV1", "--batch_size", "4", "--rounds", "1", "--json", str(out)],
-      capture_output=True, text=True, cwd=REPO, timeout=600)
+  result = _run_module("benchmarks.conv_ablation", "--students", "ShuffleV1", "--batch_size",
+                       "4", "--rounds", "1", "--json", str(out), timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
   (row,) = json.loads(out.read_text())
   assert row["student"] == "ShuffleV1" and row["batch_size"] == 4
@@ -215,8 +215,6 @@ def test_conv_ablation_times_both_variants_of_the_same_function(tmp_path):
 
 
 def test_conv_ablation_rejects_an_unknown_student():
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "conv_ablation.py"), "--students", "resnet9"],
-      capture_output=True, text=True, cwd=REPO, timeout=120)
+  result = _run_module("benchmarks.conv_ablation", "--students", "resnet9", timeout=120)
   assert result.returncode == 2
   assert "--students: unknown resnet9; valid names are:" in result.stderr

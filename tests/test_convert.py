@@ -219,7 +219,7 @@ def test_pickled_objects_need_allow_pickle(tmp_path, resnet18_model):
 def test_cli_runs_as_a_script(tmp_path, resnet18_checkpoint):
   output = tmp_path / 'teacher'
   completed = subprocess.run(
-      [sys.executable, os.path.join('launch', 'convert_teacher.py'), '--checkpoint',
+      [sys.executable, '-m', 'launch.convert_teacher', '--checkpoint',
        str(resnet18_checkpoint), '--output', str(output)],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert completed.returncode == 0, completed.stderr

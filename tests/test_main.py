@@ -1,7 +1,7 @@
 """The real training loop end to end: CLI, metrics, checkpoints, resume, errors.
 
 The teacher is a randomly initialised torchvision ResNet-18 converted through
-launch/convert_teacher.py, exactly as a user converts a released checkpoint;
+python -m launch.convert_teacher, exactly as a user converts a released checkpoint;
 the data are the real Fashion-MNIST files (a small slice) and TFDS mock data.
 """
 
@@ -54,7 +54,13 @@ def test_cli_trains_evaluates_checkpoints_and_writes_metrics(converted_resnet18,
 
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-  assert os.listdir(workdir / "best")
+  # One checkpoint manager keeps the latest k and, besides them, the best by eval/top1.
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+      best_fn=lambda metrics: metrics["eval/top1"], best_mode="max", read_only=True)) as manager:
+    best_step = manager.best_step()
+  assert merged[best_step]["eval/top1"] == merged[4]["eval/best_top1"]
   assert sorted(os.listdir(workdir / "graphs")) == ["graphs_00000002.png", "graphs_00000004.png"]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["steps"] == 4 and summary["last_top1"] == merged[4]["eval/top1"]
@@ -132,6 +138,7 @@ def test_loop_runs_on_tfds_mock_cifar100(converted_resnet18, tmp_path):
 
 
 def test_config_errors_name_the_field(converted_resnet18, tmp_path):
+  from ega_jax import config as config_lib
   from ega_jax import train
 
   cases = [
@@ -144,14 +151,14 @@ def test_config_errors_name_the_field(converted_resnet18, tmp_path):
   ]
   for overrides, expected in cases:
     config = fashion_mnist_config(converted_resnet18, **overrides)
-    with pytest.raises(train.ConfigError, match=expected.replace("[", r"\[")) as error:
-      train.validate_config(config, num_devices=1)
+    with pytest.raises(config_lib.ConfigError, match=expected.replace("[", r"\[")) as error:
+      config_lib.validate_config(config, num_devices=1)
     assert "\n" not in str(error.value)
   config = fashion_mnist_config(converted_resnet18, batch_size=12)
-  with pytest.raises(train.ConfigError, match="multiple of the device count"):
-    train.validate_config(config, num_devices=8)
+  with pytest.raises(config_lib.ConfigError, match="multiple of the device count"):
+    config_lib.validate_config(config, num_devices=8)
   config = fashion_mnist_config(converted_resnet18, **{"teacher.arch": "resnet50"})
-  with pytest.raises(train.ConfigError, match="holds arch 'resnet18'"):
+  with pytest.raises(config_lib.ConfigError, match="holds arch 'resnet18'"):
     train.train_and_evaluate(config, str(tmp_path / "mismatch"))
 
 

@@ -1,4 +1,5 @@
-"""Tests for launch/pretrain_demo_teacher.py (the offline demo's SimCLR teacher)."""
+"""Tests for experiments.pretrain_demo_teacher and experiments.simclr (the offline demo's
+SimCLR teacher)."""
 import ast
 import json
 import math
@@ -12,11 +13,14 @@ import pytest
 import torch
 import torchvision
 
-from run_configs import load_launch_script, needs_fashion_mnist
+from experiments import pretrain_demo_teacher as teacher_script
+from experiments import simclr
+from run_configs import needs_fashion_mnist
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO_ROOT, 'launch', 'pretrain_demo_teacher.py')
-teacher_script = load_launch_script('pretrain_demo_teacher')
+# The script's modules: its command line and loop, and the SimCLR pieces.
+SCRIPT_FILES = [os.path.join(REPO_ROOT, 'experiments', name)
+                for name in ('pretrain_demo_teacher.py', 'simclr.py')]
 
 
 def _nt_xent_reference(view_a, view_b, temperature):
@@ -41,15 +45,14 @@ def test_nt_xent_matches_numpy_reference(temperature):
   rng = np.random.default_rng(3)
   view_a = rng.normal(size=(5, 7))
   view_b = view_a + 0.7 * rng.normal(size=(5, 7))  # Positives correlated, as in training.
-  loss = teacher_script.nt_xent_loss(torch.from_numpy(view_a), torch.from_numpy(view_b),
-                                     temperature)
+  loss = simclr.nt_xent_loss(torch.from_numpy(view_a), torch.from_numpy(view_b), temperature)
   np.testing.assert_allclose(float(loss), _nt_xent_reference(view_a, view_b, temperature),
                              rtol=1e-10)
 
 
 def test_backbone_features_are_torchvision_avgpool_output():
   torch.manual_seed(0)
-  model = teacher_script.build_simclr_resnet18().eval()
+  model = simclr.build_simclr_resnet18().eval()
   reference = torchvision.models.resnet18()
   reference.load_state_dict(
       {k: v for k, v in model.state_dict().items() if not k.startswith('fc.')}, strict=False)
@@ -57,14 +60,14 @@ def test_backbone_features_are_torchvision_avgpool_output():
   reference.eval()
   images = torch.randn(2, 3, 32, 32)
   with torch.no_grad():
-    features = teacher_script.backbone_features(model, images)
+    features = simclr.backbone_features(model, images)
     np.testing.assert_allclose(features.numpy(), reference(images).numpy(), rtol=1e-5, atol=1e-6)
-    assert model(images).shape == (2, teacher_script.PROJECTION_DIM)
+    assert model(images).shape == (2, simclr.PROJECTION_DIM)
 
 
 def test_full_crop_is_the_image_or_its_mirror():
   images = torch.rand(16, 1, 32, 32)
-  crops = teacher_script.random_resized_crop_and_flip(
+  crops = simclr.random_resized_crop_and_flip(
       images, torch.Generator().manual_seed(0), scale=(1.0, 1.0), log_ratio=(0.0, 0.0))
   mirrored = torch.flip(images, dims=[3])
   same = [(crop - image).abs().max() < 1e-5 for crop, image in zip(crops, images)]
@@ -77,7 +80,7 @@ def test_small_crop_zooms_in():
   # A crop of at most 30% of the area, resized back up, shows fewer distinct
   # columns of a horizontal ramp than the image has (and stays in range).
   ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(8, 1, 32, 32).contiguous()
-  crops = teacher_script.random_resized_crop_and_flip(
+  crops = simclr.random_resized_crop_and_flip(
       ramp, torch.Generator().manual_seed(1), scale=(0.3, 0.3))
   value_range = crops.amax(dim=(1, 2, 3)) - crops.amin(dim=(1, 2, 3))
   assert torch.all(value_range < 0.8) and torch.all(value_range > 0.2)
@@ -85,8 +88,8 @@ def test_small_crop_zooms_in():
 
 def test_random_erasing_zeroes_one_rectangle():
   images = torch.ones(8, 1, 32, 32)
-  erased = teacher_script.random_erasing(images, torch.Generator().manual_seed(2),
-                                         probability=1.0, scale=(0.05, 0.1))
+  erased = simclr.random_erasing(images, torch.Generator().manual_seed(2),
+                                 probability=1.0, scale=(0.05, 0.1))
   for image in erased[:, 0]:
     rows = torch.nonzero((image == 0).any(1)).flatten()
     cols = torch.nonzero((image == 0).any(0)).flatten()
@@ -98,7 +101,7 @@ def test_random_erasing_zeroes_one_rectangle():
 
 def test_jitter_keeps_range_and_changes_images():
   images = torch.rand(8, 1, 32, 32)
-  jittered = teacher_script.brightness_contrast_jitter(images, torch.Generator().manual_seed(3))
+  jittered = simclr.brightness_contrast_jitter(images, torch.Generator().manual_seed(3))
   assert jittered.min() >= 0 and jittered.max() <= 1
   assert (jittered - images).abs().mean() > 1e-3
 
@@ -110,21 +113,23 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
   test_labels = torch.arange(400) % 10
   train = centres[train_labels] + torch.randn(600, 32, generator=generator)
   test = centres[test_labels] + torch.randn(400, 32, generator=generator)
-  assert teacher_script.linear_probe_accuracy(train, train_labels, test, test_labels,
-                                              steps=100) > 0.97
+  assert simclr.linear_probe_accuracy(train, train_labels, test, test_labels,
+                                      steps=100) > 0.97
   # Labels unrelated to the features: the probe cannot beat chance by much.
   shuffled = train_labels[torch.randperm(600, generator=generator)]
-  assert teacher_script.linear_probe_accuracy(train, shuffled, test, test_labels,
-                                              steps=100) < 0.25
+  assert simclr.linear_probe_accuracy(train, shuffled, test, test_labels,
+                                      steps=100) < 0.25
 
 
 def test_script_imports_neither_tensorflow_nor_jax():
-  with open(SCRIPT) as f:
-    tree = ast.parse(f.read())
-  imported = {alias.name.split('.')[0] for node in ast.walk(tree)
-              if isinstance(node, ast.Import) for alias in node.names}
-  imported |= {node.module.split('.')[0] for node in ast.walk(tree)
-               if isinstance(node, ast.ImportFrom) and node.module}
+  imported = set()
+  for path in SCRIPT_FILES:
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    imported |= {alias.name.split('.')[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split('.')[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
   assert {'torch', 'torchvision'} <= imported
   assert not imported & {'tensorflow', 'jax', 'flax'}
 
@@ -155,9 +160,20 @@ def test_cache_needs_matching_settings(tmp_path):
   assert not teacher_script.is_cached(output, dict(settings, time_budget_s=500.0))
 
 
+def test_importing_the_script_imports_no_tensorflow():
+  # The idx reader comes from ega_jax.data, whose package import must keep
+  # tensorflow out: tensorflow imported before torch segfaults.
+  code = ('import sys; import experiments.pretrain_demo_teacher; '
+          "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))")
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == '[]'
+
+
 def _run_script(*args):
-  return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run([sys.executable, '-m', 'experiments.pretrain_demo_teacher', *args],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
 @needs_fashion_mnist

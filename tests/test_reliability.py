@@ -185,12 +185,13 @@ def test_nonfinite_skip_counts_and_keeps_parameters(converted_resnet18, tmp_path
 
 @pytest.mark.slow
 def test_nonfinite_stop_names_step_terms_and_checkpoint(converted_resnet18, tmp_path):
+  from ega_jax import config as config_lib
   from ega_jax import train
 
   config = fashion_mnist_config(converted_resnet18, num_train_steps=4, debug_nan_at_step=3,
                                 nonfinite_policy="stop", checkpoint_every_steps=1,
                                 eval_every_steps=100, graph_pictures=False)
-  with pytest.raises(train.NonFiniteError) as error:
+  with pytest.raises(config_lib.NonFiniteError) as error:
     train.train_and_evaluate(config, str(tmp_path / "stop"))
   message = str(error.value)
   assert "at step 3" in message and "distill nan" in message
@@ -235,18 +236,20 @@ def test_images_too_small_for_the_student(converted_resnet18, tmp_path, monkeypa
   import dataclasses
 
   from ega_jax import data as data_lib
+  from ega_jax import config as config_lib
   from ega_jax import train
 
   tiny = dataclasses.replace(data_lib.get_dataset_info("fashion_mnist"), image_size=4)
   monkeypatch.setitem(data_lib.DATASETS, "fashion_mnist", tiny)
   config = fashion_mnist_config(converted_resnet18, **{"student.arch": "vgg8"})
-  with pytest.raises(train.UserInputError, match=r"config.student.arch='vgg8' on 4x4") as error:
+  with pytest.raises(config_lib.UserInputError, match=r"config.student.arch='vgg8' on 4x4") as error:
     train.train_and_evaluate(config, str(tmp_path / "w"))
   assert "\n" not in str(error.value)
 
 
 @pytest.mark.slow
 def test_workdir_of_another_run_is_refused_unless_overwritten(converted_resnet18, tmp_path):
+  from ega_jax import config as config_lib
   from ega_jax import train
 
   workdir = str(tmp_path / "w")
@@ -254,7 +257,7 @@ def test_workdir_of_another_run_is_refused_unless_overwritten(converted_resnet18
       converted_resnet18, num_train_steps=1, graph_pictures=False), workdir)
   other = fashion_mnist_config(converted_resnet18, num_train_steps=1, graph_pictures=False,
                                **{"student.arch": "wrn_16_1"})
-  with pytest.raises(train.ConfigError, match="holds checkpoints of another run") as error:
+  with pytest.raises(config_lib.ConfigError, match="holds checkpoints of another run") as error:
     train.train_and_evaluate(other, workdir)
   assert "overwrite_workdir" in str(error.value)
   other.overwrite_workdir = True

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from flax import traverse_util
 
+from benchmarks.torch_reference import build_torch_student
 from ega_jax.models.students import (STUDENT_NAMES, create_student,
                                      student_feature_dim)
 
@@ -355,54 +356,8 @@ def test_bn_axis_name_gives_cross_replica_statistics():
 
 
 # ------------------------------------- parity with PyTorch re-statements
-
-
-class _TorchCifarBasicBlock(torch.nn.Module):
-
-  def __init__(self, in_planes, planes, stride):
-    super().__init__()
-    self.conv1 = torch.nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-    self.bn1 = torch.nn.BatchNorm2d(planes)
-    self.conv2 = torch.nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = torch.nn.BatchNorm2d(planes)
-    self.downsample = None
-    if stride != 1 or in_planes != planes:
-      self.downsample = torch.nn.Sequential(
-          torch.nn.Conv2d(in_planes, planes, 1, stride, bias=False),
-          torch.nn.BatchNorm2d(planes))
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    shortcut = x if self.downsample is None else self.downsample(x)
-    return F.relu(out + shortcut)
-
-
-class _TorchCifarResNet(torch.nn.Module):
-  """RepDistiller's CIFAR ResNet (basic blocks) for 32x32 inputs."""
-
-  def __init__(self, depth, widths, num_classes):
-    super().__init__()
-    self.conv1 = torch.nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-    self.bn1 = torch.nn.BatchNorm2d(widths[0])
-    in_planes = widths[0]
-    for index, (planes, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
-      blocks = []
-      for block in range((depth - 2) // 6):
-        blocks.append(_TorchCifarBasicBlock(in_planes, planes,
-                                            stride if block == 0 else 1))
-        in_planes = planes
-      setattr(self, f'layer{index + 1}', torch.nn.Sequential(*blocks))
-    self.fc = torch.nn.Linear(widths[-1], num_classes)
-
-  def forward(self, x):
-    x = F.relu(self.bn1(self.conv1(x)))
-    feats = [x]
-    for layer in (self.layer1, self.layer2, self.layer3):
-      x = layer(x)
-      feats.append(x)
-    pooled = F.avg_pool2d(x, 8).flatten(1)
-    return self.fc(pooled), pooled, feats
+# The CIFAR ResNets come from benchmarks/torch_reference.py (the one PyTorch
+# RepDistiller ResNet of the project, also timed by the benchmark).
 
 
 class _TorchShuffleV1Unit(torch.nn.Module):
@@ -454,14 +409,15 @@ class _TorchShuffleV1(torch.nn.Module):
       setattr(self, f'layer{index + 1}', torch.nn.Sequential(*units))
     self.linear = torch.nn.Linear(960, num_classes)
 
-  def forward(self, x):
+  def forward(self, x, is_feat=False):
     x = F.relu(self.bn1(self.conv1(x)))
     feats = [x]
     for layer in (self.layer1, self.layer2, self.layer3):
       x = layer(x)
       feats.append(x)
     pooled = F.avg_pool2d(x, 4).flatten(1)
-    return self.linear(pooled), pooled, feats
+    logits = self.linear(pooled)
+    return (logits, pooled, feats) if is_feat else (logits, pooled)
 
 
 def _torch_state_dict(variables):
@@ -482,8 +438,8 @@ def _torch_state_dict(variables):
 
 
 @pytest.mark.parametrize('name, torch_model', [
-    ('resnet8', lambda: _TorchCifarResNet(8, (16, 16, 32, 64), 10)),
-    ('resnet8x4', lambda: _TorchCifarResNet(8, (32, 64, 128, 256), 10)),
+    ('resnet8', lambda: build_torch_student('resnet8', 10)),
+    ('resnet8x4', lambda: build_torch_student('resnet8x4', 10)),
     pytest.param('ShuffleV1', lambda: _TorchShuffleV1(10),
                  marks=pytest.mark.slow),
 ])
@@ -500,7 +456,8 @@ def test_matches_pytorch_restatement(name, torch_model):
   reference.eval()
   with torch.no_grad():
     ref_logits, ref_pooled, ref_feats = reference(
-        torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()))
+        torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()),
+        is_feat=True)
   logits, features = model.apply(variables, images, train=False)
   scale = ref_logits.abs().max().item()
   np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4 * scale)
@@ -516,7 +473,7 @@ def test_matches_pytorch_restatement(name, torch_model):
   # Train mode: batch statistics and the same running-mean update.
   reference.train()
   with torch.no_grad():
-    ref_logits, _, _ = reference(
+    ref_logits, _ = reference(
         torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()))
   (logits, _), updates = model.apply(variables, images, train=True,
                                      mutable=['batch_stats'])

@@ -1,5 +1,5 @@
 """Tests for the teacher-embedding cache (ega_jax.data.teacher_cache,
-ega_jax.cache_builder, launch/cache_teacher.py) and cached training.
+ega_jax.cache_builder, python -m launch.cache_teacher) and cached training.
 
 References: views are cut from an explicitly zero-padded array here; cached
 embeddings are compared with the real torchvision ResNet-18 (random weights)
@@ -266,6 +266,7 @@ def test_training_with_every_view_cached_follows_the_live_run(converted_resnet18
 @needs_fashion_mnist
 def test_a_cache_of_another_teacher_or_an_unfinished_one_is_refused(converted_resnet18,
                                                                     tmp_path):
+  from ega_jax import config as config_lib
   from ega_jax import train
 
   teacher_dir, _ = _teacher_at_28(converted_resnet18, tmp_path)
@@ -273,17 +274,17 @@ def test_a_cache_of_another_teacher_or_an_unfinished_one_is_refused(converted_re
   other = tmp_path / 'other_teacher_cache'
   _write_index_cache(other, 48, 2, FASHION_PADDING)  # sha256 'abc'
   config.teacher.cache = str(other)
-  with pytest.raises(train.ConfigError, match=r'config.teacher.cache=.*another teacher'):
+  with pytest.raises(config_lib.ConfigError, match=r'config.teacher.cache=.*another teacher'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   config.teacher.cache = str(tmp_path / 'missing')
-  with pytest.raises(train.ConfigError, match='config.teacher.cache=.*launch/cache_teacher.py'):
+  with pytest.raises(config_lib.ConfigError, match='config.teacher.cache=.*launch/cache_teacher.py'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 @needs_fashion_mnist
 def test_cache_teacher_cli_reports_progress_and_one_line_errors(converted_resnet18, tmp_path):
   teacher_dir, _ = _teacher_at_28(converted_resnet18, tmp_path)
-  command = [sys.executable, os.path.join(REPO, 'launch', 'cache_teacher.py'),
+  command = [sys.executable, '-m', 'launch.cache_teacher',
              '--config=configs/fashion_mnist.py',
              f'--config.teacher.checkpoint={teacher_dir}',
              '--config.dataset.max_train_examples=8', '--config.dataset.max_eval_examples=8',

@@ -21,6 +21,7 @@ def run_worker(tmp_path, num_devices, methods, steps=2):
   # the different reduction order; float64 separates that conditioning from
   # real sharding errors, which would show up at any precision.
   env["EGA_WORKER_X64"] = "1"
+  env["PYTHONPATH"] = REPO  # the worker imports ega_jax and configs from this checkout
   result = subprocess.run(
       [sys.executable, WORKER, str(num_devices), ",".join(methods), str(steps), prefix],
       capture_output=True, text=True, env=env, cwd=REPO, timeout=900)

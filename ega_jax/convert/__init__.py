@@ -16,10 +16,11 @@ import jax
 
 import ega_jax
 from ega_jax.convert import clip, hf_clip, timm_vit, torchvision_resnet
-from ega_jax.convert.common import (Checkpoint, CheckpointFormat, ConversionError,
-                                    checkpoint_from_state_dict, describe_ignored,
-                                    describe_top_level, expected_keys, match_checkpoint,
-                                    prefix_counts, read_checkpoint, select_prefix)
+from ega_jax.convert.errors import ConversionError
+from ega_jax.convert.layout import CheckpointFormat
+from ega_jax.convert.matching import (describe_ignored, describe_top_level, expected_keys,
+                                      match_checkpoint, prefix_counts, select_prefix)
+from ega_jax.convert.reading import Checkpoint, checkpoint_from_state_dict, read_checkpoint
 from ega_jax.models.teachers import specs
 from ega_jax.models.teachers.registry import abstract_variables, check_image_size, create_teacher
 from ega_jax.models.teachers.storage import file_sha256, save_teacher

@@ -1,5 +1,5 @@
 """Random-access record sources: TFDS ArrayRecord data sources and the
-offline Fashion-MNIST idx reader.
+offline Fashion-MNIST idx files (read by `ega_jax.data.idx`).
 
 Every source here is wrapped in `ExampleSource`, which gives grain the same
 record for every dataset: {'image': uint8 (S, S, 3), 'label': int32,
@@ -11,7 +11,6 @@ torchvision in one process.
 """
 
 import glob
-import gzip
 from absl import logging
 import os
 from typing import Any, Protocol, Sequence
@@ -19,13 +18,12 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from ega_jax.data import info as info_lib
-
-# Where Debian's `dataset-fashion-mnist` package installs the idx files.
-DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
-FASHION_MNIST_FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
-}
+# The idx reader and the Fashion-MNIST file locations live in `idx` (NumPy
+# only, shared with the PyTorch demo teacher); re-exported here for callers.
+from ega_jax.data.idx import DEBIAN_FASHION_MNIST_DIR
+from ega_jax.data.idx import FASHION_MNIST_FILES
+from ega_jax.data.idx import read_fashion_mnist
+from ega_jax.data.idx import read_idx  # pylint: disable=unused-import
 
 # name -> (TFDS name, train split, evaluation split).
 TFDS_SPLITS = {
@@ -36,13 +34,6 @@ TFDS_SPLITS = {
 }
 SPLIT_ROLES = ('train', 'eval')
 
-# idx type codes (third magic byte) -> NumPy dtype, from the idx format spec.
-_IDX_DTYPES = {
-    0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8),
-    0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
-    0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8'),
-}
-
 
 class RecordSource(Protocol):
   """What grain needs: random access by record key."""
@@ -52,34 +43,6 @@ class RecordSource(Protocol):
 
   def __getitem__(self, record_key: int) -> Any:
     ...
-
-
-def read_idx(path: str) -> np.ndarray:
-  """Reads one (optionally gzip-compressed) idx file into an array.
-
-  Format: 2 zero bytes, a type byte, a rank byte, `rank` big-endian uint32
-  dimensions, then the data in C order.
-
-  Returns:
-    array of the stored shape, e.g. uint8 (60000, 28, 28) for images.
-  """
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as stream:
-    raw = stream.read()
-  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-    raise ValueError(f'{path} is not an idx file (bad magic number).')
-  dtype = _IDX_DTYPES[raw[2]]
-  rank = raw[3]
-  header_size = 4 + 4 * rank
-  shape = tuple(
-      int(dim) for dim in np.frombuffer(raw, '>u4', count=rank, offset=4))
-  expected_bytes = int(np.prod(shape)) * dtype.itemsize
-  if len(raw) - header_size != expected_bytes:
-    raise ValueError(
-        f'{path} is truncated or corrupt: header says shape {shape} '
-        f'({expected_bytes} bytes) but {len(raw) - header_size} bytes follow.')
-  data = np.frombuffer(raw, dtype, offset=header_size).reshape(shape)
-  return data.astype(dtype.newbyteorder('='), copy=False)
 
 
 def find_fashion_mnist_dir(data_dir: str | None) -> str | None:
@@ -117,14 +80,7 @@ class FashionMnistIdxSource:
 
   def _load(self) -> tuple[np.ndarray, np.ndarray]:
     if self._arrays is None:
-      images_file, labels_file = FASHION_MNIST_FILES[self.split]
-      images = read_idx(os.path.join(self.directory, images_file))
-      labels = read_idx(os.path.join(self.directory, labels_file))
-      if images.ndim != 3 or labels.shape != images.shape[:1]:
-        raise ValueError(
-            f'Fashion-MNIST {self.split} files in {self.directory} disagree: '
-            f'images {images.shape}, labels {labels.shape}.')
-      self._arrays = (images, labels)
+      self._arrays = read_fashion_mnist(self.directory, self.split)
     return self._arrays
 
   @property

@@ -14,7 +14,6 @@ import sys
 NUM_DEVICES, METHODS, STEPS, OUT_PREFIX = (
     int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4])
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
 
@@ -23,13 +22,13 @@ import jax  # noqa: E402
 X64 = os.environ.get("EGA_WORKER_X64") == "1"
 if X64:
   jax.config.update("jax_enable_x64", True)
-from jax.sharding import Mesh  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from ega_jax import losses  # noqa: E402
+from ega_jax import config as config_lib  # noqa: E402
 from ega_jax import models as models_lib  # noqa: E402
-from ega_jax import train  # noqa: E402
+from ega_jax.train import run as run_lib  # noqa: E402
+from ega_jax.train import state as state_lib  # noqa: E402
 
 GLOBAL_BATCH = 16
 NUM_CLASSES = 10
@@ -63,25 +62,20 @@ def run(METHOD, OUT):
   config.batch_size = GLOBAL_BATCH
   config.num_train_steps = STEPS
   if X64:
-    train.DTYPES["float64"] = jax.numpy.float64
+    config_lib.DTYPES["float64"] = jax.numpy.float64
     config.dtype = "float64"
 
   teacher = models_lib.create_teacher("resnet18")
   teacher_variables = teacher.init(jax.random.PRNGKey(42), np.zeros((1, 32, 32, 3), np.float32))
   meta = {"image_size": 32, "mean": (0.3, 0.3, 0.3), "std": (0.35, 0.35, 0.35)}
-  models = train.build_models(config, teacher, meta, NUM_CLASSES)
-  student_tx, teacher_head_tx = train.create_optimizers(config, NUM_TRAIN)
-  mesh = Mesh(np.array(jax.devices()), (train.AXIS,))
-  host_state = train.init_train_state(config, models, teacher_variables, jax.random.PRNGKey(0),
-                                      (28, 28, 3), NUM_TRAIN, student_tx, teacher_head_tx)
-  state = train.replicate(host_state, mesh)
-  teacher_variables = train.replicate(teacher_variables, mesh)
-  crd_tables = {}
+  mesh = state_lib.data_mesh()
   rng = np.random.RandomState(0)
   train_labels = rng.randint(0, NUM_CLASSES, size=NUM_TRAIN).astype(np.int32)
-  if METHOD == "crd":
-    crd_tables = train.replicate(losses.build_crd_class_tables(train_labels), mesh)
-  train_fn, _, _ = train.compile_steps(mesh, models, config, student_tx, teacher_head_tx)
+  run = run_lib.build_run(
+      config, mesh, teacher_module=teacher, teacher_variables=teacher_variables,
+      teacher_meta=meta, num_classes=NUM_CLASSES, num_train_examples=NUM_TRAIN,
+      image_shape=(28, 28, 3), crd_train_labels=train_labels)
+  state, teacher_variables, crd_tables = run.state, run.teacher_variables, run.crd_tables
 
   results = {}
   for step in range(STEPS):
@@ -92,8 +86,8 @@ def run(METHOD, OUT):
         "label": train_labels[index],
         "index": index,
     }
-    state, metrics = train_fn(state, teacher_variables, train.global_batch_from_local(mesh, batch),
-                              crd_tables)
+    state, metrics = run.train_step(
+        state, teacher_variables, state_lib.global_batch_from_local(mesh, batch), crd_tables)
     for key, value in jax.device_get(metrics).items():
       results[f"metric/{step}/{key}"] = np.asarray(value)
   final = jax.device_get({"student": state.student_params,

@@ -1,6 +1,6 @@
 r"""Does the teacher-embedding cache, or bfloat16, change the demo's accuracy?
 
-  python launch/accuracy_study.py [--output_dir demo_out] [--seeds 0 1 2] [--views 2]
+  python -m experiments.accuracy_study [--output_dir demo_out] [--seeds 0 1 2] [--views 2]
       [--variants live cached bf16] [-- extra --config.* flags]
 
 Runs the demo's EGA training (configs/fashion_mnist.py, the SimCLR ResNet-18
@@ -8,9 +8,9 @@ teacher of `make demo`, prepared and cached the same way) once per seed for
 each variant:
 
   live     the teacher runs in every step (float32), as `make demo`;
-  cached   launch/cache_teacher.py first stores --views crop x flip views of each
-           training image and the centre view of each test image; training reads
-           them (config.teacher.cache);
+  cached   python -m launch.cache_teacher first stores --views crop x flip views
+           of each training image and the centre view of each test image;
+           training reads them (config.teacher.cache);
   bf16     the teacher runs live, teacher and student compute in bfloat16
            (config.dtype=bfloat16; weights, optimiser and losses stay float32).
 
@@ -28,15 +28,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import demo  # noqa: E402  (launch/demo.py: the teacher stages)
+from experiments import demo  # The teacher stages and the training stage.
 
 VARIANTS = ("live", "cached", "bf16")
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m experiments.accuracy_study",
+                                   description=__doc__.split("\n\n")[0])
   parser.add_argument("--output_dir", default="demo_out")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--views", default="2",
@@ -56,7 +55,7 @@ def main(argv=None):
   if "cached" in args.variants:
     cache_seconds = demo.run_stage(
         f"teacher-embedding cache ({args.views} views per training image)",
-        [sys.executable, "launch/cache_teacher.py", f"--config={demo.CONFIG}",
+        [sys.executable, "-m", "launch.cache_teacher", f"--config={demo.CONFIG}",
          f"--config.teacher.checkpoint={teacher_dir}", f"--cache_dir={cache_dir}",
          f"--views={args.views}"])
 

@@ -1,15 +1,19 @@
 r"""The offline demo, end to end: `make demo` runs this.
 
 Stages (each shows its own progress; each is skipped when its output exists):
-  1. launch/pretrain_demo_teacher.py: a SimCLR ResNet-18 trained in PyTorch on
-     Fashion-MNIST without labels, saved as a plain .pth with a projection MLP.
-  2. launch/convert_teacher.py: that checkpoint -> Flax (the MLP is dropped).
+  1. python -m experiments.pretrain_demo_teacher: a SimCLR ResNet-18 trained in
+     PyTorch on Fashion-MNIST without labels, saved as a plain .pth with a
+     projection MLP.
+  2. python -m launch.convert_teacher: that checkpoint -> Flax (the MLP is
+     dropped).
   3. python -m ega_jax.main --config=configs/fashion_mnist.py: EGA distillation.
   4. the same student trained with cross-entropy only (distill.method=none).
 Then one table: teacher linear probe, teacher-head accuracy, student top-1
 with EGA and with CE only, and the wall time of each stage.
 
-  python launch/demo.py [--output_dir demo_out] [--fresh] [-- extra --config.* flags]
+  python -m experiments.demo [--output_dir demo_out] [--fresh] [-- extra --config.* flags]
+
+Run it from the repository root (`make demo` does).
 
 This process imports neither torch nor tensorflow: every stage runs in its own
 subprocess (torch and tensorflow must not be imported in the wrong order).
@@ -23,6 +27,7 @@ import subprocess
 import sys
 import time
 
+# The repository root: every stage runs there, as `python -m <module>`.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/fashion_mnist.py"
 
@@ -63,13 +68,13 @@ def prepare_teacher(output_dir: str) -> tuple[dict, str, dict[str, float]]:
   wall = {}
   wall["teacher pretraining (PyTorch SimCLR)"] = run_stage(
       "1/4 pretrain the SimCLR teacher in PyTorch",
-      [sys.executable, "launch/pretrain_demo_teacher.py", "--output", teacher_pth])
+      [sys.executable, "-m", "experiments.pretrain_demo_teacher", "--output", teacher_pth])
   with open(teacher_pth + ".json") as f:
     teacher_report = json.load(f)
 
   teacher_json = os.path.join(teacher_dir, "teacher.json")
   convert_command = [
-      sys.executable, "launch/convert_teacher.py", "--arch", "resnet18", "--checkpoint",
+      sys.executable, "-m", "launch.convert_teacher", "--arch", "resnet18", "--checkpoint",
       teacher_pth, "--output", teacher_dir, "--image_size", str(teacher_report["image_size"]),
       "--mean", *map(str, teacher_report["mean"]), "--std", *map(str, teacher_report["std"])]
   if os.path.exists(teacher_json) and os.path.getmtime(teacher_json) >= os.path.getmtime(
@@ -83,7 +88,8 @@ def prepare_teacher(output_dir: str) -> tuple[dict, str, dict[str, float]]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m experiments.demo",
+                                   description=__doc__.split("\n\n")[0])
   parser.add_argument("--output_dir", default="demo_out")
   parser.add_argument("--fresh", action="store_true",
                       help="retrain the students (the teacher stays cached)")

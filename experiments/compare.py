@@ -1,6 +1,6 @@
 r"""Trains one student with every distiller on the same teacher, seed and budget.
 
-  python launch/compare.py --config=configs/fashion_mnist.py \
+  python -m experiments.compare --config=configs/fashion_mnist.py \
       --teacher=demo_out/teacher/flax --output_dir=demo_out/compare \
       --seeds=0,1 -- --config.num_train_steps=300
 
@@ -102,10 +102,11 @@ def plot_results(args, results):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m experiments.compare",
+                                   description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/fashion_mnist.py")
   parser.add_argument("--teacher", default="demo_out/teacher/flax",
-                      help="converted teacher directory (launch/convert_teacher.py output)")
+                      help="converted teacher directory (python -m launch.convert_teacher output)")
   parser.add_argument("--output_dir", default="demo_out/compare")
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--seeds", default="0")
@@ -117,7 +118,7 @@ def main(argv=None):
     parser.error(f"--methods has unknown {unknown}; valid: {', '.join(METHODS)}")
   if not os.path.exists(os.path.join(args.teacher, "teacher.json")):
     parser.error(f"--teacher={args.teacher} holds no teacher.json; run `make demo` or "
-                 "launch/convert_teacher.py first.")
+                 "python -m launch.convert_teacher first.")
   seeds = [int(s) for s in args.seeds.split(",") if s]
   os.makedirs(args.output_dir, exist_ok=True)
   results = {m: [run_one(args, m, seed, args.extra) for seed in seeds] for m in methods}

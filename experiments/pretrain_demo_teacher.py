@@ -2,8 +2,8 @@ r"""Pretrains the offline demo teacher: SimCLR on Fashion-MNIST, in PyTorch.
 
 No pretrained weights can be downloaded for the offline demo, so the demo makes
 its own teacher the way real teachers are made: self-supervised, in PyTorch,
-saved as an ordinary checkpoint that `launch/convert_teacher.py` then converts
-to Flax like any released ResNet.
+saved as an ordinary checkpoint that `python -m launch.convert_teacher` then
+converts to Flax like any released ResNet.
 
   * Backbone: `torchvision.models.resnet18` with torchvision's module names, so
     the checkpoint looks like a real release. Its `fc` is replaced by the SimCLR
@@ -27,14 +27,16 @@ Budget: the defaults (20k images x 5 epochs, batch 256, NT-Xent temperature
 (225 s) bounds the whole run: on a slower or busy machine training stops early,
 leaving the probe the time it needs, and the JSON says so (`stopped_early`).
 
-This file imports neither tensorflow nor jax (torch must not share a process
-with tensorflow imported first).
+The SimCLR pieces (augmentations, model, loss, linear probe) are in
+`experiments.simclr`. Nothing here imports tensorflow (torch must not share a
+process with tensorflow imported first); the idx reader's package,
+`ega_jax.data`, brings grain and jax along, imported after torch.
 
 Usage:
-  python launch/pretrain_demo_teacher.py --output demo_out/teacher/simclr_resnet18_fmnist.pth
+  python -m experiments.pretrain_demo_teacher \
+      --output demo_out/teacher/simclr_resnet18_fmnist.pth
 """
 import argparse
-import gzip
 import json
 import math
 import os
@@ -48,24 +50,14 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
 
-DEFAULT_DATA_DIR = '/usr/share/datasets/fashion-mnist'
+from ega_jax.data import idx  # noqa: E402
+from experiments import simclr  # noqa: E402
+
+DEFAULT_DATA_DIR = idx.DEBIAN_FASHION_MNIST_DIR
 DEFAULT_OUTPUT = 'demo_out/teacher/simclr_resnet18_fmnist.pth'
-IMAGE_SIZE = 32
-PROJECTION_DIM = 128
-BACKBONE_FEATURE_DIM = 512
 # Seconds kept for the probe's L-BFGS fit and the checkpoint writes.
 PROBE_FIT_RESERVE_S = 10.0
-FASHION_MNIST_FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
-}
-# The idx format's magic numbers: 0x08 (unsigned byte) data with 3 / 1 dims.
-IDX_IMAGES_MAGIC = 0x00000803
-IDX_LABELS_MAGIC = 0x00000801
 
 # Settings that change the trained weights; the cache must match all of them.
 TRAINING_SETTING_NAMES = (
@@ -81,270 +73,16 @@ class ScriptError(Exception):
 # ---------------------------------------------------------------- data
 
 
-def read_idx(path, expected_magic):
-  """Reads one gzip-compressed idx file.
-
-  Args:
-    path: a `*-ubyte.gz` file.
-    expected_magic: `IDX_IMAGES_MAGIC` or `IDX_LABELS_MAGIC`.
-
-  Returns:
-    uint8 array: (N, rows, cols) for images, (N,) for labels.
-  """
-  if not os.path.isfile(path):
-    raise ScriptError(
-        f'Fashion-MNIST file {path} does not exist; pass --data_dir pointing at '
-        f'a folder holding {sorted(f for p in FASHION_MNIST_FILES.values() for f in p)}.')
-  with gzip.open(path, 'rb') as f:
-    raw = f.read()
-  magic = int.from_bytes(raw[0:4], 'big')
-  if magic != expected_magic:
-    raise ScriptError(
-        f'{path} is not an idx file of the expected kind: magic number '
-        f'{magic:#010x}, expected {expected_magic:#010x}.')
-  num_dims = magic & 0xFF
-  dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(num_dims)]
-  data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * num_dims)
-  if data.size != math.prod(dims):
-    raise ScriptError(f'{path} is truncated: header says {dims}, found {data.size} bytes.')
-  # A writable copy: torch warns on (and must not alias) the read-only buffer.
-  return data.reshape(dims).copy()
-
-
 def load_fashion_mnist(data_dir, split):
   """Returns (images uint8 (N, 28, 28), labels int64 (N,)) of one split."""
-  image_file, label_file = FASHION_MNIST_FILES[split]
-  images = read_idx(os.path.join(data_dir, image_file), IDX_IMAGES_MAGIC)
-  labels = read_idx(os.path.join(data_dir, label_file), IDX_LABELS_MAGIC)
-  if len(images) != len(labels):
-    raise ScriptError(
-        f'Fashion-MNIST {split} split in {data_dir} has {len(images)} images '
-        f'but {len(labels)} labels.')
-  return images, labels.astype(np.int64)
-
-
-def dataset_mean_std(images):
-  """Pixel mean and std in [0, 1] of uint8 images (N, H, W), as Python floats."""
-  # From the 256-bin histogram: exact, and no float copy of the whole split.
-  counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
-  levels = np.arange(256) / 255.0
-  mean = counts @ levels / counts.sum()
-  variance = counts @ (levels - mean) ** 2 / counts.sum()
-  return float(mean), float(math.sqrt(variance))
-
-
-def to_unit_tensor(images, image_size=IMAGE_SIZE):
-  """uint8 (N, 28, 28) -> float32 (N, 1, image_size, image_size) in [0, 1].
-
-  Upscaled once, bilinearly, so the per-step augmentation works at the final
-  resolution. One channel is kept until `normalize_to_rgb` to save work.
-  """
-  unit = torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
-  resized = F.interpolate(unit, size=(image_size, image_size), mode='bilinear',
-                          align_corners=False)
-  return resized.clamp_(0.0, 1.0)
-
-
-def normalize_to_rgb(unit_images, mean, std):
-  """(B, 1, H, W) in [0, 1] -> (B, 3, H, W) normalised, channels_last."""
-  normalized = (unit_images - mean) / std
-  return normalized.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
-
-
-# ---------------------------------------------------------------- augmentation
-
-
-def random_resized_crop_and_flip(images, generator, scale=(0.3, 1.0),
-                                 log_ratio=(math.log(3 / 4), math.log(4 / 3))):
-  """Per-image random resized crop + horizontal flip, as one batched resample.
-
-  Each crop is an axis-aligned affine map of the output grid into the input
-  (`affine_grid` coordinates in [-1, 1]), so the whole batch is one
-  `grid_sample` call instead of a Python loop of crops.
-
-  Args:
-    images: (B, C, H, W) float.
-    generator: torch.Generator for the random draws.
-    scale: range of the crop's area as a fraction of the image.
-    log_ratio: range of log(width / height) of the crop.
-
-  Returns:
-    (B, C, H, W) float, the crops resized back to H x W (bilinear).
-  """
-  batch = images.shape[0]
-  uniform = lambda low, high: low + (high - low) * torch.rand(batch, generator=generator)
-  area = uniform(*scale)
-  ratio = torch.exp(uniform(*log_ratio))
-  # Crop side lengths as fractions of the image side; clipped so the crop fits.
-  width = torch.sqrt(area * ratio).clamp(max=1.0)
-  height = torch.sqrt(area / ratio).clamp(max=1.0)
-  # Centre anywhere that keeps the crop inside the image ([-1, 1] coordinates).
-  centre_x = (1.0 - width) * (2.0 * torch.rand(batch, generator=generator) - 1.0)
-  centre_y = (1.0 - height) * (2.0 * torch.rand(batch, generator=generator) - 1.0)
-  flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
-  theta = torch.zeros(batch, 2, 3)
-  theta[:, 0, 0] = width * flip
-  theta[:, 0, 2] = centre_x
-  theta[:, 1, 1] = height
-  theta[:, 1, 2] = centre_y
-  grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
-  return F.grid_sample(images, grid, mode='bilinear', padding_mode='border',
-                       align_corners=False)
-
-
-def brightness_contrast_jitter(images, generator, strength=0.4):
-  """Per-image brightness and contrast factors in [1 - strength, 1 + strength].
-
-  Args:
-    images: (B, C, H, W) in [0, 1].
-
-  Returns:
-    (B, C, H, W) in [0, 1].
-  """
-  batch = images.shape[0]
-  factor = lambda: (1.0 + strength * (
-      2.0 * torch.rand(batch, 1, 1, 1, generator=generator) - 1.0)).to(images.device)
-  brightened = images * factor()
-  image_mean = brightened.mean(dim=(1, 2, 3), keepdim=True)
-  contrasted = image_mean + (brightened - image_mean) * factor()
-  return contrasted.clamp(0.0, 1.0)
-
-
-def random_erasing(images, generator, probability=0.25, scale=(0.02, 0.2)):
-  """Zeroes one random rectangle in a random subset of the images.
-
-  Args:
-    images: (B, C, H, W).
-    probability: chance that an image gets a rectangle.
-    scale: range of the rectangle's area as a fraction of the image.
-
-  Returns:
-    (B, C, H, W).
-  """
-  batch, _, height, width = images.shape
-  area = scale[0] + (scale[1] - scale[0]) * torch.rand(batch, generator=generator)
-  ratio = torch.exp(math.log(0.3) * (2.0 * torch.rand(batch, generator=generator) - 1.0))
-  box_h = (torch.sqrt(area / ratio) * height).clamp(1, height).long()
-  box_w = (torch.sqrt(area * ratio) * width).clamp(1, width).long()
-  top = (torch.rand(batch, generator=generator) * (height - box_h + 1)).long()
-  left = (torch.rand(batch, generator=generator) * (width - box_w + 1)).long()
-  erase = torch.rand(batch, generator=generator) < probability
-  top, left, box_h, box_w, erase = (t.to(images.device) for t in (top, left, box_h, box_w, erase))
-  rows = torch.arange(height, device=images.device).view(1, height, 1)
-  cols = torch.arange(width, device=images.device).view(1, 1, width)
-  inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
-            & (cols >= left.view(-1, 1, 1)) & (cols < (left + box_w).view(-1, 1, 1)))
-  mask = (inside & erase.view(-1, 1, 1)).unsqueeze(1)
-  return images.masked_fill(mask, 0.0)
-
-
-def augment(unit_images, generator):
-  """One SimCLR view of each image: (B, 1, H, W) in [0, 1] -> same shape."""
-  view = random_resized_crop_and_flip(unit_images, generator)
-  view = brightness_contrast_jitter(view, generator)
-  return random_erasing(view, generator)
-
-
-# ---------------------------------------------------------------- model and loss
-
-
-def build_simclr_resnet18():
-  """torchvision ResNet-18 with the SimCLR projection MLP in place of `fc`.
-
-  The state_dict keys are torchvision's resnet18 keys with `fc.weight/bias`
-  replaced by `fc.0.*` and `fc.2.*` (the projection head).
-  """
-  model = torchvision.models.resnet18(num_classes=PROJECTION_DIM)
-  model.fc = nn.Sequential(
-      nn.Linear(BACKBONE_FEATURE_DIM, BACKBONE_FEATURE_DIM),
-      nn.ReLU(inplace=True),
-      nn.Linear(BACKBONE_FEATURE_DIM, PROJECTION_DIM))
-  return model
-
-
-def backbone_features(model, images):
-  """The 512-d avgpool output of a torchvision ResNet: (B, 3, H, W) -> (B, 512)."""
-  x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
-  x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
-  return torch.flatten(model.avgpool(x), 1)
-
-
-def nt_xent_loss(projections_a, projections_b, temperature):
-  """NT-Xent (normalised temperature-scaled cross entropy) of SimCLR.
-
-  Row i of `projections_a` and row i of `projections_b` are the two views of
-  image i. Each of the 2B views is classified against the other 2B - 1 views
-  by cosine similarity / temperature, the other view of its image being the
-  correct class; the loss is the mean cross entropy over all 2B views.
-
-  Args:
-    projections_a: (B, D) projections of the first views.
-    projections_b: (B, D) projections of the second views.
-    temperature: softmax temperature (> 0).
-
-  Returns:
-    Scalar loss.
-  """
-  batch = projections_a.shape[0]
-  embeddings = F.normalize(torch.cat([projections_a, projections_b]), dim=1)
-  logits = embeddings @ embeddings.T / temperature
-  # A view is never its own candidate.
-  self_mask = torch.eye(2 * batch, dtype=torch.bool, device=logits.device)
-  logits = logits.masked_fill(self_mask, float('-inf'))
-  positives = torch.cat([torch.arange(batch, 2 * batch), torch.arange(0, batch)])
-  return F.cross_entropy(logits, positives.to(logits.device))
-
-
-# ---------------------------------------------------------------- linear probe
-
-
-@torch.no_grad()
-def extract_features(model, unit_images, mean, std, batch_size=500):
-  """Frozen (eval-mode) avgpool features: (N, 1, H, W) in [0, 1] -> (N, 512) on the CPU."""
-  model.eval()
-  device = next(model.parameters()).device
-  features = [backbone_features(model, normalize_to_rgb(unit_images[i:i + batch_size].to(device),
-                                                        mean, std)).cpu()
-              for i in range(0, len(unit_images), batch_size)]
-  return torch.cat(features)
-
-
-def linear_probe_accuracy(train_features, train_labels, test_features, test_labels,
-                          num_classes=10, steps=300, weight_decay=1e-4):
-  """Test accuracy of logistic regression on frozen features.
-
-  Features are standardised with the train statistics, then a linear softmax
-  classifier is fitted by full-batch L-BFGS on the train features.
-
-  Args:
-    train_features: (N_train, D); train_labels: (N_train,) int64.
-    test_features: (N_test, D); test_labels: (N_test,) int64.
-    steps: L-BFGS iterations.
-    weight_decay: L2 penalty on the weights (keeps separable data bounded).
-
-  Returns:
-    Accuracy in [0, 1] as a Python float.
-  """
-  mean = train_features.mean(0, keepdim=True)
-  std = train_features.std(0, keepdim=True) + 1e-6
-  train_x = ((train_features - mean) / std).double()
-  test_x = ((test_features - mean) / std).double()
-  classifier = nn.Linear(train_x.shape[1], num_classes).double()
-  optimizer = torch.optim.LBFGS(classifier.parameters(), lr=1.0, max_iter=steps,
-                                history_size=20, line_search_fn='strong_wolfe')
-
-  def closure():
-    optimizer.zero_grad()
-    loss = (F.cross_entropy(classifier(train_x), train_labels)
-            + weight_decay * classifier.weight.pow(2).sum())
-    loss.backward()
-    return loss
-
-  with torch.enable_grad():
-    optimizer.step(closure)
-  with torch.no_grad():
-    predictions = classifier(test_x).argmax(1)
-  return float((predictions == test_labels).double().mean())
+  try:
+    images, labels = idx.read_fashion_mnist(data_dir, split)
+  except FileNotFoundError as error:
+    raise ScriptError(f'{error} Pass --data_dir pointing at such a folder.') from None
+  except ValueError as error:
+    raise ScriptError(str(error)) from None
+  # A writable copy: torch warns on (and must not alias) the read-only buffer.
+  return images.copy(), labels.astype(np.int64)
 
 
 # ---------------------------------------------------------------- cache
@@ -383,6 +121,7 @@ def format_seconds(seconds):
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
+      prog='python -m experiments.pretrain_demo_teacher',
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument('--data_dir', default=DEFAULT_DATA_DIR,
@@ -470,10 +209,12 @@ def train_simclr(model, unit_images, mean, std, args, deadline, probe_images):
       batch = unit_images[order[batch_start:batch_start + args.batch_size]]
       # Both views go through one forward pass: half the Python overhead, and
       # BatchNorm sees the same statistics for both views.
-      views = normalize_to_rgb(
-          torch.cat([augment(batch, generator), augment(batch, generator)]), mean, std)
+      views = simclr.normalize_to_rgb(
+          torch.cat([simclr.augment(batch, generator), simclr.augment(batch, generator)]),
+          mean, std)
       projections = model(views)
-      loss = nt_xent_loss(projections[:len(batch)], projections[len(batch):], args.temperature)
+      loss = simclr.nt_xent_loss(
+          projections[:len(batch)], projections[len(batch):], args.temperature)
       optimizer.zero_grad(set_to_none=True)
       loss.backward()
       optimizer.step()
@@ -525,16 +266,17 @@ def main(argv=None):
       raise ScriptError(
           f'--{name} is {getattr(args, name)} but the split has only {available} images.')
   # The dataset's own statistics, over the whole train split (28x28, [0, 1]).
-  mean, std = dataset_mean_std(train_images)
+  mean, std = simclr.dataset_mean_std(train_images)
 
   rng = np.random.default_rng(args.seed)
   subset = rng.permutation(len(train_images))
-  ssl_images = to_unit_tensor(train_images[subset[:args.num_train_examples]]).to(args.device)
+  ssl_images = simclr.to_unit_tensor(
+      train_images[subset[:args.num_train_examples]]).to(args.device)
   print(f'SimCLR ResNet-18 on {len(ssl_images)} Fashion-MNIST images, {args.epochs} epochs, '
         f'batch {args.batch_size}, {args.threads} threads on {args.device}; '
         f'mean {mean:.4f} std {std:.4f}', flush=True)
 
-  model = build_simclr_resnet18().to(args.device, memory_format=torch.channels_last)
+  model = simclr.build_simclr_resnet18().to(args.device, memory_format=torch.channels_last)
   train_start = time.time()
   steps_run, final_loss, stopped_early = train_simclr(
       model, ssl_images, mean, std, args, deadline=start + args.time_budget_s,
@@ -545,10 +287,11 @@ def main(argv=None):
 
   probe_start = time.time()
   probe_indices = subset[len(subset) - args.probe_train_examples:]
-  probe_train = extract_features(model, to_unit_tensor(train_images[probe_indices]), mean, std)
-  probe_test = extract_features(
-      model, to_unit_tensor(test_images[:args.probe_test_examples]), mean, std)
-  accuracy = linear_probe_accuracy(
+  probe_train = simclr.extract_features(
+      model, simclr.to_unit_tensor(train_images[probe_indices]), mean, std)
+  probe_test = simclr.extract_features(
+      model, simclr.to_unit_tensor(test_images[:args.probe_test_examples]), mean, std)
+  accuracy = simclr.linear_probe_accuracy(
       probe_train, torch.from_numpy(train_labels[probe_indices]),
       probe_test, torch.from_numpy(test_labels[:args.probe_test_examples]),
       steps=args.probe_steps)
@@ -566,7 +309,7 @@ def main(argv=None):
   os.replace(args.output + '.tmp', args.output)
   metadata = {
       'architecture': 'torchvision resnet18, fc = SimCLR projection MLP 512-512-128',
-      'image_size': IMAGE_SIZE,
+      'image_size': simclr.IMAGE_SIZE,
       'mean': [mean] * 3,
       'std': [std] * 3,
       'epochs_run': epochs_run,

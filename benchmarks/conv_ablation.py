@@ -1,38 +1,37 @@
 r"""Before/after timing of the convolution rewrites in ega_jax/models/conv.py.
 
-  python launch/conv_ablation.py [--students resnet8x4 vgg8 MobileNetV2 ShuffleV1 ShuffleV2]
-                                 [--batch_size 64] [--rounds 5] [--json OUT]
+  python -m benchmarks.conv_ablation [--students resnet8x4 vgg8 MobileNetV2 ShuffleV1 ShuffleV2]
+                                     [--batch_size 64] [--rounds 5] [--json OUT]
 
 For each student: the train-mode forward + backward (cross-entropy on random 32x32 images,
 BatchNorm batch statistics, gradients of every parameter) -- the part of a cached EGA step that
 the student owns -- compiled twice in one process: "after" with `conv_nhwc` as shipped
 (depthwise as shifted multiply-adds, grouped 1x1 as a batched matmul, tiny maps as a patch
 matmul), "before" with every conv sent to XLA's own convolution (`conv.lax_conv`). The two
-are timed in alternating rounds so that both see the same machine load; the table gives the
-median step time of each, the speed-up, and the relative L2 distance between the two gradient
-trees (float rounding only: ~1e-3 in float32, ~1e-14 when the same students compute in
-float64).
+are timed in alternating rounds (benchmarks/timing.py) so that both see the same machine
+load; the table gives the median step time of each, the speed-up, and the relative L2
+distance between the two gradient trees (float rounding only: ~1e-3 in float32, ~1e-14 when
+the same students compute in float64). Run it from the repository root.
 """
 
 import argparse
+import functools
 import json
-import os
 import statistics
-import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import timing
+from ega_jax.models import conv as conv_lib
+from ega_jax.models.students import STUDENT_NAMES, create_student
 
 DEFAULT_STUDENTS = ("resnet8x4", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 
 def _compiled_grad_step(student, variables, images, labels, conv_function):
   """jit-compiled (loss, grads) of the student with `conv_function` in every TorchConv."""
-  import jax
-  import jax.numpy as jnp
-  from ega_jax.models import conv as conv_lib
 
   def loss_fn(params):
     (logits, _), _ = student.apply({"params": params, "batch_stats": variables["batch_stats"]},
@@ -50,12 +49,10 @@ def _compiled_grad_step(student, variables, images, labels, conv_function):
 
 
 def measure(name: str, batch_size: int, rounds: int, steps_per_round: int = 3) -> dict:
-  """Median step times (ms) before/after the rewrites for one student, and their agreement."""
-  import jax
-  import numpy as np
-  from ega_jax.models import conv as conv_lib
-  from ega_jax.models.students import create_student
+  """Median step times (ms) before/after the rewrites for one student, and their agreement.
 
+  The two variants alternate call by call, `rounds * steps_per_round` timed calls each.
+  """
   student = create_student(name, 100)
   images = jax.random.normal(jax.random.PRNGKey(0), (batch_size, 32, 32, 3))
   labels = jax.random.randint(jax.random.PRNGKey(1), (batch_size,), 0, 100)
@@ -65,13 +62,9 @@ def measure(name: str, batch_size: int, rounds: int, steps_per_round: int = 3) -
       "after": _compiled_grad_step(student, variables, images, labels, conv_lib.conv_nhwc),
   }
   outputs = {key: jax.block_until_ready(step(variables["params"])) for key, step in steps.items()}
-  times = {key: [] for key in steps}
-  for _ in range(rounds):
-    for key, step in steps.items():
-      for _ in range(steps_per_round):
-        start = time.perf_counter()
-        jax.block_until_ready(step(variables["params"]))
-        times[key].append(time.perf_counter() - start)
+  times = timing.time_interleaved(
+      [timing.TimedCall(key, functools.partial(step, variables["params"]), jax.block_until_ready)
+       for key, step in steps.items()], 0, rounds * steps_per_round)
   (loss_before, grads_before), (loss_after, grads_after) = outputs["before"], outputs["after"]
   # Relative L2 distance of the two gradient trees. In float32 it is ~1e-3 (rounding,
   # amplified through train-mode BatchNorm); with float64 students it was ~6e-15.
@@ -93,11 +86,10 @@ def main(argv=None):
                       help="CIFAR-zoo student names (ega_jax.models.STUDENT_NAMES)")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=5,
-                      help="alternating rounds of 3 timed steps per variant")
+                      help="rounds of 3 timed steps per variant, the variants alternating")
   parser.add_argument("--json", default=None, help="write every number to this file")
   args = parser.parse_args(argv)
 
-  from ega_jax.models.students import STUDENT_NAMES
   unknown = [name for name in args.students if name not in STUDENT_NAMES]
   if unknown:
     parser.error(f"--students: unknown {', '.join(unknown)}; valid names are: "
@@ -105,7 +97,6 @@ def main(argv=None):
   if args.batch_size < 1 or args.rounds < 1:
     parser.error("--batch_size and --rounds must be positive integers.")
 
-  import jax
   print(f"student forward + backward, batch {args.batch_size}, 32x32, float32, "
         f"{jax.devices()[0].device_kind} x {jax.device_count()}", flush=True)
   print(f"{'student':<14}{'lax conv ms':>13}{'conv.py ms':>12}{'speed-up':>10}"

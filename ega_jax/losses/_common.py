@@ -1,0 +1,95 @@
+"""Numerically safe helpers and input checks shared by the distillation losses.
+
+Every square root or normalisation here that can meet a zero (duplicate rows,
+a constant row, a student equal to the teacher) has a finite value AND a
+finite gradient, so the losses built on them are jit- and grad-safe.
+
+Matrix products use `Precision.HIGHEST` (`_HIGHEST`): the matrices are tiny
+(global batch x feature_dim) and the default TPU/GPU float32 matmul (bfloat16
+passes / TF32) would put ~1e-3 noise into correlations and distances.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _safe_sqrt(x: jnp.ndarray) -> jnp.ndarray:
+  """Elementwise sqrt whose value AND gradient are 0 (not inf/NaN) at x == 0."""
+  positive = x > 0
+  # The inner `where` keeps the untaken branch's gradient finite, so the outer
+  # `where` does not multiply an infinite derivative by zero (which is NaN).
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def _frobenius_norm(matrix: jnp.ndarray) -> jnp.ndarray:
+  """||M||_F = sqrt(sum M_ij^2), with gradient 0 at M == 0 (e.g. student == teacher)."""
+  return _safe_sqrt(jnp.sum(jnp.square(matrix)))
+
+
+def _l2_normalize(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
+  """x / ||x|| along `axis`; an all-zero vector maps to 0 with gradient 0.
+
+  Equal to `torch.nn.functional.normalize` except for vectors with
+  0 < ||x|| < 1e-12 (torch divides those by 1e-12, which also gives a 1e12
+  gradient); an exact zero (e.g. x_i - x_i) is 0 in both.
+  """
+  squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x / jnp.where(squared_norm > 0, _safe_sqrt(squared_norm), 1.0)
+
+
+def _smooth_l1(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """Mean Huber loss with beta = 1 (`F.smooth_l1_loss`, mean reduction)."""
+  abs_diff = jnp.abs(a - b)
+  return jnp.mean(jnp.where(abs_diff < 1.0, 0.5 * jnp.square(abs_diff), abs_diff - 0.5))
+
+
+def _batch_mean_kl(log_p: jnp.ndarray, log_q: jnp.ndarray) -> jnp.ndarray:
+  """KL(p || q) summed over the last axis, averaged over the batch.
+
+  Written with both log-probabilities (not `p * log p`) so that a probability
+  that underflows to 0 contributes exactly 0 instead of 0 * -inf = NaN.
+  """
+  return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+
+
+def _pairwise_distances(x: jnp.ndarray, squared: bool, clamp_min: float = 1e-12) -> jnp.ndarray:
+  """(B, D) -> (B, B) Euclidean distances as in RepDistiller's `pdist`.
+
+  Squared distances come from |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>, are clamped at
+  `clamp_min` (so the sqrt and its gradient stay finite for duplicate rows),
+  optionally square-rooted, and the diagonal is set to exactly 0.
+  """
+  squared_norms = jnp.sum(jnp.square(x), axis=1)
+  gram = jnp.matmul(x, x.T, precision=_HIGHEST)
+  squared_distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram
+  distances = jnp.maximum(squared_distances, clamp_min)
+  if not squared:
+    distances = jnp.sqrt(distances)
+  return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, distances)
+
+
+def _check_2d_pair(name_a: str, a: jnp.ndarray, name_b: str, b: jnp.ndarray,
+                   same_width: bool = True) -> None:
+  """Raises ValueError unless a, b are (B, D) arrays with the same B (and D)."""
+  if a.ndim != 2 or b.ndim != 2:
+    raise ValueError(
+        f"{name_a} and {name_b} must be 2-D (batch, features) arrays, got shapes "
+        f"{tuple(a.shape)} and {tuple(b.shape)}.")
+  if a.shape[0] != b.shape[0]:
+    raise ValueError(
+        f"{name_a} and {name_b} must have the same batch size, got shapes "
+        f"{tuple(a.shape)} and {tuple(b.shape)}.")
+  if same_width and a.shape[1] != b.shape[1]:
+    raise ValueError(
+        f"{name_a} and {name_b} must have the same width, got shapes "
+        f"{tuple(a.shape)} and {tuple(b.shape)}.")
+
+
+def _check_labels(labels: jnp.ndarray, batch_size: int) -> None:
+  if labels is None or jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != batch_size:
+    shape = None if labels is None else tuple(jnp.shape(labels))
+    raise ValueError(
+        f"labels must be a 1-D integer array of length {batch_size} (the batch size), "
+        f"got {'None' if shape is None else f'shape {shape}'}.")

@@ -1,0 +1,133 @@
+"""Relational baselines over pairs of batch rows: RKD, PKT and IRG."""
+
+import jax
+import jax.numpy as jnp
+
+from ega_jax.losses._common import (_HIGHEST, _check_2d_pair, _l2_normalize, _pairwise_distances,
+                                    _safe_sqrt, _smooth_l1)
+
+
+def _rkd_normalised_distances(x: jnp.ndarray) -> jnp.ndarray:
+  """(B, D) -> (B, B) distances divided by their mean over positive entries."""
+  distances = _pairwise_distances(x, squared=False)
+  positive = distances > 0
+  num_positive = jnp.sum(positive)
+  mean_positive = jnp.sum(jnp.where(positive, distances, 0.0)) / jnp.maximum(num_positive, 1)
+  # B = 1 has no off-diagonal entry: keep the all-zero matrix instead of 0 / 0.
+  return distances / jnp.where(mean_positive > 0, mean_positive, 1.0)
+
+
+def _rkd_angles(x: jnp.ndarray) -> jnp.ndarray:
+  """(B, D) -> (B, B, B): A[i, j, k] = <e_ij, e_ik>, e_ij = unit(x_j - x_i)."""
+  directions = _l2_normalize(x[None, :, :] - x[:, None, :], axis=-1)
+  return jnp.einsum("ijd,ikd->ijk", directions, directions, precision=_HIGHEST)
+
+
+def rkd_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray,
+             distance_weight: float = 25.0, angle_weight: float = 50.0) -> jnp.ndarray:
+  """Relational KD (Park et al., CVPR 2019), as RepDistiller's `RKDLoss`.
+
+  Distance term: d_ij = sqrt(max(|x_i - x_j|^2, 1e-12)) with d_ii = 0, each
+  matrix divided by its mean over the positive (off-diagonal) entries; the loss
+  is the mean smooth-L1 (beta 1) between the student and teacher matrices.
+  Angle term: for every anchor i, e_ij = (x_j - x_i) / |x_j - x_i| (0 for
+  j = i), A_ijk = <e_ij, e_ik>; mean smooth-L1 over all B^3 entries.
+
+    L = distance_weight * L_distance + angle_weight * L_angle.
+
+  The teacher side is a constant (stop_gradient), as in RepDistiller.
+  Memory: the angle term builds a (B, B, D) difference tensor and (B, B, B)
+  angles, fine for the usual batch of 64, heavy past ~512.
+
+  Args:
+    student_emb: (B, D_s).
+    teacher_emb: (B, D_t); widths may differ.
+    distance_weight, angle_weight: RepDistiller's w_d = 25, w_a = 50.
+
+  Returns:
+    Scalar loss.
+  """
+  _check_2d_pair("student_emb", student_emb, "teacher_emb", teacher_emb, same_width=False)
+  teacher_emb = jax.lax.stop_gradient(teacher_emb)
+  distance_term = _smooth_l1(_rkd_normalised_distances(student_emb),
+                             _rkd_normalised_distances(teacher_emb))
+  angle_term = _smooth_l1(_rkd_angles(student_emb), _rkd_angles(teacher_emb))
+  return distance_weight * distance_term + angle_weight * angle_term
+
+
+def pkt_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray, eps: float = 1e-7) -> jnp.ndarray:
+  """Probabilistic Knowledge Transfer, as RepDistiller's `PKT`.
+
+    u_i = x_i / (|x_i| + eps),  S_ij = (<u_i, u_j> + 1) / 2,
+    P_ij = S_ij / sum_k S_ik  (conditional probabilities, per row),
+    L = mean_ij P_t_ij * log((P_t_ij + eps) / (P_s_ij + eps)).
+
+  A zero row gives u = 0 with a finite gradient (torch's sqrt would give NaN).
+
+  Args:
+    student_emb: (B, D_s).
+    teacher_emb: (B, D_t); widths may differ.
+    eps: the 1e-7 of the reference, in the normalisation and in the log.
+
+  Returns:
+    Scalar loss.
+  """
+  _check_2d_pair("student_emb", student_emb, "teacher_emb", teacher_emb, same_width=False)
+
+  def conditional_probabilities(x):
+    norms = _safe_sqrt(jnp.sum(jnp.square(x), axis=1, keepdims=True))
+    unit = x / (norms + eps)
+    similarity = (jnp.matmul(unit, unit.T, precision=_HIGHEST) + 1.0) / 2.0
+    return similarity / jnp.sum(similarity, axis=1, keepdims=True)
+
+  p_student = conditional_probabilities(student_emb)
+  p_teacher = conditional_probabilities(teacher_emb)
+  return jnp.mean(p_teacher * jnp.log((p_teacher + eps) / (p_student + eps)))
+
+
+
+def _max_normalised_distances(x: jnp.ndarray, squared: bool) -> jnp.ndarray:
+  """(B, D) -> (B, B) pairwise distances (zero diagonal) divided by their max."""
+  distances = _pairwise_distances(x, squared=squared)
+  largest = jnp.max(distances)
+  # Only B = 1 has largest == 0 (off-diagonal entries are >= the 1e-12 clamp).
+  return distances / jnp.where(largest > 0, largest, 1.0)
+
+
+def irg_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray,
+             vertex_weight: float = 0.1, edge_weight: float = 5.0,
+             squared_distance: bool = True) -> jnp.ndarray:
+  """Instance Relationship Graph (Liu et al., CVPR 2019) on the final embeddings.
+
+  The graph of one layer: vertices are the instances' embeddings, edges the
+  pairwise distances A_ij = |x_i - x_j|^2 (squared Euclidean, as the paper's
+  edge and the PyTorch ports of the authors' Caffe code use; set
+  `squared_distance=False` for the plain Euclidean distance), clamped at 1e-12,
+  zero diagonal, and each matrix divided by its own maximum.
+
+    L_vertex = mean_{i, d} (x_s_id - x_t_id)^2    (F.mse_loss: the instance-wise
+               squared distance |x_s_i - x_t_i|^2 averaged over instances, / D)
+    L_edge   = mean_{i, j} (A_s_ij - A_t_ij)^2
+    L = vertex_weight * L_vertex + edge_weight * L_edge.
+
+  Weights: vertex 0.1 and edge 5.0, the defaults of the widely used PyTorch
+  port of the official Caffe IRG (Knowledge-Distillation-Zoo, `IRG(w_irg_vert
+  =0.1, w_irg_edge=5.0)`), which uses exactly these reductions. The IRG
+  transformation term (across layers) is not used: EGA and every baseline here
+  distil only the final embedding. Both embeddings must have the same width for
+  the vertex term.
+
+  Args:
+    student_emb: (B, D).
+    teacher_emb: (B, D).
+    vertex_weight, edge_weight: see above.
+    squared_distance: squared (default) or plain Euclidean edges.
+
+  Returns:
+    Scalar loss.
+  """
+  _check_2d_pair("student_emb", student_emb, "teacher_emb", teacher_emb)
+  vertex_term = jnp.mean(jnp.square(student_emb - teacher_emb))
+  edge_term = jnp.mean(jnp.square(_max_normalised_distances(student_emb, squared_distance)
+                                  - _max_normalised_distances(teacher_emb, squared_distance)))
+  return vertex_weight * vertex_term + edge_weight * edge_term

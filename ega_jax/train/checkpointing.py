@@ -1,0 +1,107 @@
+"""One orbax CheckpointManager per run: the latest k checkpoints plus the best one.
+
+A checkpoint holds the TrainState, a small JSON item (`meta`: run signature,
+best/last top-1) and the data iterator's position (grain), so a resumed run
+continues with exactly the batches it would have seen. Checkpoints saved
+after an evaluation also carry that evaluation's `eval/top1` as orbax metrics;
+the preservation policy keeps the newest `keep_checkpoints` and, besides them,
+the one with the best `eval/top1`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from ega_jax import config as config_lib
+
+BEST_METRIC = "eval/top1"
+# What a workdir holds besides checkpoints; `overwrite_workdir` deletes these.
+RUN_OUTPUTS = ("checkpoints", "best", "metrics.jsonl", "summary.json", "graphs")
+
+
+def workdir_path(workdir: str):
+  """The workdir as an etils Path: local (made absolute) or a bucket (gs://...)."""
+  from etils import epath
+
+  if "://" not in str(workdir):
+    workdir = os.path.abspath(workdir)
+  return epath.Path(workdir)
+
+
+def _best_metric(metrics) -> float:
+  return float(metrics[BEST_METRIC])
+
+
+def create_checkpoint_manager(workdir, keep_checkpoints: int) -> ocp.CheckpointManager:
+  """Latest `keep_checkpoints` + the best by eval/top1, in workdir/checkpoints."""
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(n=keep_checkpoints),
+      ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
+                                    keep_checkpoints_without_metrics=False),
+  ])
+  return ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(
+          preservation_policy=policy, best_fn=_best_metric, best_mode="max", create=True,
+          enable_async_checkpointing=False))
+
+
+def save(manager, step: int, state, data_iterator, meta: dict, eval_top1: float | None):
+  """Saves state, meta and the data position; `eval_top1` ranks it for the best."""
+  metrics = None if eval_top1 is None else {BEST_METRIC: float(eval_top1)}
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+      data=grain.checkpoint.CheckpointSave(data_iterator)), metrics=metrics, force=True)
+
+
+def restore_latest(manager, state, data_iterator):
+  """(state, meta) of the newest checkpoint; `data_iterator` is moved to its position."""
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = manager.restore(
+      manager.latest_step(),
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          meta=ocp.args.JsonRestore(),
+          data=grain.checkpoint.CheckpointRestore(data_iterator),
+      ))
+  return restored["state"], restored["meta"]
+
+
+def check_workdir(workdir, signature: dict, overwrite: bool) -> None:
+  """Refuses to resume checkpoints of another run, unless told to overwrite them.
+
+  Reads only the small JSON item of the newest complete checkpoint, before any
+  restore is attempted (a different student would not even fit the state).
+  """
+  directory = workdir / "checkpoints"
+  if not directory.is_dir():
+    return
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True)) as manager:
+    step = manager.latest_step()
+    if step is None:
+      return
+    saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  saved_signature = saved["meta"].get("signature")
+  if saved_signature == signature:
+    return
+  if not overwrite:
+    raise config_lib.ConfigError(
+        f"workdir {str(workdir)!r} holds checkpoints of another run ({saved_signature}) than "
+        f"this one ({signature}); use a new --workdir or set "
+        "--config.overwrite_workdir=True to delete them.")
+  if jax.process_index() == 0:
+    logging.warning("Deleting the checkpoints of another run in %s (overwrite_workdir).",
+                    workdir)
+    for name in RUN_OUTPUTS:
+      path = workdir / name
+      if path.is_dir():
+        path.rmtree()
+      elif path.exists():
+        path.unlink()

@@ -1,0 +1,392 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+It reads top to bottom: load the teacher, open the data, build the run,
+resume, then train; periodic work (logging, evaluation, checkpoints) is
+decided by one `_due` helper. Everything it calls lives in the other modules
+of this package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+from absl import logging
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ega_jax import config as config_lib
+from ega_jax import data as data_lib
+from ega_jax import losses
+from ega_jax import models as models_lib
+from ega_jax.train import checkpointing
+from ega_jax.train import preemption as preemption_lib
+from ega_jax.train import run as run_lib
+from ega_jax.train import state as state_lib
+
+# Global batches kept in flight to the devices ahead of the step.
+DEVICE_PREFETCH = 2
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs a distillation job in `workdir`, resuming from its latest checkpoint.
+
+  Returns:
+    The final summary: best and last student top-1, teacher-head top-1,
+    steps, wall time (or, when stopped by a signal, 'preempted': True).
+  """
+  from ega_jax.train import metric_writers  # Imports tensorflow (clu): after torch, if any.
+
+  start_time = time.time()
+  mesh = state_lib.data_mesh()
+  config_lib.validate_config(config, mesh.size)
+  workdir = checkpointing.workdir_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  logging.info("Devices: %d (%s), processes: %d, mesh: %s", mesh.size,
+               mesh.devices.flat[0].platform, jax.process_count(), dict(mesh.shape))
+
+  teacher_module, teacher_host_variables, teacher_meta = _load_teacher(config)
+  info = data_lib.get_dataset_info(config.dataset.name)
+  train_cache, eval_cache = _teacher_cache_splits(config, teacher_meta)
+  with _as_user_error(f"config.dataset.name={config.dataset.name!r}"):
+    train_loader, eval_loader = _create_loaders(config, train_cache, eval_cache)
+  num_train = _num_train_examples(config, info)
+  with _as_user_error(f"config.student.arch={config.student.arch!r} on "
+                      f"{info.image_size}x{info.image_size} {config.dataset.name} images"):
+    run = run_lib.build_run(
+        config, mesh, teacher_module=teacher_module, teacher_variables=teacher_host_variables,
+        teacher_meta=teacher_meta, num_classes=info.num_classes, num_train_examples=num_train,
+        image_shape=(info.image_size, info.image_size, 3),
+        crd_train_labels=_crd_labels(config),
+        # With every teacher embedding cached the teacher never runs on device.
+        place_teacher=not (train_cache and eval_cache))
+  num_steps = state_lib.total_train_steps(config, num_train)
+  spe = state_lib.steps_per_epoch(config, num_train)
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else spe
+  checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else spe
+
+  # grain's prefetch records each batch's iterator state with it, so a
+  # checkpoint holds the position of the batches consumed, not prefetched.
+  batches = iter(grain.experimental.ThreadPrefetchIterDataset(
+      train_loader.map(lambda local: state_lib.global_batch_from_local(mesh, local)),
+      prefetch_buffer_size=DEVICE_PREFETCH))
+  signature = config_lib.run_signature(config)
+  checkpointing.check_workdir(workdir, signature, config.overwrite_workdir)
+  _sync_processes("ega_jax workdir checked")
+  manager = checkpointing.create_checkpoint_manager(workdir, config.keep_checkpoints)
+  meta = {"signature": signature, "best_top1": -1.0, "best_step": 0, "last_top1": -1.0}
+  state = run.state
+  if manager.latest_step() is not None:
+    state, saved_meta = checkpointing.restore_latest(manager, state, batches)
+    meta.update(saved_meta)
+    logging.info("Resumed from %s at step %d.", workdir, int(jax.device_get(state.step)))
+
+  writer = metric_writers.create_metric_writer(workdir)
+  from clu import parameter_overview, periodic_actions
+
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps)
+  picture_batch = (state_lib.global_batch_from_local(mesh, next(iter(eval_loader)))
+                   if config.graph_pictures else None)
+  step = int(jax.device_get(state.step))
+  if step == 0:
+    writer.write_hparams(_flat_hparams(config))
+    if jax.process_index() == 0:
+      parameter_overview.log_parameter_overview(
+          jax.device_get(state.student_params), msg="Student parameters")
+  logging.info("Training %s -> %s with %s on %s: %d steps (%d per epoch), global batch %d.",
+               config.teacher.arch, config.student.arch, config.distill.method,
+               config.dataset.name, num_steps, spe, config.batch_size)
+
+  history, last_eval, preempted = [], {}, False
+  with preemption_lib.PreemptionRequested() as preemption:
+    while step < num_steps:
+      state, metrics = run.train_step(state, run.teacher_variables, next(batches),
+                                      run.crd_tables)
+      step += 1
+      history.append(metrics)
+      report_progress(step)
+      eval_top1 = None
+      if _due(step, config.log_every_steps, num_steps):
+        _write_train_metrics(writer, config, run, state, step, num_steps, history)
+        _stop_if_nonfinite(config, state, step, history, manager, workdir)
+        history = []
+      if _due(step, eval_every, num_steps):
+        with report_progress.timed("eval"):
+          last_eval = _evaluate(run, state, eval_loader)
+        is_best = _record_eval(writer, config, meta, step, last_eval)
+        if picture_batch is not None:
+          _write_graph_picture(writer, workdir, run, state, picture_batch, step,
+                               config.graph_picture_batch)
+        eval_top1 = last_eval["eval/top1"]
+        if is_best:
+          checkpointing.save(manager, step, state, batches, dict(meta), eval_top1)
+      preempted = preemption.requested(step, config.log_every_steps)
+      if (_due(step, checkpoint_every, num_steps) or preempted) and (
+          manager.latest_step() != step):
+        checkpointing.save(manager, step, state, batches, dict(meta), eval_top1)
+      writer.flush()
+      if preempted:
+        break
+  manager.wait_until_finished()
+
+  if preempted:
+    message = (f"Stopped by {preemption.signal_name or 'a peer process'} after step {step} of "
+               f"{num_steps}; checkpoint saved in {workdir / 'checkpoints'}. "
+               "Run the same command again to resume.")
+    logging.warning(message)
+    writer.close()
+    return {"preempted": True, "steps": step, "message": message,
+            "wall_time_s": time.time() - start_time}
+  if not last_eval:
+    # Nothing left to train (a finished workdir): still report its accuracy.
+    last_eval = _evaluate(run, state, eval_loader)
+    meta["last_top1"] = last_eval["eval/top1"]
+  summary = _summary(config, meta, last_eval, state, step, start_time)
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  writer.close()
+  return summary
+
+
+def _due(step: int, every: int, num_steps: int) -> bool:
+  """Whether periodic work of period `every` runs after `step` (always after the last)."""
+  return step % every == 0 or step == num_steps
+
+
+# ---------------------------------------------------------------------------
+# Set-up.
+
+
+def _load_teacher(config):
+  """(module, host variables, meta) of config.teacher.checkpoint, checked against the config."""
+  try:
+    module, variables, meta = models_lib.load_teacher(config.teacher.checkpoint)
+  except (FileNotFoundError, ValueError, OSError) as error:
+    raise config_lib.UserInputError(
+        f"config.teacher.checkpoint={config.teacher.checkpoint!r} cannot be loaded: "
+        f"{config_lib.one_line(error)}") from error
+  if meta.get("arch") != config.teacher.arch:
+    raise config_lib.ConfigError(
+        f"config.teacher.arch={config.teacher.arch!r} does not match "
+        f"{os.path.join(config.teacher.checkpoint, 'teacher.json')}, which holds "
+        f"arch {meta.get('arch')!r}; set config.teacher.arch to it or "
+        "convert the right checkpoint.")
+  return module, variables, meta
+
+
+@contextlib.contextmanager
+def _as_user_error(what: str):
+  """Context: FileNotFoundError/ValueError from data or models -> UserInputError."""
+  try:
+    yield
+  except config_lib.UserInputError:
+    raise
+  except (FileNotFoundError, ValueError) as error:
+    raise config_lib.UserInputError(f"{what}: {config_lib.one_line(error)}") from error
+
+
+def _create_loaders(config, train_cache: str | None, eval_cache: str | None):
+  """This process's train and eval loaders; `*_cache` (a cache directory) makes
+  their batches carry cached teacher embeddings."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+  train_loader = data_lib.create_train_loader(
+      config.dataset.name, config.dataset.data_dir, global_batch_size=config.batch_size,
+      seed=config.seed, process_index=process_index, process_count=process_count,
+      teacher_view=config.teacher_view, worker_count=config.dataset.worker_count,
+      max_examples=config.dataset.max_train_examples, teacher_cache_dir=train_cache)
+  eval_loader = data_lib.create_eval_loader(
+      config.dataset.name, config.dataset.data_dir,
+      global_batch_size=config.eval_batch_size, process_index=process_index,
+      process_count=process_count, max_examples=config.dataset.max_eval_examples,
+      teacher_cache_dir=eval_cache)
+  return train_loader, eval_loader
+
+
+def _num_train_examples(config, info) -> int:
+  if config.dataset.max_train_examples > 0:
+    return min(info.num_train, config.dataset.max_train_examples)
+  return info.num_train
+
+
+def _crd_labels(config):
+  if config.distill.method != "crd":
+    return None
+  return data_lib.train_labels(config.dataset.name, config.dataset.data_dir,
+                               config.dataset.max_train_examples)
+
+
+def _teacher_cache_splits(config, teacher_meta) -> tuple[str | None, str | None]:
+  """(train cache, eval cache): config.teacher.cache for the splits it holds.
+
+  The cache must come from the loaded teacher and the configured dataset; a
+  train run needs its train split, and evaluation uses its eval split when
+  complete (else the live teacher).
+  """
+  from ega_jax.data import augment, teacher_cache
+
+  directory = config.teacher.get("cache", "")
+  if not directory or not config_lib.uses_teacher(config):
+    return None, None
+  try:
+    manifest = teacher_cache.read_manifest(directory)
+    teacher_cache.check_matches(
+        manifest, directory=directory, teacher_meta=teacher_meta,
+        dataset=config.dataset.name,
+        padding=augment.crop_padding(data_lib.get_dataset_info(config.dataset.name).image_size))
+  except (FileNotFoundError, ValueError) as error:
+    raise config_lib.ConfigError(
+        f"config.teacher.cache={directory!r}: {config_lib.one_line(error)}") from error
+  splits = manifest.get("splits", {})
+  if not splits.get("train", {}).get("complete"):
+    raise config_lib.ConfigError(
+        f"config.teacher.cache={directory!r} has no complete train split; run "
+        "launch/cache_teacher.py again to finish it.")
+  eval_cache = directory if splits.get("eval", {}).get("complete") else None
+  logging.info("Teacher embeddings for training from the cache %s (%d views per image%s); "
+               "evaluation uses %s.", directory, splits["train"]["num_views"],
+               ", all of them" if splits["train"]["all_views"] else "",
+               "its centre views" if eval_cache else "the live teacher")
+  return directory, eval_cache
+
+
+def _sync_processes(name: str) -> None:
+  """Barrier over processes: nobody creates checkpoint directories before every
+  process has looked at the workdir (orbax's managers synchronise in their
+  constructors, and the processes must take the same branch)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _flat_hparams(config) -> dict:
+  """Every config field as a dotted name -> scalar (TensorBoard drops nested dicts)."""
+  flat = {}
+
+  def walk(prefix, value):
+    if isinstance(value, dict):
+      for key, item in value.items():
+        walk(f"{prefix}{key}.", item)
+    elif isinstance(value, (int, float, str, bool)):
+      flat[prefix[:-1]] = value
+    elif value is not None:
+      flat[prefix[:-1]] = str(value)
+
+  walk("", config.to_dict())
+  return flat
+
+
+# ---------------------------------------------------------------------------
+# Periodic work.
+
+
+def _mean_metrics(history: list[dict[str, jnp.ndarray]]) -> dict[str, float]:
+  host = jax.device_get(history)
+  return {key: float(np.mean([h[key] for h in host])) for key in host[0]}
+
+
+def _write_train_metrics(writer, config, run, state, step, num_steps, history) -> None:
+  """Means of the train metrics since the last log (steps_per_sec comes from clu)."""
+  summary = _mean_metrics(history)
+  scalars = {f"train/{k}": v for k, v in summary.items() if k != "finite"}
+  scalars["train/top1"] *= 100.0
+  scalars["train/teacher_top1"] *= 100.0
+  if not config_lib.uses_teacher(config):
+    del scalars["train/teacher_top1"], scalars["train/teacher_ce"]
+  scalars["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
+  scalars["train/learning_rate"] = float(run.learning_rate(step - 1))
+  writer.write_scalars(step, scalars)
+  logging.info("step %d/%d: loss %.4f ce %.4f distill %.4f top1 %.2f%%", step, num_steps,
+               summary["loss"], summary["ce"], summary["distill"], scalars["train/top1"])
+
+
+def _stop_if_nonfinite(config, state, step, history, manager, workdir) -> None:
+  """Under nonfinite_policy='stop', raises NonFiniteError naming the first bad step."""
+  if config.nonfinite_policy != "stop":
+    return
+  finite = jax.device_get([h["finite"] for h in history])
+  if min(float(f) for f in finite) >= 1.0:
+    return
+  bad_step = int(jax.device_get(state.first_nonfinite_step))
+  position = bad_step - 1 - (step - len(history))
+  bad = jax.device_get(history[position] if 0 <= position < len(history) else history[-1])
+  raise config_lib.NonFiniteError(
+      f"Non-finite loss or gradient at step {bad_step} (loss {float(bad['loss'])}, "
+      f"ce {float(bad['ce'])}, distill {float(bad['distill'])}, kd "
+      f"{float(bad['kd'])}); its update was not applied and training stopped. Last "
+      f"good checkpoint: step {manager.latest_step()} in {workdir / 'checkpoints'}.")
+
+
+def _evaluate(run, state, eval_loader) -> dict[str, float]:
+  """Runs the padded, masked evaluation over the whole eval split."""
+  totals = None
+  for local_batch in eval_loader:
+    sums = run.eval_step(state, run.teacher_variables,
+                         state_lib.global_batch_from_local(run.mesh, local_batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  return {
+      "eval/top1": 100.0 * float(totals["top1"]) / count,
+      "eval/top5": 100.0 * float(totals["top5"]) / count,
+      "eval/teacher_top1": 100.0 * float(totals["teacher_top1"]) / count,
+      "eval/ce": float(totals["ce"]) / count,
+      "eval/count": count,
+  }
+
+
+def _record_eval(writer, config, meta, step, last_eval) -> bool:
+  """Updates best/last top-1 in `meta`, writes the eval scalars; True if a new best."""
+  is_best = last_eval["eval/top1"] > meta["best_top1"]
+  if is_best:
+    meta["best_top1"], meta["best_step"] = last_eval["eval/top1"], step
+  meta["last_top1"] = last_eval["eval/top1"]
+  scalars = dict(last_eval)
+  scalars["eval/best_top1"] = meta["best_top1"]
+  if not config_lib.uses_teacher(config):
+    del scalars["eval/teacher_top1"]
+  writer.write_scalars(step, scalars)
+  logging.info("eval at step %d: top1 %.2f%% top5 %.2f%% teacher %.2f%% (best %.2f%%)",
+               step, last_eval["eval/top1"], last_eval["eval/top5"],
+               last_eval["eval/teacher_top1"], meta["best_top1"])
+  return is_best
+
+
+def _write_graph_picture(writer, workdir, run, state, picture_batch, step, num_rows) -> None:
+  """Renders E_t, E_s and N of the fixed picture batch to graphs/ and TensorBoard."""
+  from ega_jax import viz
+
+  teacher_emb, student_emb, labels = jax.device_get(
+      run.embed_step(state, run.teacher_variables, picture_batch))
+  teacher_emb, student_emb, labels = (
+      teacher_emb[:num_rows], student_emb[:num_rows], labels[:num_rows])
+  teacher_graph, student_graph, node_matrix = jax.device_get(
+      losses.ega_graph_blocks(jnp.asarray(teacher_emb), jnp.asarray(student_emb)))
+  image = viz.plot_ega_graphs(teacher_graph, student_graph, node_matrix, labels, path=None,
+                              title=f"step {step}")
+  if jax.process_index() == 0:
+    import matplotlib.image
+
+    (workdir / "graphs").mkdir(parents=True, exist_ok=True)
+    with (workdir / "graphs" / f"graphs_{step:08d}.png").open("wb") as f:
+      matplotlib.image.imsave(f, image, format="png")
+  writer.write_images(step, {"graphs": image[None, ..., :3]})
+
+
+def _summary(config, meta, last_eval, state, step, start_time) -> dict:
+  return {
+      "best_top1": meta["best_top1"],
+      "best_step": meta["best_step"],
+      "last_top1": meta["last_top1"],
+      "teacher_top1": (last_eval.get("eval/teacher_top1", float("nan"))
+                       if config_lib.uses_teacher(config) else float("nan")),
+      "steps": step,
+      "skipped_steps": int(jax.device_get(state.skipped_steps)),
+      "wall_time_s": time.time() - start_time,
+  }

@@ -1,0 +1,1 @@
+"""Demo and experiment drivers: python -m experiments.<name> from the repository root."""
