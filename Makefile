@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: test test-fast demo compare venv fashion-mnist clean demo-clean
+.PHONY: test test-fast lint format demo compare venv fashion-mnist clean demo-clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,15 @@ fashion-mnist:
 	  echo "Fashion-MNIST: apt not usable; falling back to TFDS"; \
 	fi
 
-test: $(STAMP) fashion-mnist
+# Style (ruff: pyproject.toml's [tool.ruff]); `make test` runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+
+test: lint fashion-mnist
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)

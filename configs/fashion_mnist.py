@@ -1,7 +1,7 @@
 """Fashion-MNIST offline demo: sized to finish on a 2-core CPU in minutes.
 
-The teacher is the SimCLR ResNet-18 that `launch/pretrain_demo_teacher.py`
-trains in PyTorch and `launch/convert_teacher.py` converts (image_size 32).
+The teacher is the SimCLR ResNet-18 that `python -m experiments.pretrain_demo_teacher`
+trains in PyTorch and `python -m launch.convert_teacher` converts (image_size 32).
 The data come from Debian's dataset-fashion-mnist (no download).
 
   python -m ega_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/run \

@@ -1,6 +1,6 @@
 """Builds the teacher-embedding cache: the frozen teacher run once over K views per image.
 
-`launch/cache_teacher.py` is the command line; the format is described in
+`python -m launch.cache_teacher` is the command line; the format is described in
 `ega_jax.data.teacher_cache`. The build is resumable: examples are written in
 order, the memory map is flushed and `{split}_progress.json` records how many
 examples are done, so an interrupted build continues where it stopped.
@@ -190,7 +190,7 @@ def build_teacher_cache(config, directory: str, *, views: int | str = ALL_VIEWS,
     raise ValueError(f"--batch_size={batch_size} must be positive.")
   if not config.teacher.checkpoint:
     raise ValueError("config.teacher.checkpoint is empty; set it to a directory written by "
-                     "launch/convert_teacher.py.")
+                     "python -m launch.convert_teacher.")
   module, variables, meta = models_lib.load_teacher(config.teacher.checkpoint)
   if meta["arch"] != config.teacher.arch:
     raise ValueError(

@@ -92,7 +92,7 @@ def _existing_directory(what_creates_it: str) -> Callable[[Any], str | None]:
 
 def _optional_directory(value) -> str | None:
   if value and not os.path.isdir(value):
-    return ("is not a directory; build it with launch/cache_teacher.py or leave "
+    return ("is not a directory; build it with python -m launch.cache_teacher or leave "
             "config.teacher.cache empty to run the teacher live.")
   return None
 
@@ -108,7 +108,7 @@ _FIELD_CHECKS = (
     ("dtype", _one_of(tuple(DTYPES))),
     ("nonfinite_policy", _one_of(NONFINITE_POLICIES)),
     ("feature_dim", _positive),
-    ("teacher.checkpoint", _existing_directory("launch/convert_teacher.py (it holds teacher.json)")),
+    ("teacher.checkpoint", _existing_directory("python -m launch.convert_teacher (it holds teacher.json)")),
     ("teacher.cache", _optional_directory),
 )
 

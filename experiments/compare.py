@@ -20,8 +20,9 @@ import time
 
 import numpy as np
 
+from ega_jax.losses import DISTILL_METHODS as METHODS  # the one list of methods
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("none", "kd", "hint", "rkd", "pkt", "nce", "ccl", "crd", "irg", "ega")
 
 
 def run_one(args, method, seed, extra):

@@ -24,6 +24,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ega_jax import config as config_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Training config (configs/*.py); its teacher and dataset fields are used.",
@@ -35,7 +37,7 @@ flags.DEFINE_string("views", "all",
 flags.DEFINE_list("splits", ["train", "eval"], "Splits to cache: train, eval or both.")
 flags.DEFINE_integer("batch_size", 256, "Views per teacher call (rounded up to the device count).")
 flags.DEFINE_integer("seed", 0, "Chooses the K views of each image when K < all.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+flags.DEFINE_enum("dtype", "float32", list(config_lib.DTYPES),
                   "Compute dtype of the teacher's forward pass (storage is float16).")
 flags.DEFINE_bool("overwrite", False,
                   "Replace a cache built with other settings instead of refusing.")

@@ -173,7 +173,7 @@ def create_train_loader(
       prefetch buffer size in batches (None: `default_train_read_options()`).
     max_examples: > 0 trains on the first that many examples of the split
       only (quick runs and tests); None or <= 0 uses all of it.
-    teacher_cache_dir: a directory written by launch/cache_teacher.py; the
+    teacher_cache_dir: a directory written by python -m launch.cache_teacher; the
       batches then carry the teacher's cached embedding of its view
       ('teacher_feature') instead of the teacher image.
 
@@ -225,7 +225,7 @@ def create_train_loader(
       raise ValueError(
           f'teacher cache {teacher_cache_dir!r} holds {cache.num_examples} train examples '
           f'with crop padding {cache.padding}; this run reads {len(source)} with padding '
-          f'{padding}. Rebuild it with launch/cache_teacher.py with the same '
+          f'{padding}. Rebuild it with python -m launch.cache_teacher with the same '
           'config.dataset.max_train_examples.')
   examples = TrainExamples(
       source, seed=seed, global_batch_size=global_batch_size,
@@ -350,7 +350,7 @@ def create_eval_loader(
     if cache.num_examples != len(source):
       raise ValueError(
           f'teacher cache {teacher_cache_dir!r} holds {cache.num_examples} eval examples; '
-          f'this run reads {len(source)}. Rebuild it with launch/cache_teacher.py with the same '
+          f'this run reads {len(source)}. Rebuild it with python -m launch.cache_teacher with the same '
           'config.dataset.max_eval_examples.')
   loader = EvalLoader(source, batch_size, process_index, process_count,
                       teacher_cache=cache)

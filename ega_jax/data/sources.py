@@ -23,7 +23,7 @@ from ega_jax.data import info as info_lib
 from ega_jax.data.idx import DEBIAN_FASHION_MNIST_DIR
 from ega_jax.data.idx import FASHION_MNIST_FILES
 from ega_jax.data.idx import read_fashion_mnist
-from ega_jax.data.idx import read_idx  # pylint: disable=unused-import
+from ega_jax.data.idx import read_idx  # noqa: F401  (tests monkeypatch sources.read_idx)
 
 # name -> (TFDS name, train split, evaluation split).
 TFDS_SPLITS = {
@@ -168,7 +168,7 @@ def open_tfds(name: str, split: str, data_dir: str | None,
   if name == 'tiny_imagenet':
     # Importing the module registers the project's TFDS builder.
     # pylint: disable-next=g-import-not-at-top,unused-import
-    from ega_jax.data import tiny_imagenet
+    from ega_jax.data import tiny_imagenet  # noqa: F401
   tfds_name = TFDS_SPLITS[name][0]
   try:
     return tfds.data_source(

@@ -2,7 +2,7 @@
 
 The frozen teacher's backbone embedding of an augmented view depends only on
 the image and the view, so it can be computed once (`ega_jax.cache_builder`,
-CLI `launch/cache_teacher.py`) and read back by the input pipeline instead of
+CLI `python -m launch.cache_teacher`) and read back by the input pipeline instead of
 running the teacher in every train step.
 
 Views. Training views are zero-pad-`p`, crop, optional horizontal flip
@@ -95,7 +95,7 @@ def read_manifest(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, MANIFEST_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f'{path} does not exist; build the cache with launch/cache_teacher.py.')
+        f'{path} does not exist; build the cache with python -m launch.cache_teacher.')
   try:
     with open(path) as handle:
       manifest = json.load(handle)
@@ -104,7 +104,7 @@ def read_manifest(directory: str) -> dict[str, Any]:
   if manifest.get('format_version') != FORMAT_VERSION:
     raise ValueError(
         f'{path} has format_version {manifest.get("format_version")!r}; this code reads '
-        f'{FORMAT_VERSION}. Rebuild the cache with launch/cache_teacher.py.')
+        f'{FORMAT_VERSION}. Rebuild the cache with python -m launch.cache_teacher.')
   return manifest
 
 
@@ -190,7 +190,7 @@ class CachedFeatures:
       total = entry['num_examples'] if entry else '?'
       raise ValueError(
           f'teacher cache {directory!r} has no complete {split!r} split ({done} of {total} '
-          'examples written); run launch/cache_teacher.py again to finish it.')
+          'examples written); run python -m launch.cache_teacher again to finish it.')
     self.directory = directory
     self.split = split
     self.manifest = manifest
@@ -234,17 +234,17 @@ def check_matches(manifest: dict[str, Any], *, directory: str, teacher_meta: dic
         f'{where} was built from another teacher (arch {teacher["arch"]}, variables sha256 '
         f'{teacher["variables_sha256"][:12]}...) than config.teacher.checkpoint (arch '
         f'{teacher_meta.get("arch")}, sha256 {str(teacher_meta.get("variables_sha256"))[:12]}...); '
-        'rebuild it with launch/cache_teacher.py.')
+        'rebuild it with python -m launch.cache_teacher.')
   for field in ('image_size', 'mean', 'std'):
     if teacher[field] != teacher_meta.get(field):
       raise ValueError(
           f'{where} was built with teacher {field} {teacher[field]!r}, but the teacher now has '
-          f'{teacher_meta.get(field)!r}; rebuild it with launch/cache_teacher.py.')
+          f'{teacher_meta.get(field)!r}; rebuild it with python -m launch.cache_teacher.')
   if manifest['dataset']['name'] != dataset:
     raise ValueError(
         f'{where} holds {manifest["dataset"]["name"]!r} embeddings but config.dataset.name is '
-        f'{dataset!r}; build a cache for {dataset!r} with launch/cache_teacher.py.')
+        f'{dataset!r}; build a cache for {dataset!r} with python -m launch.cache_teacher.')
   if int(manifest['dataset']['padding']) != padding:
     raise ValueError(
         f'{where} was built with crop padding {manifest["dataset"]["padding"]}, the pipeline '
-        f'uses {padding}; rebuild it with launch/cache_teacher.py.')
+        f'uses {padding}; rebuild it with python -m launch.cache_teacher.')

@@ -246,7 +246,7 @@ def _teacher_cache_splits(config, teacher_meta) -> tuple[str | None, str | None]
   if not splits.get("train", {}).get("complete"):
     raise config_lib.ConfigError(
         f"config.teacher.cache={directory!r} has no complete train split; run "
-        "launch/cache_teacher.py again to finish it.")
+        "python -m launch.cache_teacher again to finish it.")
   eval_cache = directory if splits.get("eval", {}).get("complete") else None
   logging.info("Teacher embeddings for training from the cache %s (%d views per image%s); "
                "evaluation uses %s.", directory, splits["train"]["num_views"],

@@ -87,7 +87,7 @@ def _read_metadata(metadata_path: str) -> dict[str, Any]:
   missing = [key for key in REQUIRED_METADATA if key not in metadata]
   if missing:
     raise ValueError(f'{metadata_path} lacks the field(s) {", ".join(missing)}; reconvert the '
-                     'teacher with launch/convert_teacher.py.')
+                     'teacher with python -m launch.convert_teacher.')
   arch = metadata['arch']
   if arch not in specs.TEACHER_SPECS:
     raise ValueError(f'{metadata_path} names arch {arch!r}, which is not a known teacher; valid '
@@ -103,7 +103,7 @@ def _read_metadata(metadata_path: str) -> dict[str, Any]:
 
 
 def load_teacher(directory: str, dtype: Any = jnp.float32) -> tuple[nn.Module, Any, dict[str, Any]]:
-  """Loads a teacher written by launch/convert_teacher.py.
+  """Loads a teacher written by python -m launch.convert_teacher.
 
   Args:
     directory: the converter's output directory.
@@ -119,7 +119,7 @@ def load_teacher(directory: str, dtype: Any = jnp.float32) -> tuple[nn.Module, A
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'Teacher directory {directory} does not exist (convert a checkpoint '
-                            'into it with launch/convert_teacher.py).')
+                            'into it with python -m launch.convert_teacher).')
   metadata_path = os.path.join(directory, METADATA_FILE)
   if not os.path.isfile(metadata_path):
     raise FileNotFoundError(f'{metadata_path} does not exist; {directory} is not a converted '
