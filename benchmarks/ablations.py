@@ -54,14 +54,21 @@ def build_demo_run(config, donate_state: bool = True) -> run_lib.Run:
   teacher = models_lib.create_teacher("resnet18", image_size=TEACHER_SIZE)
   # 'unsafe_rbg': its initialisers compile ~3-4x faster on CPU than threefry's.
   teacher_variables = jax.jit(teacher.init)(
-      jax.random.key(0, impl="unsafe_rbg"), jnp.zeros((1, TEACHER_SIZE, TEACHER_SIZE, 3)))
+    jax.random.key(0, impl="unsafe_rbg"), jnp.zeros((1, TEACHER_SIZE, TEACHER_SIZE, 3))
+  )
   meta = {"image_size": TEACHER_SIZE, "mean": [0.286] * 3, "std": [0.353] * 3}
   return run_lib.build_run(
-      config, state_lib.data_mesh(), teacher_module=teacher, teacher_variables=teacher_variables,
-      teacher_meta=meta, num_classes=info.num_classes,
-      num_train_examples=config.dataset.max_train_examples,
-      image_shape=(info.image_size, info.image_size, 3), donate_state=donate_state,
-      init_rng=jax.random.key(0, impl="unsafe_rbg"))
+    config,
+    state_lib.data_mesh(),
+    teacher_module=teacher,
+    teacher_variables=teacher_variables,
+    teacher_meta=meta,
+    num_classes=info.num_classes,
+    num_train_examples=config.dataset.max_train_examples,
+    image_shape=(info.image_size, info.image_size, 3),
+    donate_state=donate_state,
+    init_rng=jax.random.key(0, impl="unsafe_rbg"),
+  )
 
 
 def train_dataset(config, background: bool = True, reader_threads: int | None = None):
@@ -74,8 +81,13 @@ def train_dataset(config, background: bool = True, reader_threads: int | None = 
   if background and reader_threads is not None:
     options = grain.ReadOptions(num_threads=reader_threads, prefetch_buffer_size=8)
   return data_lib.create_train_loader(
-      config.dataset.name, None, global_batch_size=config.batch_size, seed=0,
-      max_examples=config.dataset.max_train_examples, read_options=options)
+    config.dataset.name,
+    None,
+    global_batch_size=config.batch_size,
+    seed=0,
+    max_examples=config.dataset.max_train_examples,
+    read_options=options,
+  )
 
 
 def measure_loop(config, run: run_lib.Run, num_steps: int, reader_threads: int | None):
@@ -102,9 +114,12 @@ def measure_loop(config, run: run_lib.Run, num_steps: int, reader_threads: int |
   dataset = train_dataset(config, reader_threads=reader_threads)
   start = time.perf_counter()
   # Exactly train/loop.py's input: global batches prefetched by grain.
-  batches = iter(grain.experimental.ThreadPrefetchIterDataset(
+  batches = iter(
+    grain.experimental.ThreadPrefetchIterDataset(
       dataset.map(lambda local: state_lib.global_batch_from_local(mesh, local)),
-      prefetch_buffer_size=loop_lib.DEVICE_PREFETCH))
+      prefetch_buffer_size=loop_lib.DEVICE_PREFETCH,
+    )
+  )
   history = []
   for index in range(1, num_steps + 1):
     state, metrics = step(state, run.teacher_variables, next(batches), {})
@@ -126,8 +141,12 @@ def measure_loop(config, run: run_lib.Run, num_steps: int, reader_threads: int |
     return metrics
 
   step_alone_ms = timing.median_ms(step_alone, num_steps, wait=jax.block_until_ready)
-  row = {"naive_step_ms": 1e3 * naive_s, "production_step_ms": 1e3 * production_s,
-         "host_batch_ms": host_batch_ms, "step_alone_ms": step_alone_ms}
+  row = {
+    "naive_step_ms": 1e3 * naive_s,
+    "production_step_ms": 1e3 * production_s,
+    "host_batch_ms": host_batch_ms,
+    "step_alone_ms": step_alone_ms,
+  }
   return row, holder[0], batch
 
 
@@ -147,32 +166,43 @@ def measure_donation(config, run: run_lib.Run, state, batch, num_steps: int) -> 
   # Two untimed calls each (the first compiles the donation-free step).
   times = timing.time_interleaved([timed("with"), timed("without")], 2, num_steps)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(without.state))
-  return {"with_ms": 1e3 * statistics.median(times["with"]),
-          "without_ms": 1e3 * statistics.median(times["without"]),
-          "state_mib": state_bytes / 2**20}
+  return {
+    "with_ms": 1e3 * statistics.median(times["with"]),
+    "without_ms": 1e3 * statistics.median(times["without"]),
+    "state_mib": state_bytes / 2**20,
+  }
 
 
 def measure_traffic() -> dict:
-  """Bytes, transfer and host-side resize of uint8 at the data's size vs float32 at the teacher's."""
+  """Bytes, transfer and host-side resize: uint8 at the data's size vs float32 at the teacher's."""
   traffic = {}
   rng = np.random.default_rng(0)
-  for name, size, teacher_size, count in (("demo (28 -> 32 px)", 28, 32, 128),
-                                          ("CIFAR + CLIP (32 -> 224 px)", 32, 224, 64)):
+  for name, size, teacher_size, count in (
+    ("demo (28 -> 32 px)", 28, 32, 128),
+    ("CIFAR + CLIP (32 -> 224 px)", 32, 224, 64),
+  ):
     uint8_views = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
 
     def host_preprocess():
-      resized = np.stack([np.asarray(Image.fromarray(view).resize(
-          (teacher_size, teacher_size), Image.BICUBIC)) for view in uint8_views])
-      return ((resized.astype(np.float32) / 255.0 - 0.5) / 0.25)
+      resized = np.stack(
+        [
+          np.asarray(Image.fromarray(view).resize((teacher_size, teacher_size), Image.BICUBIC))
+          for view in uint8_views
+        ]
+      )
+      return (resized.astype(np.float32) / 255.0 - 0.5) / 0.25
 
     float_views = host_preprocess()
     traffic[name] = {
-        "uint8_bytes": int(uint8_views.nbytes), "float32_bytes": int(float_views.nbytes),
-        "uint8_transfer_ms": timing.median_ms(
-            lambda: jax.device_put(uint8_views), 10, wait=jax.block_until_ready),
-        "float32_transfer_ms": timing.median_ms(
-            lambda: jax.device_put(float_views), 10, wait=jax.block_until_ready),
-        "host_resize_normalise_ms": timing.median_ms(host_preprocess, 5),
+      "uint8_bytes": int(uint8_views.nbytes),
+      "float32_bytes": int(float_views.nbytes),
+      "uint8_transfer_ms": timing.median_ms(
+        lambda: jax.device_put(uint8_views), 10, wait=jax.block_until_ready
+      ),
+      "float32_transfer_ms": timing.median_ms(
+        lambda: jax.device_put(float_views), 10, wait=jax.block_until_ready
+      ),
+      "host_resize_normalise_ms": timing.median_ms(host_preprocess, 5),
     }
   return traffic
 
@@ -180,21 +210,30 @@ def measure_traffic() -> dict:
 def format_table(report: dict) -> str:
   loop, donation = report["loop"], report["donation"]
   rows = [
-      ("setting", report["setting"]),
-      ("load average before / after", f"{report['load_average_before'][0]:.2f} / "
-                                      f"{report['load_average_after'][0]:.2f}"),
-      ("loop: naive (read on the spot, sync every step)", f"{loop['naive_step_ms']:.1f} ms"),
-      ("loop: production (prefetch, sync every 20)", f"{loop['production_step_ms']:.1f} ms"),
-      ("  host batch (read + augment, one thread) alone", f"{loop['host_batch_ms']:.1f} ms"),
-      ("  compiled step alone", f"{loop['step_alone_ms']:.1f} ms"),
-      ("donation: with / without", f"{donation['with_ms']:.1f} / {donation['without_ms']:.1f} ms "
-                                   f"(state {donation['state_mib']:.1f} MiB)"),
+    ("setting", report["setting"]),
+    (
+      "load average before / after",
+      f"{report['load_average_before'][0]:.2f} / {report['load_average_after'][0]:.2f}",
+    ),
+    ("loop: naive (read on the spot, sync every step)", f"{loop['naive_step_ms']:.1f} ms"),
+    ("loop: production (prefetch, sync every 20)", f"{loop['production_step_ms']:.1f} ms"),
+    ("  host batch (read + augment, one thread) alone", f"{loop['host_batch_ms']:.1f} ms"),
+    ("  compiled step alone", f"{loop['step_alone_ms']:.1f} ms"),
+    (
+      "donation: with / without",
+      f"{donation['with_ms']:.1f} / {donation['without_ms']:.1f} ms "
+      f"(state {donation['state_mib']:.1f} MiB)",
+    ),
   ]
   for name, row in report["traffic"].items():
-    rows.append((f"traffic {name}: uint8 / float32",
-                 f"{row['uint8_bytes'] / 2**20:.2f} / {row['float32_bytes'] / 2**20:.2f} MiB; "
-                 f"transfer {row['uint8_transfer_ms']:.2f} / {row['float32_transfer_ms']:.2f} ms; "
-                 f"host resize+normalise {row['host_resize_normalise_ms']:.1f} ms"))
+    rows.append(
+      (
+        f"traffic {name}: uint8 / float32",
+        f"{row['uint8_bytes'] / 2**20:.2f} / {row['float32_bytes'] / 2**20:.2f} MiB; "
+        f"transfer {row['uint8_transfer_ms']:.2f} / {row['float32_transfer_ms']:.2f} ms; "
+        f"host resize+normalise {row['host_resize_normalise_ms']:.1f} ms",
+      )
+    )
   width = max(len(name) for name, _ in rows)
   return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -202,18 +241,24 @@ def format_table(report: dict) -> str:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=30, help="steps per loop variant")
-  parser.add_argument("--reader_threads", type=int, default=None,
-                      help="grain reader threads of the production loop (default: the "
-                      "pipeline's default)")
+  parser.add_argument(
+    "--reader_threads",
+    type=int,
+    default=None,
+    help="grain reader threads of the production loop (default: the pipeline's default)",
+  )
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
 
   config = fashion_mnist.get_config()
   config.log_every_steps = 20
   run = build_demo_run(config)
-  report = {"setting": "fashion_mnist 28px, resnet18 teacher @32px (random weights), resnet8, "
-                       f"ega, batch {config.batch_size}, float32",
-            "cpu_count": os.cpu_count(), "load_average_before": list(os.getloadavg())}
+  report = {
+    "setting": "fashion_mnist 28px, resnet18 teacher @32px (random weights), resnet8, "
+    f"ega, batch {config.batch_size}, float32",
+    "cpu_count": os.cpu_count(),
+    "load_average_before": list(os.getloadavg()),
+  }
   report["loop"], state, batch = measure_loop(config, run, args.steps, args.reader_threads)
   report["donation"] = measure_donation(config, run, state, batch, args.steps)
   report["traffic"] = measure_traffic()

@@ -42,14 +42,19 @@ def random_teacher(arch: str, image_size: int | None, seed: int):
     raise BenchmarkError(f"--teacher_image_size={image_size}: {error}") from error
   # Random weights are all a timing needs; drawn with 'unsafe_rbg', whose
   # initialiser compiles ~3x faster on CPU than the default threefry's.
-  variables = jax.jit(module.init)(jax.random.key(seed, impl="unsafe_rbg"),
-                                   jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+  variables = jax.jit(module.init)(
+    jax.random.key(seed, impl="unsafe_rbg"), jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  )
   return module, variables, {"image_size": image_size, "mean": spec.mean, "std": spec.std}
 
 
-def prepare_jax(config, local_batches: list[dict], *, teacher_image_size: int | None = None,
-                with_cached_step: bool = False
-                ) -> tuple[list[timing.TimedCall], dict, Callable[[], float]]:
+def prepare_jax(
+  config,
+  local_batches: list[dict],
+  *,
+  teacher_image_size: int | None = None,
+  with_cached_step: bool = False,
+) -> tuple[list[timing.TimedCall], dict, Callable[[], float]]:
   """Builds the run, compiles its train step (and the teacher alone, the cached step).
 
   Args:
@@ -66,22 +71,32 @@ def prepare_jax(config, local_batches: list[dict], *, teacher_image_size: int | 
   devices = jax.local_devices()
   num_devices = len(devices)
   if config.batch_size % num_devices:
-    raise BenchmarkError(f"--config.batch_size={config.batch_size} must be a multiple of the "
-                         f"device count ({num_devices}).")
+    raise BenchmarkError(
+      f"--config.batch_size={config.batch_size} must be a multiple of the "
+      f"device count ({num_devices})."
+    )
   mesh = state_lib.data_mesh(devices)
   info = data_lib.get_dataset_info(config.dataset.name)
   teacher_module, teacher_host_variables, teacher_meta = random_teacher(
-      config.teacher.arch, teacher_image_size, config.seed)
+    config.teacher.arch, teacher_image_size, config.seed
+  )
   crd_labels = None
   if config.distill.method == "crd":
     crd_labels = np.arange(info.num_train, dtype=np.int32) % info.num_classes
   # The parameters are drawn with 'unsafe_rbg' (threefry's initialiser
   # compiles ~4x slower); the state keeps the production (threefry) key.
   run = run_lib.build_run(
-      config, mesh, teacher_module=teacher_module, teacher_variables=teacher_host_variables,
-      teacher_meta=teacher_meta, num_classes=info.num_classes,
-      num_train_examples=info.num_train, image_shape=(info.image_size, info.image_size, 3),
-      crd_train_labels=crd_labels, init_rng=jax.random.key(config.seed, impl="unsafe_rbg"))
+    config,
+    mesh,
+    teacher_module=teacher_module,
+    teacher_variables=teacher_host_variables,
+    teacher_meta=teacher_meta,
+    num_classes=info.num_classes,
+    num_train_examples=info.num_train,
+    image_shape=(info.image_size, info.image_size, 3),
+    crd_train_labels=crd_labels,
+    init_rng=jax.random.key(config.seed, impl="unsafe_rbg"),
+  )
   # The cached step gets its own copy: each step donates its state.
   cached_state = jax.tree.map(jnp.copy, run.state) if with_cached_step else None
   # Global batches are made before timing, as the production loop's grain
@@ -113,29 +128,44 @@ def prepare_jax(config, local_batches: list[dict], *, teacher_image_size: int | 
   jax.block_until_ready(run_step())
   first_step_s = time.perf_counter() - start
   facts = {
-      "backend": jax.default_backend(),
-      "device_kind": devices[0].device_kind,
-      "num_devices": num_devices,
-      "teacher_image_size": teacher_meta["image_size"],
-      "lower_s": lower_s,
-      "compile_s": compile_s,
-      "first_step_s": first_step_s,
-      "first_loss": float(latest_metrics[0]["loss"]),
-      "flops_per_step_per_device": flops_per_device,
-      "flops_per_step": flops_per_device * num_devices,
+    "backend": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "num_devices": num_devices,
+    "teacher_image_size": teacher_meta["image_size"],
+    "lower_s": lower_s,
+    "compile_s": compile_s,
+    "first_step_s": first_step_s,
+    "first_loss": float(latest_metrics[0]["loss"]),
+    "flops_per_step_per_device": flops_per_device,
+    "flops_per_step": flops_per_device * num_devices,
   }
   calls = [timing.TimedCall("jax_step", run_step, jax.block_until_ready)]
   if config_lib.uses_teacher(config):
-    calls.append(_teacher_alone(run, teacher_host_variables, local_batches[0]["teacher_image"],
-                                config.batch_size // num_devices, devices[0], facts))
+    calls.append(
+      _teacher_alone(
+        run,
+        teacher_host_variables,
+        local_batches[0]["teacher_image"],
+        config.batch_size // num_devices,
+        devices[0],
+        facts,
+      )
+    )
   if with_cached_step:
-    calls.append(_cached_step(run, cached_state, teacher_host_variables, local_batches,
-                              config.seed, facts))
+    calls.append(
+      _cached_step(run, cached_state, teacher_host_variables, local_batches, config.seed, facts)
+    )
   return calls, facts, lambda: float(latest_metrics[0]["loss"])
 
 
-def _teacher_alone(run: run_lib.Run, teacher_host_variables, teacher_images: np.ndarray,
-                   per_device_batch: int, device, facts: dict) -> timing.TimedCall:
+def _teacher_alone(
+  run: run_lib.Run,
+  teacher_host_variables,
+  teacher_images: np.ndarray,
+  per_device_batch: int,
+  device,
+  facts: dict,
+) -> timing.TimedCall:
   """The teacher's forward pass (resize, normalise, backbone) on one device's slice, compiled.
 
   Adds 'teacher_forward_flops_per_device' to `facts`.
@@ -144,19 +174,32 @@ def _teacher_alone(run: run_lib.Run, teacher_host_variables, teacher_images: np.
 
   def teacher_forward(variables, images_uint8):
     return preprocess.teacher_embedding(
-        models.teacher, variables, images_uint8, models.teacher_image_size,
-        models.teacher_mean, models.teacher_std, models.dtype)
+      models.teacher,
+      variables,
+      images_uint8,
+      models.teacher_image_size,
+      models.teacher_mean,
+      models.teacher_std,
+      models.dtype,
+    )
 
   variables = jax.device_put(teacher_host_variables, device)
   source = jax.device_put(teacher_images[:per_device_batch], device)
   compiled = jax.jit(teacher_forward).lower(variables, source).compile()
   facts["teacher_forward_flops_per_device"] = timing.xla_flops(compiled)
-  return timing.TimedCall("jax_teacher_forward", lambda: compiled(variables, source),
-                          jax.block_until_ready)
+  return timing.TimedCall(
+    "jax_teacher_forward", lambda: compiled(variables, source), jax.block_until_ready
+  )
 
 
-def _cached_step(run: run_lib.Run, cached_state, teacher_host_variables,
-                 local_batches: list[dict], seed: int, facts: dict) -> timing.TimedCall:
+def _cached_step(
+  run: run_lib.Run,
+  cached_state,
+  teacher_host_variables,
+  local_batches: list[dict],
+  seed: int,
+  facts: dict,
+) -> timing.TimedCall:
   """The same step reading cached float16 teacher embeddings, compiled and run once.
 
   This is what config.teacher.cache feeds it: the teacher neither runs nor
@@ -166,21 +209,29 @@ def _cached_step(run: run_lib.Run, cached_state, teacher_host_variables,
   models = run.models
   size = models.teacher_image_size
   feature_dim = jax.eval_shape(
-      models.teacher.apply, teacher_host_variables,
-      jnp.zeros((1, size, size, 3), jnp.float32)).shape[-1]
+    models.teacher.apply, teacher_host_variables, jnp.zeros((1, size, size, 3), jnp.float32)
+  ).shape[-1]
   rng = np.random.default_rng(seed + 1)
-  cached_batches = [state_lib.global_batch_from_local(run.mesh, {
-      "image": b["image"], "label": b["label"], "index": b["index"],
-      "teacher_feature": rng.standard_normal((len(b["label"]), feature_dim)).astype(
-          np.float16)}) for b in local_batches]
+  cached_batches = [
+    state_lib.global_batch_from_local(
+      run.mesh,
+      {
+        "image": b["image"],
+        "label": b["label"],
+        "index": b["index"],
+        "teacher_feature": rng.standard_normal((len(b["label"]), feature_dim)).astype(np.float16),
+      },
+    )
+    for b in local_batches
+  ]
   no_teacher = state_lib.replicate({}, run.mesh)
   start = time.perf_counter()
   compiled = run.train_step.lower(
-      cached_state, no_teacher, cached_batches[0], run.crd_tables).compile()
+    cached_state, no_teacher, cached_batches[0], run.crd_tables
+  ).compile()
   facts["cached_compile_s"] = time.perf_counter() - start
   facts["cached_flops_per_step_per_device"] = timing.xla_flops(compiled)
-  facts["cached_flops_per_step"] = (facts["cached_flops_per_step_per_device"]
-                                    * run.mesh.size)
+  facts["cached_flops_per_step"] = facts["cached_flops_per_step_per_device"] * run.mesh.size
   facts["teacher_feature_dim"] = int(feature_dim)
   state = cached_state
   count = [0]

@@ -47,46 +47,60 @@ import numpy as np
 
 from benchmarks import BenchmarkError
 
+# jax, ega_jax and the harnesses are imported inside the functions: with
+# --compare_torch, torch is imported first (before anything that could import
+# tensorflow; the reverse order segfaults on this stack).
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "ml_collections config file (configs/*.py): the dataset (image size, "
-    "classes), the teacher and student archs, batch size, dtype and every hyperparameter.",
-    lock_config=True)
+  "config",
+  None,
+  "ml_collections config file (configs/*.py): the dataset (image size, "
+  "classes), the teacher and student archs, batch size, dtype and every hyperparameter.",
+  lock_config=True,
+)
 flags.DEFINE_integer("steps", 20, "Timed steps.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after the first call.")
 flags.DEFINE_integer("teacher_image_size", None, "Teacher resolution (default: TEACHER_SPECS').")
-flags.DEFINE_integer("peak_matmul_size", 4096,
-                     "N of the N x N @ N x N matmul measuring the peak (too small a matmul is "
-                     "overhead-bound and understates the peak).")
-flags.DEFINE_integer("torch_threads", None,
-                     "torch.set_num_threads for --compare_torch (default: os.cpu_count()).")
+flags.DEFINE_integer(
+  "peak_matmul_size",
+  4096,
+  "N of the N x N @ N x N matmul measuring the peak (too small a matmul is "
+  "overhead-bound and understates the peak).",
+)
+flags.DEFINE_integer(
+  "torch_threads", None, "torch.set_num_threads for --compare_torch (default: os.cpu_count())."
+)
 flags.DEFINE_string("json", None, "Write the report here.")
-flags.DEFINE_bool("teacher_cache", False,
-                  "Also time the step reading cached teacher embeddings (config.teacher.cache) "
-                  "and report epoch times with the cache.")
+flags.DEFINE_bool(
+  "teacher_cache",
+  False,
+  "Also time the step reading cached teacher embeddings (config.teacher.cache) "
+  "and report epoch times with the cache.",
+)
 flags.DEFINE_alias("teacher-cache", "teacher_cache")
-flags.DEFINE_string("cache_views", "all",
-                    "Views per image assumed for the cache's build cost ('all' = every "
-                    "crop x flip view).")
-flags.DEFINE_bool("compare_torch", False,
-                  "Also time the PyTorch implementation of the same step.")
+flags.DEFINE_string(
+  "cache_views",
+  "all",
+  "Views per image assumed for the cache's build cost ('all' = every crop x flip view).",
+)
+flags.DEFINE_bool("compare_torch", False, "Also time the PyTorch implementation of the same step.")
 flags.DEFINE_alias("compare-torch", "compare_torch")
 flags.mark_flags_as_required(["config"])
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """What to measure besides the config: the non-config flags above."""
+  """What to measure besides the config: the flags above (their defaults live there)."""
 
   config_path: str
-  steps: int = 20
-  warmup: int = 3
-  teacher_image_size: int | None = None
-  peak_matmul_size: int = 4096
-  torch_threads: int | None = None
-  teacher_cache: bool = False
-  cache_views: str = "all"
-  compare_torch: bool = False
+  steps: int
+  warmup: int
+  teacher_image_size: int | None
+  peak_matmul_size: int
+  torch_threads: int | None
+  teacher_cache: bool
+  cache_views: str
+  compare_torch: bool
 
 
 def check_settings(config, options: Options) -> None:
@@ -97,44 +111,55 @@ def check_settings(config, options: Options) -> None:
   from ega_jax import models as models_lib
 
   checks = (
-      ("config.teacher.arch", config.teacher.arch, tuple(models_lib.TEACHER_SPECS)),
-      ("config.student.arch", config.student.arch, models_lib.STUDENT_NAMES),
-      ("config.distill.method", config.distill.method, losses.DISTILL_METHODS),
-      ("config.dtype", config.dtype, tuple(config_lib.DTYPES)),
-      ("config.dataset.name", config.dataset.name, tuple(data_lib.DATASETS)),
+    ("config.teacher.arch", config.teacher.arch, tuple(models_lib.TEACHER_SPECS)),
+    ("config.student.arch", config.student.arch, models_lib.STUDENT_NAMES),
+    ("config.distill.method", config.distill.method, losses.DISTILL_METHODS),
+    ("config.dtype", config.dtype, tuple(config_lib.DTYPES)),
+    ("config.dataset.name", config.dataset.name, tuple(data_lib.DATASETS)),
   )
   for field, value, valid in checks:
     if value not in valid:
       raise BenchmarkError(f"{field}={value!r} is not valid; valid: {', '.join(valid)}.")
   if config.batch_size < 2:
-    raise BenchmarkError(f"config.batch_size={config.batch_size} must be at least 2 (the graph "
-                         "losses and BatchNorm need two rows).")
+    raise BenchmarkError(
+      f"config.batch_size={config.batch_size} must be at least 2 (the graph "
+      "losses and BatchNorm need two rows)."
+    )
   if options.steps < 1 or options.warmup < 0:
-    raise BenchmarkError(f"--steps={options.steps} must be >= 1 and --warmup={options.warmup} "
-                         ">= 0.")
+    raise BenchmarkError(
+      f"--steps={options.steps} must be >= 1 and --warmup={options.warmup} >= 0."
+    )
   if options.teacher_cache:
     if not config_lib.uses_teacher(config):
-      raise BenchmarkError(f"--teacher_cache needs a step with a teacher; config.distill.method="
-                           f"{config.distill.method!r} with alpha=0 has none.")
+      raise BenchmarkError(
+        f"--teacher_cache needs a step with a teacher; config.distill.method="
+        f"{config.distill.method!r} with alpha=0 has none."
+      )
     if options.cache_views != "all" and not (
-        options.cache_views.isdigit() and int(options.cache_views) >= 1):
-      raise BenchmarkError(f"--cache_views={options.cache_views!r} is not valid; use 'all' or a "
-                           "positive number of views.")
+      options.cache_views.isdigit() and int(options.cache_views) >= 1
+    ):
+      raise BenchmarkError(
+        f"--cache_views={options.cache_views!r} is not valid; use 'all' or a "
+        "positive number of views."
+      )
   if options.compare_torch:
     from benchmarks.torch_reference import TORCH_STUDENTS
 
     if config.student.arch not in TORCH_STUDENTS:
       raise BenchmarkError(
-          f"--compare_torch has PyTorch students {', '.join(TORCH_STUDENTS)} only, not "
-          f"config.student.arch={config.student.arch!r}.")
+        f"--compare_torch has PyTorch students {', '.join(TORCH_STUDENTS)} only, not "
+        f"config.student.arch={config.student.arch!r}."
+      )
     if config.distill.method != "ega" or config.distill.alpha:
       raise BenchmarkError(
-          f"--compare_torch implements the EGA step (config.distill.alpha=0) only, not "
-          f"config.distill.method={config.distill.method!r} with alpha={config.distill.alpha}.")
+        f"--compare_torch implements the EGA step (config.distill.alpha=0) only, not "
+        f"config.distill.method={config.distill.method!r} with alpha={config.distill.alpha}."
+      )
 
 
-def synthetic_local_batches(count: int, batch_size: int, image_size: int, num_classes: int,
-                            num_train: int, seed: int) -> list[dict[str, np.ndarray]]:
+def synthetic_local_batches(
+  count: int, batch_size: int, image_size: int, num_classes: int, num_train: int, seed: int
+) -> list[dict[str, np.ndarray]]:
   """`count` random batches shaped like the train loader's output (this process's rows).
 
   Returns:
@@ -143,12 +168,15 @@ def synthetic_local_batches(count: int, batch_size: int, image_size: int, num_cl
   """
   rng = np.random.default_rng(seed)
   shape = (batch_size, image_size, image_size, 3)
-  return [{
+  return [
+    {
       "image": rng.integers(0, 256, shape, dtype=np.uint8),
       "teacher_image": rng.integers(0, 256, shape, dtype=np.uint8),
       "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
       "index": rng.integers(0, num_train, (batch_size,), dtype=np.int32),
-  } for _ in range(count)]
+    }
+    for _ in range(count)
+  ]
 
 
 def run(config, options: Options) -> dict:
@@ -164,11 +192,19 @@ def run(config, options: Options) -> dict:
 
   info = data_lib.get_dataset_info(config.dataset.name)
   local_batches = synthetic_local_batches(
-      2, config.batch_size // jax.process_count(), info.image_size, info.num_classes,
-      info.num_train, config.seed)
+    2,
+    config.batch_size // jax.process_count(),
+    info.image_size,
+    info.num_classes,
+    info.num_train,
+    config.seed,
+  )
   calls, jax_facts, last_jax_loss = jax_harness.prepare_jax(
-      config, local_batches, teacher_image_size=options.teacher_image_size,
-      with_cached_step=options.teacher_cache)
+    config,
+    local_batches,
+    teacher_image_size=options.teacher_image_size,
+    with_cached_step=options.teacher_cache,
+  )
   peak_call, peak_info = timing.prepare_peak_matmul(options.peak_matmul_size, config.dtype)
   calls.append(peak_call)
   memory_jax_mb = timing.peak_host_memory_mb()
@@ -177,42 +213,47 @@ def run(config, options: Options) -> dict:
     from benchmarks import torch_reference
 
     torch_calls, torch_result = torch_reference.prepare_torch(
-        config, local_batches, jax_facts["teacher_image_size"],
-        num_threads=options.torch_threads, with_cached_step=options.teacher_cache)
+      config,
+      local_batches,
+      jax_facts["teacher_image_size"],
+      num_threads=options.torch_threads,
+      with_cached_step=options.teacher_cache,
+    )
     calls.extend(torch_calls)
   times = timing.time_interleaved(calls, options.warmup, options.steps)
 
   jax_part = report_lib.jax_result(jax_facts, times, config.batch_size, last_jax_loss())
   peak = timing.peak_matmul_result(peak_info, times["peak_matmul"])
   report = {
-      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-      "host": platform.node(),
-      "cpu_count": os.cpu_count(),
-      "load_average_before": list(load_before),
-      "jax_version": jax.__version__,
-      "config": options.config_path,
-      "dataset": config.dataset.name,
-      "image_size": info.image_size,
-      "teacher": config.teacher.arch,
-      "student": config.student.arch,
-      "method": config.distill.method,
-      "batch_size": config.batch_size,
-      "dtype": config.dtype,
-      "steps": options.steps,
-      "warmup": options.warmup,
-      "jax": jax_part,
-      "images_per_sec": jax_part["images_per_sec"],
-      "steps_per_sec": jax_part["steps_per_sec"],
-      "flops_per_step": jax_part["flops_per_step"],
-      "compile_s": jax_part["compile_s"],
-      "peak_matmul": peak,
-      "mfu": jax_part["achieved_flops_per_sec_per_device"] / peak["flops_per_sec"],
-      "peak_host_memory_mb": memory_jax_mb,
+    "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    "host": platform.node(),
+    "cpu_count": os.cpu_count(),
+    "load_average_before": list(load_before),
+    "jax_version": jax.__version__,
+    "config": options.config_path,
+    "dataset": config.dataset.name,
+    "image_size": info.image_size,
+    "teacher": config.teacher.arch,
+    "student": config.student.arch,
+    "method": config.distill.method,
+    "batch_size": config.batch_size,
+    "dtype": config.dtype,
+    "steps": options.steps,
+    "warmup": options.warmup,
+    "jax": jax_part,
+    "images_per_sec": jax_part["images_per_sec"],
+    "steps_per_sec": jax_part["steps_per_sec"],
+    "flops_per_step": jax_part["flops_per_step"],
+    "compile_s": jax_part["compile_s"],
+    "peak_matmul": peak,
+    "mfu": jax_part["achieved_flops_per_sec_per_device"] / peak["flops_per_sec"],
+    "peak_host_memory_mb": memory_jax_mb,
   }
   if torch_result is not None:
     report["torch"] = torch_result(times["torch_step"], times.get("torch_cached_step"))
     report["jax_over_torch_images_per_sec"] = (
-        jax_part["images_per_sec"] / report["torch"]["images_per_sec"])
+      jax_part["images_per_sec"] / report["torch"]["images_per_sec"]
+    )
     report["peak_host_memory_mb_with_torch"] = timing.peak_host_memory_mb()
   if "cached" in jax_part:
     from ega_jax.data import augment, teacher_cache
@@ -222,9 +263,12 @@ def run(config, options: Options) -> dict:
     if config.dataset.max_train_examples > 0:
       num_train = min(num_train, config.dataset.max_train_examples)
     report_lib.add_cache_economics(
-        report, num_train=num_train, batch_size=config.batch_size,
-        num_epochs=config.num_epochs,
-        num_views=all_views if options.cache_views == "all" else int(options.cache_views))
+      report,
+      num_train=num_train,
+      batch_size=config.batch_size,
+      num_epochs=config.num_epochs,
+      num_views=all_views if options.cache_views == "all" else int(options.cache_views),
+    )
   report["load_average_after"] = list(os.getloadavg())
   return report
 
@@ -242,18 +286,24 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   options = Options(
-      config_path=config_flags.get_config_filename(FLAGS["config"]), steps=FLAGS.steps,
-      warmup=FLAGS.warmup, teacher_image_size=FLAGS.teacher_image_size,
-      peak_matmul_size=FLAGS.peak_matmul_size, torch_threads=FLAGS.torch_threads,
-      teacher_cache=FLAGS.teacher_cache, cache_views=FLAGS.cache_views,
-      compare_torch=FLAGS.compare_torch)
+    config_path=config_flags.get_config_filename(FLAGS["config"]),
+    steps=FLAGS.steps,
+    warmup=FLAGS.warmup,
+    teacher_image_size=FLAGS.teacher_image_size,
+    peak_matmul_size=FLAGS.peak_matmul_size,
+    torch_threads=FLAGS.torch_threads,
+    teacher_cache=FLAGS.teacher_cache,
+    cache_views=FLAGS.cache_views,
+    compare_torch=FLAGS.compare_torch,
+  )
   if options.compare_torch:
     import torch  # noqa: F401  (before anything could import tensorflow)
     import torchvision  # noqa: F401
   try:
     if not os.path.isfile(options.config_path):
-      raise BenchmarkError(f"--config={options.config_path!r} is not a file; use e.g. "
-                           "configs/cifar100.py.")
+      raise BenchmarkError(
+        f"--config={options.config_path!r} is not a file; use e.g. configs/cifar100.py."
+      )
     report = run(FLAGS.config, options)
   except BenchmarkError as error:
     print(f"benchmark: {error}", file=sys.stderr)

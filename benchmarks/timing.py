@@ -35,8 +35,9 @@ class TimedCall:
   wait: Callable[[Any], None]
 
 
-def time_interleaved(calls: list[TimedCall], num_warmup: int,
-                     num_timed: int) -> dict[str, list[float]]:
+def time_interleaved(
+  calls: list[TimedCall], num_warmup: int, num_timed: int
+) -> dict[str, list[float]]:
   """Seconds of each call in `num_timed` rounds, after `num_warmup` untimed calls of each.
 
   Every round times each call once, in order, so on a machine shared with
@@ -58,8 +59,12 @@ def time_interleaved(calls: list[TimedCall], num_warmup: int,
   return times
 
 
-def median_ms(call: Callable[[], Any], num_timed: int,
-              wait: Callable[[Any], None] = lambda _: None, num_warmup: int = 0) -> float:
+def median_ms(
+  call: Callable[[], Any],
+  num_timed: int,
+  wait: Callable[[Any], None] = lambda _: None,
+  num_warmup: int = 0,
+) -> float:
   """Median milliseconds of `call` timed alone (`time_interleaved` of one call)."""
   times = time_interleaved([TimedCall("call", call, wait)], num_warmup, num_timed)["call"]
   return 1e3 * statistics.median(times)
@@ -67,8 +72,12 @@ def median_ms(call: Callable[[], Any], num_timed: int,
 
 def summarise_times(times: list[float]) -> dict:
   """{'median_s', 'min_s', 'max_s', 'all_s'} of a list of seconds."""
-  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-          "all_s": times}
+  return {
+    "median_s": statistics.median(times),
+    "min_s": min(times),
+    "max_s": max(times),
+    "all_s": times,
+  }
 
 
 def peak_host_memory_mb() -> float:
@@ -110,8 +119,12 @@ def prepare_peak_matmul(size: int, dtype_name: str) -> tuple[TimedCall, dict]:
   b = jax.random.normal(key_b, (size, size), jnp.float32).astype(dtype)
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
   timed = TimedCall("peak_matmul", lambda: compiled(a, b), jax.block_until_ready)
-  return timed, {"size": size, "dtype": dtype_name, "flops": 2.0 * size**3,
-                 "xla_flops": xla_flops(compiled)}
+  return timed, {
+    "size": size,
+    "dtype": dtype_name,
+    "flops": 2.0 * size**3,
+    "xla_flops": xla_flops(compiled),
+  }
 
 
 def peak_matmul_result(info: dict, times: list[float]) -> dict:

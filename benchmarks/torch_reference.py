@@ -28,16 +28,16 @@ from benchmarks import timing
 
 # PyTorch CIFAR students: name -> (depth, (stem, stage1, stage2, stage3) widths).
 TORCH_STUDENTS = {
-    **{f"resnet{depth}": (depth, (16, 16, 32, 64)) for depth in (8, 14, 20, 32, 44, 56, 110)},
-    "resnet8x4": (8, (32, 64, 128, 256)),
-    "resnet32x4": (32, (32, 64, 128, 256)),
+  **{f"resnet{depth}": (depth, (16, 16, 32, 64)) for depth in (8, 14, 20, 32, 44, 56, 110)},
+  "resnet8x4": (8, (32, 64, 128, 256)),
+  "resnet32x4": (32, (32, 64, 128, 256)),
 }
 # timm model names of the timm/DINO teachers.
 TIMM_NAMES = {
-    "vit_s16": "vit_small_patch16_224",
-    "vit_s8": "vit_small_patch8_224",
-    "vit_b16": "vit_base_patch16_224",
-    "vit_b8": "vit_base_patch8_224",
+  "vit_s16": "vit_small_patch16_224",
+  "vit_s8": "vit_small_patch8_224",
+  "vit_b16": "vit_base_patch16_224",
+  "vit_b8": "vit_base_patch8_224",
 }
 
 
@@ -53,7 +53,8 @@ class TorchCifarBasicBlock(nn.Module):
     self.downsample = None
     if stride != 1 or in_planes != planes:
       self.downsample = nn.Sequential(
-          nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+      )
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
@@ -133,16 +134,16 @@ def torch_pearson_graph(x, eps: float = 1e-8):
   return covariance / (std[:, None] * std[None, :])
 
 
-def torch_ega_loss(teacher_emb, student_emb, node_weight: float = 0.8,
-                   edge_weight: float = 0.24):
+def torch_ega_loss(teacher_emb, student_emb, node_weight: float = 0.8, edge_weight: float = 0.24):
   """EGA on (B, D) embeddings: node_weight ||N - I||_F + edge_weight ||E_t - E_s||_F."""
   batch = teacher_emb.shape[0]
   graph = torch_pearson_graph(torch.cat([teacher_emb, student_emb], dim=0))
   teacher_edges, student_edges = graph[:batch, :batch], graph[batch:, batch:]
   node_matrix = graph[:batch, batch:]
   identity = torch.eye(batch, dtype=graph.dtype, device=graph.device)
-  return (node_weight * torch.linalg.matrix_norm(node_matrix - identity)
-          + edge_weight * torch.linalg.matrix_norm(teacher_edges - student_edges))
+  return node_weight * torch.linalg.matrix_norm(
+    node_matrix - identity
+  ) + edge_weight * torch.linalg.matrix_norm(teacher_edges - student_edges)
 
 
 def build_torch_teacher(arch: str, image_size: int) -> nn.Module:
@@ -157,11 +158,20 @@ def build_torch_teacher(arch: str, image_size: int) -> nn.Module:
       from clip import model as clip_model
     if spec.family == specs.CLIP_VIT:
       return clip_model.VisionTransformer(
-          input_resolution=image_size, patch_size=config["patch_size"], width=config["width"],
-          layers=config["depth"], heads=config["num_heads"], output_dim=config["output_dim"])
+        input_resolution=image_size,
+        patch_size=config["patch_size"],
+        width=config["width"],
+        layers=config["depth"],
+        heads=config["num_heads"],
+        output_dim=config["output_dim"],
+      )
     return clip_model.ModifiedResNet(
-        layers=config["stage_sizes"], output_dim=config["output_dim"],
-        heads=config["num_heads"], input_resolution=image_size, width=config["width"])
+      layers=config["stage_sizes"],
+      output_dim=config["output_dim"],
+      heads=config["num_heads"],
+      input_resolution=image_size,
+      width=config["width"],
+    )
   if spec.family == specs.TORCHVISION_RESNET:
     import torchvision
 
@@ -171,14 +181,18 @@ def build_torch_teacher(arch: str, image_size: int) -> nn.Module:
   if spec.family == specs.TIMM_VIT:
     import timm
 
-    return timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=0,
-                             img_size=image_size)
+    return timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=0, img_size=image_size)
   raise AssertionError(f"no PyTorch teacher for family {spec.family!r}")
 
 
-def prepare_torch(config, local_batches: list[dict], teacher_image_size: int, *,
-                  num_threads: int | None = None, with_cached_step: bool = False
-                  ) -> tuple[list[timing.TimedCall], Callable[..., dict]]:
+def prepare_torch(
+  config,
+  local_batches: list[dict],
+  teacher_image_size: int,
+  *,
+  num_threads: int | None = None,
+  with_cached_step: bool = False,
+) -> tuple[list[timing.TimedCall], Callable[..., dict]]:
   """Builds the PyTorch EGA step on the same synthetic batches (float32).
 
   Args:
@@ -203,26 +217,33 @@ def prepare_torch(config, local_batches: list[dict], teacher_image_size: int, *,
   spec = specs.get_spec(config.teacher.arch)
   student = build_torch_student(config.student.arch, info.num_classes).to(device).train()
   student_head = TorchEmbeddingHead(
-      student.fc.in_features, config.feature_dim, info.num_classes).to(device)
+    student.fc.in_features, config.feature_dim, info.num_classes
+  ).to(device)
   teacher = build_torch_teacher(config.teacher.arch, teacher_image_size).to(device).eval()
   for parameter in teacher.parameters():
     parameter.requires_grad_(False)
-  teacher_head = TorchEmbeddingHead(spec.embed_dim, config.feature_dim,
-                                    info.num_classes).to(device)
+  teacher_head = TorchEmbeddingHead(spec.embed_dim, config.feature_dim, info.num_classes).to(device)
   student_opt = torch.optim.SGD(
-      list(student.parameters()) + list(student_head.parameters()), lr=config.learning_rate,
-      momentum=config.momentum, weight_decay=config.weight_decay)
+    list(student.parameters()) + list(student_head.parameters()),
+    lr=config.learning_rate,
+    momentum=config.momentum,
+    weight_decay=config.weight_decay,
+  )
   teacher_head_opt = torch.optim.SGD(
-      teacher_head.parameters(), lr=config.teacher_head_learning_rate,
-      momentum=config.teacher_head_momentum, weight_decay=config.teacher_head_weight_decay)
+    teacher_head.parameters(),
+    lr=config.teacher_head_learning_rate,
+    momentum=config.teacher_head_momentum,
+    weight_decay=config.teacher_head_weight_decay,
+  )
 
   def channel_constant(values):
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
   data_mean, data_std = channel_constant(info.mean), channel_constant(info.std)
   teacher_mean, teacher_std = channel_constant(spec.mean), channel_constant(spec.std)
-  batches = [{key: torch.from_numpy(value) for key, value in batch.items()}
-             for batch in local_batches]
+  batches = [
+    {key: torch.from_numpy(value) for key, value in batch.items()} for batch in local_batches
+  ]
   batch_size = local_batches[0]["image"].shape[0]
   d = config.distill
   synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -231,8 +252,9 @@ def prepare_torch(config, local_batches: list[dict], teacher_image_size: int, *,
   losses = []
 
   generator = torch.Generator().manual_seed(config.seed + 1)
-  cached_features = [torch.randn(batch_size, spec.embed_dim, generator=generator).half()
-                     for _ in batches]
+  cached_features = [
+    torch.randn(batch_size, spec.embed_dim, generator=generator).half() for _ in batches
+  ]
 
   def teacher_feature_of(batch):
     """The frozen teacher on the teacher view; its time goes to teacher_seconds."""
@@ -240,8 +262,9 @@ def prepare_torch(config, local_batches: list[dict], teacher_image_size: int, *,
     with torch.no_grad():
       images = batch["teacher_image"].to(device).permute(0, 3, 1, 2).float() / 255.0
       if images.shape[-1] != teacher_image_size:
-        images = F.interpolate(images, size=(teacher_image_size,) * 2, mode="bicubic",
-                               align_corners=False).clamp_(0.0, 1.0)
+        images = F.interpolate(
+          images, size=(teacher_image_size,) * 2, mode="bicubic", align_corners=False
+        ).clamp_(0.0, 1.0)
       feature = teacher((images - teacher_mean) / teacher_std).float()
     synchronise()
     teacher_seconds.append(time.perf_counter() - start)
@@ -255,8 +278,9 @@ def prepare_torch(config, local_batches: list[dict], teacher_image_size: int, *,
     labels = batch["label"].to(device).long()
     student_images = (images - data_mean) / data_std
     # As the JAX cached step: float16 embeddings read instead of the teacher.
-    teacher_feature = (cached_features[index].to(device).float() if cached
-                       else teacher_feature_of(batch))
+    teacher_feature = (
+      cached_features[index].to(device).float() if cached else teacher_feature_of(batch)
+    )
     _, student_feature = student(student_images)
     student_emb, student_logits = student_head(student_feature)
     teacher_emb, teacher_logits = teacher_head(teacher_feature)
@@ -281,21 +305,22 @@ def prepare_torch(config, local_batches: list[dict], teacher_image_size: int, *,
     step_s = statistics.median(times)
     extra = {}
     if cached_times:
-      extra["cached"] = {"step_time": timing.summarise_times(cached_times),
-                         "images_per_sec": batch_size / statistics.median(cached_times)}
+      extra["cached"] = {
+        "step_time": timing.summarise_times(cached_times),
+        "images_per_sec": batch_size / statistics.median(cached_times),
+      }
     return {
-        **extra,
-        "device": str(device),
-        "num_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "dtype": "float32",
-        "step_time": timing.summarise_times(times),
-        "steps_per_sec": 1.0 / step_s,
-        "images_per_sec": batch_size / step_s,
-        "teacher_forward_time_fraction": (
-            statistics.median(teacher_seconds[-len(times):]) / step_s),
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
+      **extra,
+      "device": str(device),
+      "num_threads": torch.get_num_threads(),
+      "torch_version": torch.__version__,
+      "dtype": "float32",
+      "step_time": timing.summarise_times(times),
+      "steps_per_sec": 1.0 / step_s,
+      "images_per_sec": batch_size / step_s,
+      "teacher_forward_time_fraction": (statistics.median(teacher_seconds[-len(times) :]) / step_s),
+      "first_loss": losses[0],
+      "last_loss": losses[-1],
     }
 
   calls = [timing.TimedCall("torch_step", run_step, wait)]

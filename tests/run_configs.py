@@ -1,6 +1,5 @@
 """Small, fast run configurations and helpers shared by the tests."""
 
-import importlib.util
 import os
 
 import pytest
@@ -11,15 +10,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fashion_mnist = pytest.mark.skipif(
     not os.path.isfile(os.path.join(FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')),
     reason=f'Fashion-MNIST idx files not installed in {FASHION_MNIST_DIR} (make fashion-mnist)')
-
-
-def load_launch_script(name, module_name=None):
-  """Imports launch/<name>.py (not a package) as a module."""
-  path = os.path.join(REPO, 'launch', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(module_name or name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def fashion_mnist_config(teacher_dir, **overrides):

@@ -18,8 +18,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_module(module, *flags, timeout=300):
-  return subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True,
-                        cwd=REPO, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", module, *flags],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=timeout,
+  )
 
 
 def _run_cli(tmp_path, *flags):
@@ -64,7 +69,9 @@ def test_torch_ega_loss_matches_the_formula():
   rng = np.random.default_rng(0)
   teacher = rng.normal(size=(6, 16)).astype(np.float32)
   student = (0.5 * teacher + rng.normal(size=(6, 16))).astype(np.float32)
-  loss = torch_reference.torch_ega_loss(torch.from_numpy(teacher), torch.from_numpy(student), 0.8, 0.24)
+  loss = torch_reference.torch_ega_loss(
+    torch.from_numpy(teacher), torch.from_numpy(student), 0.8, 0.24
+  )
   assert float(loss) == pytest.approx(_ega_float64(teacher, student), rel=1e-5)
 
 
@@ -77,16 +84,23 @@ def test_torch_student_has_repdistillers_parameter_count(name, expected):
   assert logits.shape == (2, 100) and feature.shape == (2, widths[3])
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--config.teacher.arch=clip_vit_b99"],
-     "config.teacher.arch='clip_vit_b99' is not valid; valid: clip_vit_b32"),
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (
+      ["--config.teacher.arch=clip_vit_b99"],
+      "config.teacher.arch='clip_vit_b99' is not valid; valid: clip_vit_b32",
+    ),
     (["--config.student.arch=vgg8", "--compare_torch"], "PyTorch students resnet8"),
     (["--config.distill.method=kd", "--compare-torch"], "EGA step"),
     (["--config=configs/nope.py"], "--config='configs/nope.py' is not a file"),
     (["--teacher_cache", "--cache_views=some"], "--cache_views='some' is not valid"),
-    (["--teacher_cache", "--config.distill.method=none"],
-     "--teacher_cache needs a step with a teacher"),
-])
+    (
+      ["--teacher_cache", "--config.distill.method=none"],
+      "--teacher_cache needs a step with a teacher",
+    ),
+  ],
+)
 def test_user_mistakes_are_one_line(flags, message):
   if not any(flag.startswith("--config=") for flag in flags):
     flags = ["--config=configs/cifar100.py", *flags]
@@ -98,14 +112,25 @@ def test_user_mistakes_are_one_line(flags, message):
 @pytest.mark.slow
 def test_cli_reports_the_production_step(tmp_path):
   report, stdout = _run_cli(
-      tmp_path, "--config=configs/fashion_mnist.py", "--config.teacher.arch=resnet18",
-      "--config.student.arch=resnet8", "--config.batch_size=8", "--steps=3", "--warmup=1",
-      "--peak_matmul_size=1024")
+    tmp_path,
+    "--config=configs/fashion_mnist.py",
+    "--config.teacher.arch=resnet18",
+    "--config.student.arch=resnet8",
+    "--config.batch_size=8",
+    "--steps=3",
+    "--warmup=1",
+    "--peak_matmul_size=1024",
+  )
   assert "images/s" in stdout and "MFU" in stdout
   jax_result = report["jax"]
-  assert (report["dataset"], report["teacher"], report["student"], report["method"],
-          report["batch_size"], report["dtype"]) == (
-              "fashion_mnist", "resnet18", "resnet8", "ega", 8, "float32")
+  assert (
+    report["dataset"],
+    report["teacher"],
+    report["student"],
+    report["method"],
+    report["batch_size"],
+    report["dtype"],
+  ) == ("fashion_mnist", "resnet18", "resnet8", "ega", 8, "float32")
   assert jax_result["teacher_image_size"] == 224  # TEACHER_SPECS['resnet18']
   assert len(jax_result["step_time"]["all_s"]) == 3
   median = jax_result["step_time"]["median_s"]
@@ -118,15 +143,23 @@ def test_cli_reports_the_production_step(tmp_path):
   assert report["peak_matmul"]["flops"] == 2 * 1024**3
   assert 0 < report["mfu"] < 1.5
   assert report["mfu"] == pytest.approx(
-      report["flops_per_step"] / median / report["peak_matmul"]["flops_per_sec"])
+    report["flops_per_step"] / median / report["peak_matmul"]["flops_per_sec"]
+  )
   assert math.isfinite(jax_result["first_loss"]) and math.isfinite(jax_result["last_loss"])
   assert "torch" not in report
 
 
 def test_cache_economics_arithmetic():
   economics = report_lib.cache_economics(
-      num_train=1000, batch_size=100, num_epochs=20, num_views=4, live_step_s=2.0,
-      cached_step_s=0.5, teacher_batch_s=1.5, torch_step_s=3.0)
+    num_train=1000,
+    batch_size=100,
+    num_epochs=20,
+    num_views=4,
+    live_step_s=2.0,
+    cached_step_s=0.5,
+    teacher_batch_s=1.5,
+    torch_step_s=3.0,
+  )
   assert economics["steps_per_epoch"] == 10
   assert economics["live_epoch_s"] == pytest.approx(20.0)
   assert economics["cached_epoch_s"] == pytest.approx(5.0)
@@ -140,18 +173,28 @@ def test_cache_economics_arithmetic():
 @pytest.mark.slow
 def test_cli_compares_with_pytorch(tmp_path):
   report, stdout = _run_cli(
-      tmp_path, "--config=configs/fashion_mnist.py", "--config.teacher.arch=resnet18",
-      "--config.student.arch=resnet8x4", "--config.batch_size=4", "--steps=2", "--warmup=1",
-      "--teacher_image_size=64", "--peak_matmul_size=1024", "--compare_torch",
-      "--torch_threads=1", "--teacher_cache", "--cache_views=3")
+    tmp_path,
+    "--config=configs/fashion_mnist.py",
+    "--config.teacher.arch=resnet18",
+    "--config.student.arch=resnet8x4",
+    "--config.batch_size=4",
+    "--steps=2",
+    "--warmup=1",
+    "--teacher_image_size=64",
+    "--peak_matmul_size=1024",
+    "--compare_torch",
+    "--torch_threads=1",
+    "--teacher_cache",
+    "--cache_views=3",
+  )
   assert "JAX / PyTorch images/s" in stdout
   torch_result = report["torch"]
   assert torch_result["num_threads"] == 1 and torch_result["dtype"] == "float32"
   assert len(torch_result["step_time"]["all_s"]) == 2
-  assert torch_result["images_per_sec"] == pytest.approx(
-      4 / torch_result["step_time"]["median_s"])
+  assert torch_result["images_per_sec"] == pytest.approx(4 / torch_result["step_time"]["median_s"])
   assert report["jax_over_torch_images_per_sec"] == pytest.approx(
-      report["images_per_sec"] / torch_result["images_per_sec"])
+    report["images_per_sec"] / torch_result["images_per_sec"]
+  )
   assert 0 < torch_result["teacher_forward_time_fraction"] < 1
   assert report["jax"]["teacher_image_size"] == 64
   assert report["flops_per_step"] > 0 and 0 < report["mfu"] < 1.5
@@ -161,18 +204,20 @@ def test_cli_compares_with_pytorch(tmp_path):
   assert cached["teacher_feature_dim"] == 512
   assert cached["images_per_sec"] == pytest.approx(4 / cached["step_time"]["median_s"])
   teacher_flops = report["jax"]["teacher_forward"]["flops_per_device"]
-  assert cached["flops_per_step"] == pytest.approx(report["flops_per_step"] - teacher_flops,
-                                                   rel=0.05)
+  assert cached["flops_per_step"] == pytest.approx(
+    report["flops_per_step"] - teacher_flops, rel=0.05
+  )
   economics = report["cache_economics"]
   assert economics["num_views"] == 3 and economics["num_train"] == 25600
   assert report["cached_over_torch_images_per_sec"] == pytest.approx(
-      cached["images_per_sec"] / torch_result["images_per_sec"])
+    cached["images_per_sec"] / torch_result["images_per_sec"]
+  )
   torch_cached = torch_result["cached"]
   assert len(torch_cached["step_time"]["all_s"]) == 2
-  assert torch_cached["images_per_sec"] == pytest.approx(
-      4 / torch_cached["step_time"]["median_s"])
+  assert torch_cached["images_per_sec"] == pytest.approx(4 / torch_cached["step_time"]["median_s"])
   assert report["cached_over_torch_cached_images_per_sec"] == pytest.approx(
-      cached["images_per_sec"] / torch_cached["images_per_sec"])
+    cached["images_per_sec"] / torch_cached["images_per_sec"]
+  )
   assert "cached JAX / cached PyTorch" in stdout
 
 
@@ -184,8 +229,14 @@ def test_ablations_script_measures_every_variant(tmp_path):
   assert result.returncode == 0, result.stderr[-4000:]
   report = json.loads(out.read_text())
   loop, donation = report["loop"], report["donation"]
-  for value in (loop["naive_step_ms"], loop["production_step_ms"], loop["host_batch_ms"],
-                loop["step_alone_ms"], donation["with_ms"], donation["without_ms"]):
+  for value in (
+    loop["naive_step_ms"],
+    loop["production_step_ms"],
+    loop["host_batch_ms"],
+    loop["step_alone_ms"],
+    donation["with_ms"],
+    donation["without_ms"],
+  ):
     assert 0 < value < 60_000
   # resnet8 + the two 256-d heads + momentum buffers: a few MiB.
   assert 0.5 < donation["state_mib"] < 10
@@ -202,8 +253,18 @@ def test_conv_ablation_times_both_variants_of_the_same_function(tmp_path):
   # ShuffleV1 exercises the depthwise and grouped 1x1 rewrites; the "before" variant must be a
   # different program (plain lax convs) computing the same loss and gradients.
   out = tmp_path / "conv.json"
-  result = _run_module("benchmarks.conv_ablation", "--students", "ShuffleV1", "--batch_size",
-                       "4", "--rounds", "1", "--json", str(out), timeout=600)
+  result = _run_module(
+    "benchmarks.conv_ablation",
+    "--students",
+    "ShuffleV1",
+    "--batch_size",
+    "4",
+    "--rounds",
+    "1",
+    "--json",
+    str(out),
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   (row,) = json.loads(out.read_text())
   assert row["student"] == "ShuffleV1" and row["batch_size"] == 4

@@ -8,9 +8,7 @@ of this package.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 
 from absl import logging
@@ -23,10 +21,10 @@ import numpy as np
 from ega_jax import config as config_lib
 from ega_jax import data as data_lib
 from ega_jax import losses
-from ega_jax import models as models_lib
 from ega_jax.train import checkpointing
 from ega_jax.train import preemption as preemption_lib
 from ega_jax.train import run as run_lib
+from ega_jax.train import setup
 from ega_jax.train import state as state_lib
 
 # Global batches kept in flight to the devices ahead of the step.
@@ -50,19 +48,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Devices: %d (%s), processes: %d, mesh: %s", mesh.size,
                mesh.devices.flat[0].platform, jax.process_count(), dict(mesh.shape))
 
-  teacher_module, teacher_host_variables, teacher_meta = _load_teacher(config)
+  teacher_module, teacher_host_variables, teacher_meta = setup.load_teacher(config)
   info = data_lib.get_dataset_info(config.dataset.name)
-  train_cache, eval_cache = _teacher_cache_splits(config, teacher_meta)
-  with _as_user_error(f"config.dataset.name={config.dataset.name!r}"):
-    train_loader, eval_loader = _create_loaders(config, train_cache, eval_cache)
-  num_train = _num_train_examples(config, info)
-  with _as_user_error(f"config.student.arch={config.student.arch!r} on "
+  train_cache, eval_cache = setup.teacher_cache_splits(config, teacher_meta)
+  with setup.as_user_error(f"config.dataset.name={config.dataset.name!r}"):
+    train_loader, eval_loader = setup.create_loaders(config, train_cache, eval_cache)
+  num_train = setup.num_train_examples(config, info)
+  with setup.as_user_error(f"config.student.arch={config.student.arch!r} on "
                       f"{info.image_size}x{info.image_size} {config.dataset.name} images"):
     run = run_lib.build_run(
         config, mesh, teacher_module=teacher_module, teacher_variables=teacher_host_variables,
         teacher_meta=teacher_meta, num_classes=info.num_classes, num_train_examples=num_train,
         image_shape=(info.image_size, info.image_size, 3),
-        crd_train_labels=_crd_labels(config),
+        crd_train_labels=setup.crd_labels(config),
         # With every teacher embedding cached the teacher never runs on device.
         place_teacher=not (train_cache and eval_cache))
   num_steps = state_lib.total_train_steps(config, num_train)
@@ -77,7 +75,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       prefetch_buffer_size=DEVICE_PREFETCH))
   signature = config_lib.run_signature(config)
   checkpointing.check_workdir(workdir, signature, config.overwrite_workdir)
-  _sync_processes("ega_jax workdir checked")
+  setup.sync_processes("ega_jax workdir checked")
   manager = checkpointing.create_checkpoint_manager(workdir, config.keep_checkpoints)
   meta = {"signature": signature, "best_top1": -1.0, "best_step": 0, "last_top1": -1.0}
   state = run.state
@@ -95,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    if config.graph_pictures else None)
   step = int(jax.device_get(state.step))
   if step == 0:
-    writer.write_hparams(_flat_hparams(config))
+    writer.write_hparams(setup.flat_hparams(config))
     if jax.process_index() == 0:
       parameter_overview.log_parameter_overview(
           jax.device_get(state.student_params), msg="Student parameters")
@@ -157,129 +155,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _due(step: int, every: int, num_steps: int) -> bool:
   """Whether periodic work of period `every` runs after `step` (always after the last)."""
   return step % every == 0 or step == num_steps
-
-
-# ---------------------------------------------------------------------------
-# Set-up.
-
-
-def _load_teacher(config):
-  """(module, host variables, meta) of config.teacher.checkpoint, checked against the config."""
-  try:
-    module, variables, meta = models_lib.load_teacher(config.teacher.checkpoint)
-  except (FileNotFoundError, ValueError, OSError) as error:
-    raise config_lib.UserInputError(
-        f"config.teacher.checkpoint={config.teacher.checkpoint!r} cannot be loaded: "
-        f"{config_lib.one_line(error)}") from error
-  if meta.get("arch") != config.teacher.arch:
-    raise config_lib.ConfigError(
-        f"config.teacher.arch={config.teacher.arch!r} does not match "
-        f"{os.path.join(config.teacher.checkpoint, 'teacher.json')}, which holds "
-        f"arch {meta.get('arch')!r}; set config.teacher.arch to it or "
-        "convert the right checkpoint.")
-  return module, variables, meta
-
-
-@contextlib.contextmanager
-def _as_user_error(what: str):
-  """Context: FileNotFoundError/ValueError from data or models -> UserInputError."""
-  try:
-    yield
-  except config_lib.UserInputError:
-    raise
-  except (FileNotFoundError, ValueError) as error:
-    raise config_lib.UserInputError(f"{what}: {config_lib.one_line(error)}") from error
-
-
-def _create_loaders(config, train_cache: str | None, eval_cache: str | None):
-  """This process's train and eval loaders; `*_cache` (a cache directory) makes
-  their batches carry cached teacher embeddings."""
-  process_index, process_count = jax.process_index(), jax.process_count()
-  train_loader = data_lib.create_train_loader(
-      config.dataset.name, config.dataset.data_dir, global_batch_size=config.batch_size,
-      seed=config.seed, process_index=process_index, process_count=process_count,
-      teacher_view=config.teacher_view, worker_count=config.dataset.worker_count,
-      max_examples=config.dataset.max_train_examples, teacher_cache_dir=train_cache)
-  eval_loader = data_lib.create_eval_loader(
-      config.dataset.name, config.dataset.data_dir,
-      global_batch_size=config.eval_batch_size, process_index=process_index,
-      process_count=process_count, max_examples=config.dataset.max_eval_examples,
-      teacher_cache_dir=eval_cache)
-  return train_loader, eval_loader
-
-
-def _num_train_examples(config, info) -> int:
-  if config.dataset.max_train_examples > 0:
-    return min(info.num_train, config.dataset.max_train_examples)
-  return info.num_train
-
-
-def _crd_labels(config):
-  if config.distill.method != "crd":
-    return None
-  return data_lib.train_labels(config.dataset.name, config.dataset.data_dir,
-                               config.dataset.max_train_examples)
-
-
-def _teacher_cache_splits(config, teacher_meta) -> tuple[str | None, str | None]:
-  """(train cache, eval cache): config.teacher.cache for the splits it holds.
-
-  The cache must come from the loaded teacher and the configured dataset; a
-  train run needs its train split, and evaluation uses its eval split when
-  complete (else the live teacher).
-  """
-  from ega_jax.data import augment, teacher_cache
-
-  directory = config.teacher.get("cache", "")
-  if not directory or not config_lib.uses_teacher(config):
-    return None, None
-  try:
-    manifest = teacher_cache.read_manifest(directory)
-    teacher_cache.check_matches(
-        manifest, directory=directory, teacher_meta=teacher_meta,
-        dataset=config.dataset.name,
-        padding=augment.crop_padding(data_lib.get_dataset_info(config.dataset.name).image_size))
-  except (FileNotFoundError, ValueError) as error:
-    raise config_lib.ConfigError(
-        f"config.teacher.cache={directory!r}: {config_lib.one_line(error)}") from error
-  splits = manifest.get("splits", {})
-  if not splits.get("train", {}).get("complete"):
-    raise config_lib.ConfigError(
-        f"config.teacher.cache={directory!r} has no complete train split; run "
-        "python -m launch.cache_teacher again to finish it.")
-  eval_cache = directory if splits.get("eval", {}).get("complete") else None
-  logging.info("Teacher embeddings for training from the cache %s (%d views per image%s); "
-               "evaluation uses %s.", directory, splits["train"]["num_views"],
-               ", all of them" if splits["train"]["all_views"] else "",
-               "its centre views" if eval_cache else "the live teacher")
-  return directory, eval_cache
-
-
-def _sync_processes(name: str) -> None:
-  """Barrier over processes: nobody creates checkpoint directories before every
-  process has looked at the workdir (orbax's managers synchronise in their
-  constructors, and the processes must take the same branch)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def _flat_hparams(config) -> dict:
-  """Every config field as a dotted name -> scalar (TensorBoard drops nested dicts)."""
-  flat = {}
-
-  def walk(prefix, value):
-    if isinstance(value, dict):
-      for key, item in value.items():
-        walk(f"{prefix}{key}.", item)
-    elif isinstance(value, (int, float, str, bool)):
-      flat[prefix[:-1]] = value
-    elif value is not None:
-      flat[prefix[:-1]] = str(value)
-
-  walk("", config.to_dict())
-  return flat
 
 
 # ---------------------------------------------------------------------------

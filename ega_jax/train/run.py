@@ -1,4 +1,5 @@
-"""`build_run`: everything a run computes with, built once from a config.
+"""`build_run`: everything a run computes with, built once from a config, and
+`compile_steps`: the steps as jit(shard_map(...)) programs over the data mesh.
 
 The training loop, the benchmarks, the ablations and the multi-device test
 worker all set a run up through this one function, so what they time or
@@ -8,14 +9,17 @@ check is what `python -m ega_jax.main` trains.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 import numpy as np
 import optax
 
+from ega_jax import config as config_lib
 from ega_jax import losses
+from ega_jax.train import eval_steps
 from ega_jax.train import state as state_lib
 from ega_jax.train import steps as steps_lib
 
@@ -75,7 +79,7 @@ def build_run(config, mesh: Mesh, *, teacher_module, teacher_variables, teacher_
     if crd_train_labels is None:
       raise ValueError("build_run: distill.method='crd' needs crd_train_labels.")
     crd_tables = state_lib.replicate(losses.build_crd_class_tables(crd_train_labels), mesh)
-  train_step, eval_step, embed_step = steps_lib.compile_steps(
+  train_step, eval_step, embed_step = compile_steps(
       mesh, models, config, student_tx, teacher_head_tx, donate_state=donate_state)
   return Run(
       mesh=mesh,
@@ -91,3 +95,29 @@ def build_run(config, mesh: Mesh, *, teacher_module, teacher_variables, teacher_
       embed_step=embed_step,
   )
 
+
+def compile_steps(mesh: Mesh, models: state_lib.DistillModels, config, student_tx, teacher_head_tx,
+                  donate_state: bool = True):
+  """jit(shard_map(...)) versions of the steps over the 1-D data mesh.
+
+  `donate_state=False` (the donation ablation only) keeps the input state's
+  buffers alive instead of reusing them for the new state.
+  """
+  replicated = P()
+  sharded = P(state_lib.AXIS)
+  train = functools.partial(
+      steps_lib.train_step, models=models, config=config, student_tx=student_tx,
+      teacher_head_tx=teacher_head_tx, hparams=config_lib.distill_hparams(config))
+  train = jax.jit(
+      jax.shard_map(train, mesh=mesh,
+                    in_specs=(replicated, replicated, sharded, replicated),
+                    out_specs=(replicated, replicated)),
+      donate_argnums=(0,) if donate_state else ())
+  with_teacher = config_lib.uses_teacher(config)
+  evaluate = jax.jit(jax.shard_map(
+      functools.partial(eval_steps.eval_step, models=models, with_teacher=with_teacher), mesh=mesh,
+      in_specs=(replicated, replicated, sharded), out_specs=replicated))
+  embed = jax.jit(jax.shard_map(
+      functools.partial(eval_steps.embedding_step, models=models), mesh=mesh,
+      in_specs=(replicated, replicated, sharded), out_specs=replicated))
+  return train, evaluate, embed

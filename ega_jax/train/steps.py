@@ -1,4 +1,4 @@
-"""The per-device SPMD steps (train, eval, embeddings) and their compilation.
+"""The per-device SPMD train step and the helpers the eval steps share.
 
 The steps are written as per-device code with named-axis collectives over a
 1-D ('data',) mesh of all devices and compiled with
@@ -23,7 +23,6 @@ import functools
 from typing import Mapping
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
 import jax.numpy as jnp
 import optax
 
@@ -33,22 +32,24 @@ from ega_jax.models import preprocess
 from ega_jax.train.state import AXIS, DistillModels, TrainState
 
 
-def _cross_entropy_sum(logits, labels, mask=None):
+def cross_entropy_sum(logits, labels, mask=None):
   """Sum over the rows of the softmax cross-entropy. (B, C), (B,) -> ()."""
+  # At least float32 (bfloat16 logits are promoted); float64 stays float64 so
+  # the float64 parity tests are not cut to float32 here.
   per_example = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
+      logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), labels)
   if mask is not None:
     per_example = per_example * mask
   return jnp.sum(per_example)
 
 
-def _correct_topk(logits, labels, k):
+def correct_topk(logits, labels, k):
   """(B, C), (B,) -> (B,) float32: 1 where the label is among the top-k logits."""
   topk = jax.lax.top_k(logits.astype(jnp.float32), k)[1]
   return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def _all_gather(x):
+def all_gather(x):
   return jax.lax.all_gather(x, AXIS, axis=0, tiled=True)
 
 
@@ -58,7 +59,7 @@ def _tree_all_finite(tree) -> jnp.ndarray:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _live_teacher_embedding(models: DistillModels, variables, images_uint8) -> jnp.ndarray:
+def live_teacher_embedding(models: DistillModels, variables, images_uint8) -> jnp.ndarray:
   return preprocess.teacher_embedding(
       models.teacher, variables, images_uint8, models.teacher_image_size,
       models.teacher_mean, models.teacher_std, models.dtype)
@@ -69,7 +70,7 @@ def _teacher_feature(models: DistillModels, config, teacher_variables, batch) ->
   if "teacher_feature" in batch:
     return batch["teacher_feature"].astype(jnp.float32)
   source = batch["image"] if config.teacher_view == "same" else batch["teacher_image"]
-  return jax.lax.stop_gradient(_live_teacher_embedding(models, teacher_variables, source))
+  return jax.lax.stop_gradient(live_teacher_embedding(models, teacher_variables, source))
 
 
 def _distillation_term(models: DistillModels, config, hparams, state: TrainState,
@@ -89,13 +90,13 @@ def _distillation_term(models: DistillModels, config, hparams, state: TrainState
         {"params": student_params["crd_student"]}, embeddings["student_emb"])
     teacher_proj = models.crd_projection.apply(
         {"params": student_params["crd_teacher"]}, embeddings["teacher_emb"])
-    global_indices = _all_gather(batch["index"])
+    global_indices = all_gather(batch["index"])
     contrast_indices = losses.sample_crd_negatives(
         jax.random.fold_in(step_rng, 1), global_labels, global_indices,
         crd_tables, config.distill.crd_num_negatives)
     return losses.crd_loss(
-        _all_gather(student_proj.astype(jnp.float32)),
-        _all_gather(teacher_proj.astype(jnp.float32)),
+        all_gather(student_proj.astype(jnp.float32)),
+        all_gather(teacher_proj.astype(jnp.float32)),
         global_indices, contrast_indices, state.crd_memory,
         temperature=config.distill.crd_temperature, momentum=config.distill.crd_momentum)
   distill = losses.distill_loss(
@@ -110,7 +111,7 @@ def _objective(student_params, teacher_head_params, *, state: TrainState, models
                config, hparams, batch, crd_tables, teacher_feature, step_rng):
   """This device's share of the total loss, and what the step needs besides it."""
   labels = batch["label"]
-  global_labels = _all_gather(labels)
+  global_labels = all_gather(labels)
   global_batch = global_labels.shape[0]
   student_images = preprocess.normalize_images(batch["image"], models.data_mean, models.data_std)
   (_, student_features), new_model_state = models.student.apply(
@@ -125,7 +126,7 @@ def _objective(student_params, teacher_head_params, *, state: TrainState, models
   student_logits = student_logits.astype(loss_dtype)
 
   # Local terms: local sum / global batch (their sum over devices is the mean).
-  ce_student = _cross_entropy_sum(student_logits, labels) / global_batch
+  ce_student = cross_entropy_sum(student_logits, labels) / global_batch
   ce_teacher = jnp.zeros((), jnp.float32)
   teacher_correct = jnp.zeros((), jnp.float32)
   embeddings = {"student_emb": student_emb, "teacher_emb": None, "global_teacher_emb": None,
@@ -135,16 +136,16 @@ def _objective(student_params, teacher_head_params, *, state: TrainState, models
         {"params": teacher_head_params}, teacher_feature)
     teacher_emb = teacher_emb.astype(loss_dtype)
     teacher_logits = teacher_logits.astype(loss_dtype)
-    ce_teacher = _cross_entropy_sum(teacher_logits, labels) / global_batch
-    teacher_correct = jnp.sum(_correct_topk(teacher_logits, labels, 1))
+    ce_teacher = cross_entropy_sum(teacher_logits, labels) / global_batch
+    teacher_correct = jnp.sum(correct_topk(teacher_logits, labels, 1))
     # Global terms: every device computes the same value from gathered rows.
     if not config.distill.train_teacher_head_jointly:
       teacher_emb = jax.lax.stop_gradient(teacher_emb)
     embeddings["teacher_emb"] = teacher_emb
-    embeddings["global_teacher_emb"] = _all_gather(teacher_emb)
-    embeddings["global_teacher_logits"] = _all_gather(jax.lax.stop_gradient(teacher_logits))
-  embeddings["global_student_emb"] = _all_gather(student_emb)
-  embeddings["global_student_logits"] = _all_gather(student_logits)
+    embeddings["global_teacher_emb"] = all_gather(teacher_emb)
+    embeddings["global_teacher_logits"] = all_gather(jax.lax.stop_gradient(teacher_logits))
+  embeddings["global_student_emb"] = all_gather(student_emb)
+  embeddings["global_student_logits"] = all_gather(student_logits)
 
   d = config.distill
   kd = jnp.zeros((), jnp.float32)
@@ -166,7 +167,7 @@ def _objective(student_params, teacher_head_params, *, state: TrainState, models
       "teacher_ce": ce_teacher,
       "kd": kd,
       "distill": distill,
-      "correct": jnp.sum(_correct_topk(student_logits, labels, 1)),
+      "correct": jnp.sum(correct_topk(student_logits, labels, 1)),
       "teacher_correct": teacher_correct,
   }
   return total, aux
@@ -251,103 +252,3 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
       "finite": finite.astype(jnp.float32),
   }
   return _keep_old_unless_finite(finite, candidate, state), metrics
-
-
-def _eval_student(state: TrainState, images_uint8, models: DistillModels):
-  """Eval-mode student embedding and logits: (b, feature_dim), (b, classes) float32."""
-  student_images = preprocess.normalize_images(images_uint8, models.data_mean, models.data_std)
-  _, student_features = models.student.apply(
-      {"params": state.student_params["backbone"], "batch_stats": state.student_batch_stats},
-      student_images.astype(models.dtype), train=False)
-  embedding, logits = models.student_head.apply(
-      {"params": state.student_params["head"]}, student_features["penultimate"])
-  return embedding.astype(jnp.float32), logits.astype(jnp.float32)
-
-
-def _eval_teacher(state: TrainState, teacher_variables, batch, models: DistillModels):
-  """Teacher embedding and teacher-head logits: (b, feature_dim), (b, classes) float32.
-
-  From the batch's cached 'teacher_feature' when it has one, else the teacher
-  runs on 'image'.
-  """
-  if "teacher_feature" in batch:
-    teacher_feature = batch["teacher_feature"]
-  else:
-    teacher_feature = _live_teacher_embedding(models, teacher_variables, batch["image"])
-  embedding, logits = models.teacher_head.apply(
-      {"params": state.teacher_head_params}, teacher_feature.astype(jnp.float32))
-  return embedding.astype(jnp.float32), logits.astype(jnp.float32)
-
-
-def eval_step(state: TrainState, teacher_variables, batch, *, models: DistillModels,
-              with_teacher: bool = True):
-  """Counts correct predictions on this device's slice of a padded eval batch.
-
-  Args:
-    batch: 'image' (b, H, W, 3) uint8, 'label' (b,), 'mask' (b,) bool; padded
-      rows have mask False and count nowhere. Optionally 'teacher_feature'
-      (b, D) cached teacher embeddings of the images.
-    with_teacher: False skips the teacher (its 'teacher_top1' is then 0).
-
-  Returns:
-    Replicated sums over the global batch: 'count', 'top1', 'top5',
-    'teacher_top1', 'ce'.
-  """
-  mask = batch["mask"].astype(jnp.float32)
-  labels = batch["label"]
-  _, student_logits = _eval_student(state, batch["image"], models)
-  if with_teacher:
-    _, teacher_logits = _eval_teacher(state, teacher_variables, batch, models)
-  else:
-    teacher_logits = jnp.zeros_like(student_logits)
-  num_classes = student_logits.shape[-1]
-  sums = {
-      "count": jnp.sum(mask),
-      "top1": jnp.sum(_correct_topk(student_logits, labels, 1) * mask),
-      "top5": jnp.sum(_correct_topk(student_logits, labels, min(5, num_classes)) * mask),
-      "teacher_top1": jnp.sum(_correct_topk(teacher_logits, labels, 1) * mask),
-      "ce": _cross_entropy_sum(student_logits, labels, mask),
-  }
-  return jax.tree.map(lambda x: jax.lax.psum(x, AXIS), sums)
-
-
-def embedding_step(state: TrainState, teacher_variables, batch, *, models: DistillModels):
-  """Global eval-mode embeddings of a batch, for the graph pictures.
-
-  Returns:
-    (teacher_emb (B, feature_dim), student_emb (B, feature_dim), labels (B,)),
-    replicated, B the global batch.
-  """
-  student_emb, _ = _eval_student(state, batch["image"], models)
-  teacher_emb, _ = _eval_teacher(state, teacher_variables, batch, models)
-  gathered = (_all_gather(teacher_emb), _all_gather(student_emb), _all_gather(batch["label"]))
-  # Identical on every device; pmean records that for the replication check.
-  return (jax.lax.pmean(gathered[0], AXIS), jax.lax.pmean(gathered[1], AXIS),
-          jax.lax.pmax(gathered[2], AXIS))
-
-
-def compile_steps(mesh: Mesh, models: DistillModels, config, student_tx, teacher_head_tx,
-                  donate_state: bool = True):
-  """jit(shard_map(...)) versions of the steps over the 1-D data mesh.
-
-  `donate_state=False` (the donation ablation only) keeps the input state's
-  buffers alive instead of reusing them for the new state.
-  """
-  replicated = P()
-  sharded = P(AXIS)
-  train = functools.partial(
-      train_step, models=models, config=config, student_tx=student_tx,
-      teacher_head_tx=teacher_head_tx, hparams=config_lib.distill_hparams(config))
-  train = jax.jit(
-      jax.shard_map(train, mesh=mesh,
-                    in_specs=(replicated, replicated, sharded, replicated),
-                    out_specs=(replicated, replicated)),
-      donate_argnums=(0,) if donate_state else ())
-  with_teacher = config_lib.uses_teacher(config)
-  evaluate = jax.jit(jax.shard_map(
-      functools.partial(eval_step, models=models, with_teacher=with_teacher), mesh=mesh,
-      in_specs=(replicated, replicated, sharded), out_specs=replicated))
-  embed = jax.jit(jax.shard_map(
-      functools.partial(embedding_step, models=models), mesh=mesh,
-      in_specs=(replicated, replicated, sharded), out_specs=replicated))
-  return train, evaluate, embed

@@ -1,0 +1,132 @@
+"""Setting a run up: the teacher, the loaders, the teacher cache, what gets logged once."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from absl import logging
+import jax
+
+from ega_jax import config as config_lib
+from ega_jax import data as data_lib
+from ega_jax import models as models_lib
+
+
+def load_teacher(config):
+  """(module, host variables, meta) of config.teacher.checkpoint, checked against the config."""
+  try:
+    module, variables, meta = models_lib.load_teacher(config.teacher.checkpoint)
+  except (FileNotFoundError, ValueError, OSError) as error:
+    raise config_lib.UserInputError(
+        f"config.teacher.checkpoint={config.teacher.checkpoint!r} cannot be loaded: "
+        f"{config_lib.one_line(error)}") from error
+  if meta.get("arch") != config.teacher.arch:
+    raise config_lib.ConfigError(
+        f"config.teacher.arch={config.teacher.arch!r} does not match "
+        f"{os.path.join(config.teacher.checkpoint, 'teacher.json')}, which holds "
+        f"arch {meta.get('arch')!r}; set config.teacher.arch to it or "
+        "convert the right checkpoint.")
+  return module, variables, meta
+
+
+@contextlib.contextmanager
+def as_user_error(what: str):
+  """Context: FileNotFoundError/ValueError from data or models -> UserInputError."""
+  try:
+    yield
+  except config_lib.UserInputError:
+    raise
+  except (FileNotFoundError, ValueError) as error:
+    raise config_lib.UserInputError(f"{what}: {config_lib.one_line(error)}") from error
+
+
+def create_loaders(config, train_cache: str | None, eval_cache: str | None):
+  """This process's train and eval loaders; `*_cache` (a cache directory) makes
+  their batches carry cached teacher embeddings."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+  train_loader = data_lib.create_train_loader(
+      config.dataset.name, config.dataset.data_dir, global_batch_size=config.batch_size,
+      seed=config.seed, process_index=process_index, process_count=process_count,
+      teacher_view=config.teacher_view, worker_count=config.dataset.worker_count,
+      max_examples=config.dataset.max_train_examples, teacher_cache_dir=train_cache)
+  eval_loader = data_lib.create_eval_loader(
+      config.dataset.name, config.dataset.data_dir,
+      global_batch_size=config.eval_batch_size, process_index=process_index,
+      process_count=process_count, max_examples=config.dataset.max_eval_examples,
+      teacher_cache_dir=eval_cache)
+  return train_loader, eval_loader
+
+
+def num_train_examples(config, info) -> int:
+  if config.dataset.max_train_examples > 0:
+    return min(info.num_train, config.dataset.max_train_examples)
+  return info.num_train
+
+
+def crd_labels(config):
+  if config.distill.method != "crd":
+    return None
+  return data_lib.train_labels(config.dataset.name, config.dataset.data_dir,
+                               config.dataset.max_train_examples)
+
+
+def teacher_cache_splits(config, teacher_meta) -> tuple[str | None, str | None]:
+  """(train cache, eval cache): config.teacher.cache for the splits it holds.
+
+  The cache must come from the loaded teacher and the configured dataset; a
+  train run needs its train split, and evaluation uses its eval split when
+  complete (else the live teacher).
+  """
+  from ega_jax.data import augment, teacher_cache
+
+  directory = config.teacher.get("cache", "")
+  if not directory or not config_lib.uses_teacher(config):
+    return None, None
+  try:
+    manifest = teacher_cache.read_manifest(directory)
+    teacher_cache.check_matches(
+        manifest, directory=directory, teacher_meta=teacher_meta,
+        dataset=config.dataset.name,
+        padding=augment.crop_padding(data_lib.get_dataset_info(config.dataset.name).image_size))
+  except (FileNotFoundError, ValueError) as error:
+    raise config_lib.ConfigError(
+        f"config.teacher.cache={directory!r}: {config_lib.one_line(error)}") from error
+  splits = manifest.get("splits", {})
+  if not splits.get("train", {}).get("complete"):
+    raise config_lib.ConfigError(
+        f"config.teacher.cache={directory!r} has no complete train split; run "
+        "python -m launch.cache_teacher again to finish it.")
+  eval_cache = directory if splits.get("eval", {}).get("complete") else None
+  logging.info("Teacher embeddings for training from the cache %s (%d views per image%s); "
+               "evaluation uses %s.", directory, splits["train"]["num_views"],
+               ", all of them" if splits["train"]["all_views"] else "",
+               "its centre views" if eval_cache else "the live teacher")
+  return directory, eval_cache
+
+
+def sync_processes(name: str) -> None:
+  """Barrier over processes: nobody creates checkpoint directories before every
+  process has looked at the workdir (orbax's managers synchronise in their
+  constructors, and the processes must take the same branch)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def flat_hparams(config) -> dict:
+  """Every config field as a dotted name -> scalar (TensorBoard drops nested dicts)."""
+  flat = {}
+
+  def walk(prefix, value):
+    if isinstance(value, dict):
+      for key, item in value.items():
+        walk(f"{prefix}{key}.", item)
+    elif isinstance(value, (int, float, str, bool)):
+      flat[prefix[:-1]] = value
+    elif value is not None:
+      flat[prefix[:-1]] = str(value)
+
+  walk("", config.to_dict())
+  return flat
