@@ -58,11 +58,11 @@ def distill_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def run_signature(config) -> dict[str, Any]:
   """What a workdir's checkpoints were trained for; a resume must match it."""
   return {
-      "dataset": config.dataset.name,
-      "student": config.student.arch,
-      "teacher": config.teacher.arch,
-      "method": config.distill.method,
-      "feature_dim": int(config.feature_dim),
+    "dataset": config.dataset.name,
+    "student": config.student.arch,
+    "teacher": config.teacher.arch,
+    "method": config.distill.method,
+    "feature_dim": int(config.feature_dim),
   }
 
 
@@ -92,24 +92,29 @@ def _existing_directory(what_creates_it: str) -> Callable[[Any], str | None]:
 
 def _optional_directory(value) -> str | None:
   if value and not os.path.isdir(value):
-    return ("is not a directory; build it with python -m launch.cache_teacher or leave "
-            "config.teacher.cache empty to run the teacher live.")
+    return (
+      "is not a directory; build it with python -m launch.cache_teacher or leave "
+      "config.teacher.cache empty to run the teacher live."
+    )
   return None
 
 
 # (field, check): a check returns None when the value is fine, else the rest of
 # the sentence "config.<field>=<value> <message>".
 _FIELD_CHECKS = (
-    ("dataset.name", _one_of(tuple(data_lib.DATASETS))),
-    ("student.arch", _one_of(tuple(models_lib.STUDENT_NAMES))),
-    ("teacher.arch", _one_of(tuple(models_lib.TEACHER_SPECS))),
-    ("distill.method", _one_of(losses.DISTILL_METHODS)),
-    ("teacher_view", _one_of(TEACHER_VIEWS)),
-    ("dtype", _one_of(tuple(DTYPES))),
-    ("nonfinite_policy", _one_of(NONFINITE_POLICIES)),
-    ("feature_dim", _positive),
-    ("teacher.checkpoint", _existing_directory("python -m launch.convert_teacher (it holds teacher.json)")),
-    ("teacher.cache", _optional_directory),
+  ("dataset.name", _one_of(tuple(data_lib.DATASETS))),
+  ("student.arch", _one_of(tuple(models_lib.STUDENT_NAMES))),
+  ("teacher.arch", _one_of(tuple(models_lib.TEACHER_SPECS))),
+  ("distill.method", _one_of(losses.DISTILL_METHODS)),
+  ("teacher_view", _one_of(TEACHER_VIEWS)),
+  ("dtype", _one_of(tuple(DTYPES))),
+  ("nonfinite_policy", _one_of(NONFINITE_POLICIES)),
+  ("feature_dim", _positive),
+  (
+    "teacher.checkpoint",
+    _existing_directory("python -m launch.convert_teacher (it holds teacher.json)"),
+  ),
+  ("teacher.cache", _optional_directory),
 )
 
 
@@ -131,10 +136,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     value = config[field]
     if value <= 0 or value % num_devices:
       raise ConfigError(
-          f"config.{field}={value} must be a positive multiple of the device "
-          f"count ({num_devices}), because it is the global batch split evenly "
-          "over all devices.")
+        f"config.{field}={value} must be a positive multiple of the device "
+        f"count ({num_devices}), because it is the global batch split evenly "
+        "over all devices."
+      )
   if config.distill.method in losses.GRAPH_METHODS and config.batch_size < 2:
     raise ConfigError(
-        f"config.batch_size={config.batch_size} is too small for a graph loss "
-        f"({config.distill.method}); use at least 2.")
+      f"config.batch_size={config.batch_size} is too small for a graph loss "
+      f"({config.distill.method}); use at least 2."
+    )

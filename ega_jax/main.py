@@ -18,11 +18,12 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Path to an ml_collections config file (configs/*.py).",
-    lock_config=True)
+  "config", None, "Path to an ml_collections config file (configs/*.py).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0, for multi-process runs outside TPU/SLURM.")
+flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0, for multi-process runs outside TPU/SLURM."
+)
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -52,11 +53,12 @@ def initialize_distributed() -> None:
 
   if FLAGS.coordinator_address:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
-      raise app.UsageError(
-          "--coordinator_address needs --num_processes and --process_id as well.")
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id as well.")
     jax.distributed.initialize(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
   elif launched_as_several_processes():
     jax.distributed.initialize()
 
@@ -98,8 +100,13 @@ def main(argv):
   from ega_jax import config as config_lib
   from ega_jax import train
 
-  logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "JAX process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except config_lib.UserInputError as e:

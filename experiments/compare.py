@@ -31,17 +31,26 @@ def run_one(args, method, seed, extra):
   if os.path.exists(summary_path):
     print(f"[compare] {method} seed {seed}: reusing {summary_path}", flush=True)
   else:
-    command = [sys.executable, "-m", "ega_jax.main", f"--config={args.config}",
-               f"--workdir={workdir}", f"--config.teacher.checkpoint={args.teacher}",
-               f"--config.distill.method={method}", f"--config.seed={seed}",
-               "--config.graph_pictures=False"]
+    command = [
+      sys.executable,
+      "-m",
+      "ega_jax.main",
+      f"--config={args.config}",
+      f"--workdir={workdir}",
+      f"--config.teacher.checkpoint={args.teacher}",
+      f"--config.distill.method={method}",
+      f"--config.seed={seed}",
+      "--config.graph_pictures=False",
+    ]
     command += extra
     print(f"[compare] {method} seed {seed}: {' '.join(command)}", flush=True)
     start = time.time()
     result = subprocess.run(command, cwd=REPO)
     if result.returncode != 0:
-      sys.exit(f"compare: the {method} run (seed {seed}) failed with exit code "
-               f"{result.returncode}; its log is above and its workdir is {workdir}.")
+      sys.exit(
+        f"compare: the {method} run (seed {seed}) failed with exit code "
+        f"{result.returncode}; its log is above and its workdir is {workdir}."
+      )
     print(f"[compare] {method} seed {seed}: {time.time() - start:.0f}s", flush=True)
   with open(summary_path) as f:
     return json.load(f)
@@ -56,19 +65,22 @@ def format_stat(values):
 
 def write_results(args, results, extra):
   lines = [
-      f"# Distiller comparison ({os.path.basename(args.config)})", "",
-      f"Teacher: `{args.teacher}`; seeds: {args.seeds}; extra flags: "
-      f"`{' '.join(extra) or '(none)'}`. Top-1 in % on the evaluation split "
-      "(all of it unless the flags set `dataset.max_eval_examples`); with several seeds, "
-      "mean ± sample standard deviation.", "",
-      "| method | best top-1 | last top-1 | wall time (s) |",
-      "|---|---|---|---|",
+    f"# Distiller comparison ({os.path.basename(args.config)})",
+    "",
+    f"Teacher: `{args.teacher}`; seeds: {args.seeds}; extra flags: "
+    f"`{' '.join(extra) or '(none)'}`. Top-1 in % on the evaluation split "
+    "(all of it unless the flags set `dataset.max_eval_examples`); with several seeds, "
+    "mean ± sample standard deviation.",
+    "",
+    "| method | best top-1 | last top-1 | wall time (s) |",
+    "|---|---|---|---|",
   ]
   for method, summaries in results.items():
     lines.append(
-        f"| {method} | {format_stat([s['best_top1'] for s in summaries])} | "
-        f"{format_stat([s['last_top1'] for s in summaries])} | "
-        f"{np.mean([s['wall_time_s'] for s in summaries]):.0f} |")
+      f"| {method} | {format_stat([s['best_top1'] for s in summaries])} | "
+      f"{format_stat([s['last_top1'] for s in summaries])} | "
+      f"{np.mean([s['wall_time_s'] for s in summaries]):.0f} |"
+    )
   path = os.path.join(args.output_dir, "results.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -78,6 +90,7 @@ def write_results(args, results, extra):
 
 def plot_results(args, results):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -86,8 +99,7 @@ def plot_results(args, results):
   means = [b.mean() for b in best]
   spreads = [b.std(ddof=1) if len(b) > 1 else 0.0 for b in best]
   fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
-  colors = ["#c0392b" if m == "ega" else ("#7f8c8d" if m == "none" else "#2980b9")
-            for m in methods]
+  colors = ["#c0392b" if m == "ega" else ("#7f8c8d" if m == "none" else "#2980b9") for m in methods]
   ax.bar(methods, means, yerr=spreads, color=colors, capsize=3)
   low = min(means) - max(3.0, 2 * max(spreads))
   ax.set_ylim(max(0.0, low), min(100.0, max(means) + max(2.0, 2 * max(spreads))))
@@ -103,11 +115,15 @@ def plot_results(args, results):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m experiments.compare",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.compare", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--config", default="configs/fashion_mnist.py")
-  parser.add_argument("--teacher", default="demo_out/teacher/flax",
-                      help="converted teacher directory (python -m launch.convert_teacher output)")
+  parser.add_argument(
+    "--teacher",
+    default="demo_out/teacher/flax",
+    help="converted teacher directory (python -m launch.convert_teacher output)",
+  )
   parser.add_argument("--output_dir", default="demo_out/compare")
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--seeds", default="0")
@@ -118,8 +134,10 @@ def main(argv=None):
   if unknown:
     parser.error(f"--methods has unknown {unknown}; valid: {', '.join(METHODS)}")
   if not os.path.exists(os.path.join(args.teacher, "teacher.json")):
-    parser.error(f"--teacher={args.teacher} holds no teacher.json; run `make demo` or "
-                 "python -m launch.convert_teacher first.")
+    parser.error(
+      f"--teacher={args.teacher} holds no teacher.json; run `make demo` or "
+      "python -m launch.convert_teacher first."
+    )
   seeds = [int(s) for s in args.seeds.split(",") if s]
   os.makedirs(args.output_dir, exist_ok=True)
   results = {m: [run_one(args, m, seed, args.extra) for seed in seeds] for m in methods}

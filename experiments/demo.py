@@ -45,8 +45,15 @@ def run_stage(title: str, command: list[str]) -> float:
 
 def train_stage(title, workdir, teacher_dir, extra_flags):
   summary_path = os.path.join(workdir, "summary.json")
-  command = [sys.executable, "-m", "ega_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
-             f"--config.teacher.checkpoint={teacher_dir}", *extra_flags]
+  command = [
+    sys.executable,
+    "-m",
+    "ega_jax.main",
+    f"--config={CONFIG}",
+    f"--workdir={workdir}",
+    f"--config.teacher.checkpoint={teacher_dir}",
+    *extra_flags,
+  ]
   if os.path.exists(summary_path):
     print(f"\n=== {title}: cached ({summary_path}); use --fresh to retrain", flush=True)
     with open(summary_path) as f:
@@ -67,18 +74,33 @@ def prepare_teacher(output_dir: str) -> tuple[dict, str, dict[str, float]]:
   teacher_dir = os.path.join(output_dir, "teacher", "flax")
   wall = {}
   wall["teacher pretraining (PyTorch SimCLR)"] = run_stage(
-      "1/4 pretrain the SimCLR teacher in PyTorch",
-      [sys.executable, "-m", "experiments.pretrain_demo_teacher", "--output", teacher_pth])
+    "1/4 pretrain the SimCLR teacher in PyTorch",
+    [sys.executable, "-m", "experiments.pretrain_demo_teacher", "--output", teacher_pth],
+  )
   with open(teacher_pth + ".json") as f:
     teacher_report = json.load(f)
 
   teacher_json = os.path.join(teacher_dir, "teacher.json")
   convert_command = [
-      sys.executable, "-m", "launch.convert_teacher", "--arch", "resnet18", "--checkpoint",
-      teacher_pth, "--output", teacher_dir, "--image_size", str(teacher_report["image_size"]),
-      "--mean", *map(str, teacher_report["mean"]), "--std", *map(str, teacher_report["std"])]
+    sys.executable,
+    "-m",
+    "launch.convert_teacher",
+    "--arch",
+    "resnet18",
+    "--checkpoint",
+    teacher_pth,
+    "--output",
+    teacher_dir,
+    "--image_size",
+    str(teacher_report["image_size"]),
+    "--mean",
+    *map(str, teacher_report["mean"]),
+    "--std",
+    *map(str, teacher_report["std"]),
+  ]
   if os.path.exists(teacher_json) and os.path.getmtime(teacher_json) >= os.path.getmtime(
-      teacher_pth):
+    teacher_pth
+  ):
     print(f"\n=== 2/4 convert the teacher: cached ({teacher_dir})", flush=True)
     wall["conversion to Flax"] = 0.0
   else:
@@ -88,16 +110,19 @@ def prepare_teacher(output_dir: str) -> tuple[dict, str, dict[str, float]]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m experiments.demo",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.demo", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--output_dir", default="demo_out")
-  parser.add_argument("--fresh", action="store_true",
-                      help="retrain the students (the teacher stays cached)")
+  parser.add_argument(
+    "--fresh", action="store_true", help="retrain the students (the teacher stays cached)"
+  )
   parser.add_argument("extra", nargs="*", help="extra --config.* flags for both trainings")
   args = parser.parse_args(argv)
 
-  output_dir = os.path.join(REPO, args.output_dir) if not os.path.isabs(
-      args.output_dir) else args.output_dir
+  output_dir = (
+    os.path.join(REPO, args.output_dir) if not os.path.isabs(args.output_dir) else args.output_dir
+  )
   runs = os.path.join(output_dir, "runs")
   if args.fresh:
     shutil.rmtree(runs, ignore_errors=True)
@@ -108,21 +133,30 @@ def main(argv=None):
   wall.update(teacher_wall)
 
   ega, wall["student with EGA"], _ = train_stage(
-      "3/4 distil the teacher into the student with EGA", os.path.join(runs, "ega"), teacher_dir,
-      ["--config.distill.method=ega", *args.extra])
+    "3/4 distil the teacher into the student with EGA",
+    os.path.join(runs, "ega"),
+    teacher_dir,
+    ["--config.distill.method=ega", *args.extra],
+  )
   baseline, wall["student with CE only"], _ = train_stage(
-      "4/4 train the same student with cross-entropy only", os.path.join(runs, "ce_only"),
-      teacher_dir, ["--config.distill.method=none", *args.extra])
+    "4/4 train the same student with cross-entropy only",
+    os.path.join(runs, "ce_only"),
+    teacher_dir,
+    ["--config.distill.method=none", *args.extra],
+  )
 
   probe = teacher_report.get("linear_probe_accuracy")
   rows = [
-      ("teacher: linear probe on frozen SimCLR features (PyTorch)",
-       f"{100 * probe:.2f}" if probe is not None and probe <= 1 else f"{probe}"),
-      ("teacher head (Flax, trained by CE next to the EGA student)",
-       f"{ega['teacher_top1']:.2f}"),
-      ("student with EGA: best / last top-1", f"{ega['best_top1']:.2f} / {ega['last_top1']:.2f}"),
-      ("student with CE only: best / last top-1",
-       f"{baseline['best_top1']:.2f} / {baseline['last_top1']:.2f}"),
+    (
+      "teacher: linear probe on frozen SimCLR features (PyTorch)",
+      f"{100 * probe:.2f}" if probe is not None and probe <= 1 else f"{probe}",
+    ),
+    ("teacher head (Flax, trained by CE next to the EGA student)", f"{ega['teacher_top1']:.2f}"),
+    ("student with EGA: best / last top-1", f"{ega['best_top1']:.2f} / {ega['last_top1']:.2f}"),
+    (
+      "student with CE only: best / last top-1",
+      f"{baseline['best_top1']:.2f} / {baseline['last_top1']:.2f}",
+    ),
   ]
   width = max(len(name) for name, _ in rows)
   print("\n" + "=" * (width + 16))
@@ -135,8 +169,9 @@ def main(argv=None):
   print(f"Graph pictures: {os.path.join(runs, 'ega', 'graphs')}")
   print("=" * (width + 16))
   with open(os.path.join(output_dir, "demo_summary.json"), "w") as f:
-    json.dump({"teacher": teacher_report, "ega": ega, "ce_only": baseline, "wall_s": wall}, f,
-              indent=2)
+    json.dump(
+      {"teacher": teacher_report, "ega": ega, "ce_only": baseline, "wall_s": wall}, f, indent=2
+    )
 
 
 if __name__ == "__main__":

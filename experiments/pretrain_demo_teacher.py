@@ -36,6 +36,7 @@ Usage:
   python -m experiments.pretrain_demo_teacher \
       --output demo_out/teacher/simclr_resnet18_fmnist.pth
 """
+
 import argparse
 import json
 import math
@@ -46,7 +47,7 @@ import time
 # Before torch loads OpenMP: with its default busy-waiting, torch's threads
 # run up to 20x slower when other processes share the cores (CI, a shared
 # workstation); passive waiting costs little on an idle machine.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -55,15 +56,23 @@ from ega_jax.data import idx  # noqa: E402
 from experiments import simclr  # noqa: E402
 
 DEFAULT_DATA_DIR = idx.DEBIAN_FASHION_MNIST_DIR
-DEFAULT_OUTPUT = 'demo_out/teacher/simclr_resnet18_fmnist.pth'
+DEFAULT_OUTPUT = "demo_out/teacher/simclr_resnet18_fmnist.pth"
 # Seconds kept for the probe's L-BFGS fit and the checkpoint writes.
 PROBE_FIT_RESERVE_S = 10.0
 
 # Settings that change the trained weights; the cache must match all of them.
 TRAINING_SETTING_NAMES = (
-    'epochs', 'num_train_examples', 'batch_size', 'lr', 'weight_decay',
-    'temperature', 'seed', 'probe_train_examples', 'probe_test_examples',
-    'probe_steps')
+  "epochs",
+  "num_train_examples",
+  "batch_size",
+  "lr",
+  "weight_decay",
+  "temperature",
+  "seed",
+  "probe_train_examples",
+  "probe_test_examples",
+  "probe_steps",
+)
 
 
 class ScriptError(Exception):
@@ -78,7 +87,7 @@ def load_fashion_mnist(data_dir, split):
   try:
     images, labels = idx.read_fashion_mnist(data_dir, split)
   except FileNotFoundError as error:
-    raise ScriptError(f'{error} Pass --data_dir pointing at such a folder.') from None
+    raise ScriptError(f"{error} Pass --data_dir pointing at such a folder.") from None
   except ValueError as error:
     raise ScriptError(str(error)) from None
   # A writable copy: torch warns on (and must not alias) the read-only buffer.
@@ -89,7 +98,7 @@ def load_fashion_mnist(data_dir, split):
 
 
 def metadata_path(output):
-  return output + '.json'
+  return output + ".json"
 
 
 def is_cached(output, settings):
@@ -105,72 +114,107 @@ def is_cached(output, settings):
       previous = json.load(f)
   except (OSError, json.JSONDecodeError):
     return False
-  previous_settings = previous.get('settings', {})
+  previous_settings = previous.get("settings", {})
   if any(previous_settings.get(name) != settings[name] for name in TRAINING_SETTING_NAMES):
     return False
-  return (not previous.get('stopped_early', True)
-          or previous_settings.get('time_budget_s') == settings['time_budget_s'])
+  return (
+    not previous.get("stopped_early", True)
+    or previous_settings.get("time_budget_s") == settings["time_budget_s"]
+  )
 
 
 # ---------------------------------------------------------------- main
 
 
 def format_seconds(seconds):
-  return f'{int(seconds) // 60}m{int(seconds) % 60:02d}s'
+  return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
 
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
-      prog='python -m experiments.pretrain_demo_teacher',
-      description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--data_dir', default=DEFAULT_DATA_DIR,
-                      help='folder with the Fashion-MNIST *-ubyte.gz files')
-  parser.add_argument('--output', default=DEFAULT_OUTPUT, help='state_dict .pth to write')
-  parser.add_argument('--epochs', type=int, default=5, help='passes over the subset')
-  parser.add_argument('--num_train_examples', type=int, default=20000,
-                      help='size of the random train subset used for SimCLR')
-  parser.add_argument('--batch_size', type=int, default=256, help='images per step (2 views each)')
-  parser.add_argument('--lr', type=float, default=2e-3, help='peak AdamW learning rate')
-  parser.add_argument('--weight_decay', type=float, default=1e-4)
-  parser.add_argument('--temperature', type=float, default=0.2, help='NT-Xent temperature')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--time_budget_s', type=float, default=225.0,
-                      help='wall-clock budget of the whole run, probe included (imports '
-                           'aside): training stops early to leave the probe its time')
-  parser.add_argument('--threads', type=int, default=2, help='torch intra-op threads')
-  parser.add_argument('--device', default='cpu',
-                      help="torch device to train on, e.g. 'cuda' (the demo's default is the CPU)")
-  parser.add_argument('--log_every', type=int, default=20, help='steps between progress lines')
-  parser.add_argument('--probe_train_examples', type=int, default=5000,
-                      help='labelled train images the linear probe is fitted on')
-  parser.add_argument('--probe_test_examples', type=int, default=10000,
-                      help='test images the probe is scored on (10000 = whole test set)')
-  parser.add_argument('--probe_steps', type=int, default=300, help='L-BFGS iterations of the probe')
+    prog="python -m experiments.pretrain_demo_teacher",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  parser.add_argument(
+    "--data_dir", default=DEFAULT_DATA_DIR, help="folder with the Fashion-MNIST *-ubyte.gz files"
+  )
+  parser.add_argument("--output", default=DEFAULT_OUTPUT, help="state_dict .pth to write")
+  parser.add_argument("--epochs", type=int, default=5, help="passes over the subset")
+  parser.add_argument(
+    "--num_train_examples",
+    type=int,
+    default=20000,
+    help="size of the random train subset used for SimCLR",
+  )
+  parser.add_argument("--batch_size", type=int, default=256, help="images per step (2 views each)")
+  parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+  parser.add_argument("--weight_decay", type=float, default=1e-4)
+  parser.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+    "--time_budget_s",
+    type=float,
+    default=225.0,
+    help="wall-clock budget of the whole run, probe included (imports "
+    "aside): training stops early to leave the probe its time",
+  )
+  parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+  parser.add_argument(
+    "--device",
+    default="cpu",
+    help="torch device to train on, e.g. 'cuda' (the demo's default is the CPU)",
+  )
+  parser.add_argument("--log_every", type=int, default=20, help="steps between progress lines")
+  parser.add_argument(
+    "--probe_train_examples",
+    type=int,
+    default=5000,
+    help="labelled train images the linear probe is fitted on",
+  )
+  parser.add_argument(
+    "--probe_test_examples",
+    type=int,
+    default=10000,
+    help="test images the probe is scored on (10000 = whole test set)",
+  )
+  parser.add_argument("--probe_steps", type=int, default=300, help="L-BFGS iterations of the probe")
   args = parser.parse_args(argv)
-  if not args.output.endswith('.pth'):
-    raise ScriptError(f'--output must end in .pth, got {args.output!r}.')
-  positive = ('num_train_examples', 'batch_size', 'lr', 'temperature', 'time_budget_s',
-              'threads', 'log_every', 'probe_train_examples', 'probe_test_examples',
-              'probe_steps')
+  if not args.output.endswith(".pth"):
+    raise ScriptError(f"--output must end in .pth, got {args.output!r}.")
+  positive = (
+    "num_train_examples",
+    "batch_size",
+    "lr",
+    "temperature",
+    "time_budget_s",
+    "threads",
+    "log_every",
+    "probe_train_examples",
+    "probe_test_examples",
+    "probe_steps",
+  )
   for name in positive:
     if getattr(args, name) <= 0:
-      raise ScriptError(f'--{name} must be positive, got {getattr(args, name)}.')
-  for name in ('epochs', 'weight_decay'):
+      raise ScriptError(f"--{name} must be positive, got {getattr(args, name)}.")
+  for name in ("epochs", "weight_decay"):
     if getattr(args, name) < 0:
-      raise ScriptError(f'--{name} must be >= 0, got {getattr(args, name)}.')
-  if args.device.split(':')[0] not in ('cpu', 'cuda', 'mps'):
+      raise ScriptError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+  if args.device.split(":")[0] not in ("cpu", "cuda", "mps"):
     raise ScriptError(f"--device must be 'cpu', 'cuda[:N]' or 'mps', got {args.device!r}.")
-  if args.device.startswith('cuda') and not torch.cuda.is_available():
-    raise ScriptError(f'--device {args.device} was asked for but torch sees no CUDA device; '
-                      'use --device cpu.')
+  if args.device.startswith("cuda") and not torch.cuda.is_available():
+    raise ScriptError(
+      f"--device {args.device} was asked for but torch sees no CUDA device; use --device cpu."
+    )
   if args.batch_size < 2:
     raise ScriptError(
-        f'--batch_size must be at least 2 (NT-Xent needs negatives), got {args.batch_size}.')
+      f"--batch_size must be at least 2 (NT-Xent needs negatives), got {args.batch_size}."
+    )
   if args.num_train_examples < args.batch_size:
     raise ScriptError(
-        f'--num_train_examples ({args.num_train_examples}) must be at least '
-        f'--batch_size ({args.batch_size}) so an epoch has one full step.')
+      f"--num_train_examples ({args.num_train_examples}) must be at least "
+      f"--batch_size ({args.batch_size}) so an epoch has one full step."
+    )
   return args
 
 
@@ -197,8 +241,11 @@ def train_simclr(model, unit_images, mean, std, args, deadline, probe_images):
   optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
   # Linear warmup, then cosine decay to zero.
   schedule = torch.optim.lr_scheduler.LambdaLR(
-      optimizer, lambda step: min((step + 1) / warmup_steps,
-                                  0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))))
+    optimizer,
+    lambda step: min(
+      (step + 1) / warmup_steps, 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))
+    ),
+  )
   model.train()
   step, final_loss, stopped_early = 0, None, False
   start = time.time()
@@ -206,15 +253,16 @@ def train_simclr(model, unit_images, mean, std, args, deadline, probe_images):
   for epoch in range(args.epochs):
     order = torch.randperm(len(unit_images), generator=generator)
     for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
-      batch = unit_images[order[batch_start:batch_start + args.batch_size]]
+      batch = unit_images[order[batch_start : batch_start + args.batch_size]]
       # Both views go through one forward pass: half the Python overhead, and
       # BatchNorm sees the same statistics for both views.
       views = simclr.normalize_to_rgb(
-          torch.cat([simclr.augment(batch, generator), simclr.augment(batch, generator)]),
-          mean, std)
+        torch.cat([simclr.augment(batch, generator), simclr.augment(batch, generator)]), mean, std
+      )
       projections = model(views)
       loss = simclr.nt_xent_loss(
-          projections[:len(batch)], projections[len(batch):], args.temperature)
+        projections[: len(batch)], projections[len(batch) :], args.temperature
+      )
       optimizer.zero_grad(set_to_none=True)
       loss.backward()
       optimizer.step()
@@ -228,10 +276,12 @@ def train_simclr(model, unit_images, mean, std, args, deadline, probe_images):
       if step % args.log_every == 0 or step == total_steps:
         images_per_s = window_steps * args.batch_size / (time.time() - window_start)
         eta = (total_steps - step) * elapsed / step
-        print(f'epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} '
-              f'loss {window_loss / window_steps:.4f} {images_per_s:.0f} images/s '
-              f'(2 views each) elapsed {format_seconds(elapsed)} ETA {format_seconds(eta)}',
-              flush=True)
+        print(
+          f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} "
+          f"loss {window_loss / window_steps:.4f} {images_per_s:.0f} images/s "
+          f"(2 views each) elapsed {format_seconds(elapsed)} ETA {format_seconds(eta)}",
+          flush=True,
+        )
         window_start, window_loss, window_steps = time.time(), 0.0, 0
       # Time the probe will need: one forward pass over its images (about a
       # third of a training view's work) at the speed measured so far, with
@@ -239,8 +289,11 @@ def train_simclr(model, unit_images, mean, std, args, deadline, probe_images):
       views_per_s = 2 * step * args.batch_size / elapsed
       probe_reserve_s = 1.5 * probe_images / (3 * views_per_s) + PROBE_FIT_RESERVE_S
       if now + probe_reserve_s > deadline and step < total_steps:
-        print(f'time budget of {args.time_budget_s:.0f}s: stopping after step '
-              f'{step}/{total_steps} to leave {probe_reserve_s:.0f}s for the probe', flush=True)
+        print(
+          f"time budget of {args.time_budget_s:.0f}s: stopping after step "
+          f"{step}/{total_steps} to leave {probe_reserve_s:.0f}s for the probe",
+          flush=True,
+        )
         stopped_early = True
         return step, final_loss, stopped_early
   return step, final_loss, stopped_early
@@ -249,54 +302,75 @@ def train_simclr(model, unit_images, mean, std, args, deadline, probe_images):
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   settings = {name: getattr(args, name) for name in TRAINING_SETTING_NAMES}
-  settings['time_budget_s'] = args.time_budget_s
+  settings["time_budget_s"] = args.time_budget_s
   if is_cached(args.output, settings):
-    print(f'cached: {args.output} was already trained with these settings')
+    print(f"cached: {args.output} was already trained with these settings")
     return 0
 
   start = time.time()
   torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
-  train_images, train_labels = load_fashion_mnist(args.data_dir, 'train')
-  test_images, test_labels = load_fashion_mnist(args.data_dir, 'test')
-  for name, available in (('num_train_examples', len(train_images)),
-                          ('probe_train_examples', len(train_images)),
-                          ('probe_test_examples', len(test_images))):
+  train_images, train_labels = load_fashion_mnist(args.data_dir, "train")
+  test_images, test_labels = load_fashion_mnist(args.data_dir, "test")
+  for name, available in (
+    ("num_train_examples", len(train_images)),
+    ("probe_train_examples", len(train_images)),
+    ("probe_test_examples", len(test_images)),
+  ):
     if getattr(args, name) > available:
       raise ScriptError(
-          f'--{name} is {getattr(args, name)} but the split has only {available} images.')
+        f"--{name} is {getattr(args, name)} but the split has only {available} images."
+      )
   # The dataset's own statistics, over the whole train split (28x28, [0, 1]).
   mean, std = simclr.dataset_mean_std(train_images)
 
   rng = np.random.default_rng(args.seed)
   subset = rng.permutation(len(train_images))
-  ssl_images = simclr.to_unit_tensor(
-      train_images[subset[:args.num_train_examples]]).to(args.device)
-  print(f'SimCLR ResNet-18 on {len(ssl_images)} Fashion-MNIST images, {args.epochs} epochs, '
-        f'batch {args.batch_size}, {args.threads} threads on {args.device}; '
-        f'mean {mean:.4f} std {std:.4f}', flush=True)
+  ssl_images = simclr.to_unit_tensor(train_images[subset[: args.num_train_examples]]).to(
+    args.device
+  )
+  print(
+    f"SimCLR ResNet-18 on {len(ssl_images)} Fashion-MNIST images, {args.epochs} epochs, "
+    f"batch {args.batch_size}, {args.threads} threads on {args.device}; "
+    f"mean {mean:.4f} std {std:.4f}",
+    flush=True,
+  )
 
   model = simclr.build_simclr_resnet18().to(args.device, memory_format=torch.channels_last)
   train_start = time.time()
   steps_run, final_loss, stopped_early = train_simclr(
-      model, ssl_images, mean, std, args, deadline=start + args.time_budget_s,
-      probe_images=args.probe_train_examples + args.probe_test_examples)
+    model,
+    ssl_images,
+    mean,
+    std,
+    args,
+    deadline=start + args.time_budget_s,
+    probe_images=args.probe_train_examples + args.probe_test_examples,
+  )
   train_seconds = time.time() - train_start
   steps_per_epoch = len(ssl_images) // args.batch_size
   epochs_run = steps_run / steps_per_epoch
 
   probe_start = time.time()
-  probe_indices = subset[len(subset) - args.probe_train_examples:]
+  probe_indices = subset[len(subset) - args.probe_train_examples :]
   probe_train = simclr.extract_features(
-      model, simclr.to_unit_tensor(train_images[probe_indices]), mean, std)
+    model, simclr.to_unit_tensor(train_images[probe_indices]), mean, std
+  )
   probe_test = simclr.extract_features(
-      model, simclr.to_unit_tensor(test_images[:args.probe_test_examples]), mean, std)
+    model, simclr.to_unit_tensor(test_images[: args.probe_test_examples]), mean, std
+  )
   accuracy = simclr.linear_probe_accuracy(
-      probe_train, torch.from_numpy(train_labels[probe_indices]),
-      probe_test, torch.from_numpy(test_labels[:args.probe_test_examples]),
-      steps=args.probe_steps)
-  print(f'linear probe: {accuracy:.4f} test accuracy ({args.probe_train_examples} train / '
-        f'{args.probe_test_examples} test images, {time.time() - probe_start:.0f}s)', flush=True)
+    probe_train,
+    torch.from_numpy(train_labels[probe_indices]),
+    probe_test,
+    torch.from_numpy(test_labels[: args.probe_test_examples]),
+    steps=args.probe_steps,
+  )
+  print(
+    f"linear probe: {accuracy:.4f} test accuracy ({args.probe_train_examples} train / "
+    f"{args.probe_test_examples} test images, {time.time() - probe_start:.0f}s)",
+    flush=True,
+  )
 
   output_dir = os.path.dirname(os.path.abspath(args.output))
   os.makedirs(output_dir, exist_ok=True)
@@ -305,33 +379,34 @@ def main(argv=None):
   # so an interrupted run never leaves a pair a later run would take as cached.
   if os.path.exists(metadata_path(args.output)):
     os.remove(metadata_path(args.output))
-  torch.save(state_dict, args.output + '.tmp')
-  os.replace(args.output + '.tmp', args.output)
+  torch.save(state_dict, args.output + ".tmp")
+  os.replace(args.output + ".tmp", args.output)
   metadata = {
-      'architecture': 'torchvision resnet18, fc = SimCLR projection MLP 512-512-128',
-      'image_size': simclr.IMAGE_SIZE,
-      'mean': [mean] * 3,
-      'std': [std] * 3,
-      'epochs_run': epochs_run,
-      'steps_run': steps_run,
-      'stopped_early': stopped_early,
-      'final_loss': final_loss,
-      'linear_probe_accuracy': accuracy,
-      'seconds': time.time() - start,
-      'train_seconds': train_seconds,
-      'settings': settings,
+    "architecture": "torchvision resnet18, fc = SimCLR projection MLP 512-512-128",
+    "image_size": simclr.IMAGE_SIZE,
+    "mean": [mean] * 3,
+    "std": [std] * 3,
+    "epochs_run": epochs_run,
+    "steps_run": steps_run,
+    "stopped_early": stopped_early,
+    "final_loss": final_loss,
+    "linear_probe_accuracy": accuracy,
+    "seconds": time.time() - start,
+    "train_seconds": train_seconds,
+    "settings": settings,
   }
-  with open(metadata_path(args.output) + '.tmp', 'w') as f:
+  with open(metadata_path(args.output) + ".tmp", "w") as f:
     json.dump(metadata, f, indent=2)
-  os.replace(metadata_path(args.output) + '.tmp', metadata_path(args.output))
-  print(f'wrote {args.output} and {metadata_path(args.output)} '
-        f'in {format_seconds(time.time() - start)}')
+  os.replace(metadata_path(args.output) + ".tmp", metadata_path(args.output))
+  print(
+    f"wrote {args.output} and {metadata_path(args.output)} in {format_seconds(time.time() - start)}"
+  )
   return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   try:
     sys.exit(main())
   except ScriptError as error:
-    print(f'error: {error}', file=sys.stderr)
+    print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -6,6 +6,7 @@ are given, so a seed fixes every view. The training loop, the command line and
 the cache are in `experiments.pretrain_demo_teacher`. Images are (B, C, H, W)
 float tensors; augmentations work batch-wise.
 """
+
 import math
 
 import numpy as np
@@ -39,8 +40,7 @@ def to_unit_tensor(images, image_size=IMAGE_SIZE):
   resolution. One channel is kept until `normalize_to_rgb` to save work.
   """
   unit = torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
-  resized = F.interpolate(unit, size=(image_size, image_size), mode='bilinear',
-                          align_corners=False)
+  resized = F.interpolate(unit, size=(image_size, image_size), mode="bilinear", align_corners=False)
   return resized.clamp_(0.0, 1.0)
 
 
@@ -53,8 +53,9 @@ def normalize_to_rgb(unit_images, mean, std):
 # ---------------------------------------------------------------- augmentation
 
 
-def random_resized_crop_and_flip(images, generator, scale=(0.3, 1.0),
-                                 log_ratio=(math.log(3 / 4), math.log(4 / 3))):
+def random_resized_crop_and_flip(
+  images, generator, scale=(0.3, 1.0), log_ratio=(math.log(3 / 4), math.log(4 / 3))
+):
   """Per-image random resized crop + horizontal flip, as one batched resample.
 
   Each crop is an axis-aligned affine map of the output grid into the input
@@ -87,8 +88,7 @@ def random_resized_crop_and_flip(images, generator, scale=(0.3, 1.0),
   theta[:, 1, 1] = height
   theta[:, 1, 2] = centre_y
   grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
-  return F.grid_sample(images, grid, mode='bilinear', padding_mode='border',
-                       align_corners=False)
+  return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def brightness_contrast_jitter(images, generator, strength=0.4):
@@ -101,8 +101,9 @@ def brightness_contrast_jitter(images, generator, strength=0.4):
     (B, C, H, W) in [0, 1].
   """
   batch = images.shape[0]
-  factor = lambda: (1.0 + strength * (
-      2.0 * torch.rand(batch, 1, 1, 1, generator=generator) - 1.0)).to(images.device)
+  factor = lambda: (
+    1.0 + strength * (2.0 * torch.rand(batch, 1, 1, 1, generator=generator) - 1.0)
+  ).to(images.device)
   brightened = images * factor()
   image_mean = brightened.mean(dim=(1, 2, 3), keepdim=True)
   contrasted = image_mean + (brightened - image_mean) * factor()
@@ -131,8 +132,12 @@ def random_erasing(images, generator, probability=0.25, scale=(0.02, 0.2)):
   top, left, box_h, box_w, erase = (t.to(images.device) for t in (top, left, box_h, box_w, erase))
   rows = torch.arange(height, device=images.device).view(1, height, 1)
   cols = torch.arange(width, device=images.device).view(1, 1, width)
-  inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
-            & (cols >= left.view(-1, 1, 1)) & (cols < (left + box_w).view(-1, 1, 1)))
+  inside = (
+    (rows >= top.view(-1, 1, 1))
+    & (rows < (top + box_h).view(-1, 1, 1))
+    & (cols >= left.view(-1, 1, 1))
+    & (cols < (left + box_w).view(-1, 1, 1))
+  )
   mask = (inside & erase.view(-1, 1, 1)).unsqueeze(1)
   return images.masked_fill(mask, 0.0)
 
@@ -155,9 +160,10 @@ def build_simclr_resnet18():
   """
   model = torchvision.models.resnet18(num_classes=PROJECTION_DIM)
   model.fc = nn.Sequential(
-      nn.Linear(BACKBONE_FEATURE_DIM, BACKBONE_FEATURE_DIM),
-      nn.ReLU(inplace=True),
-      nn.Linear(BACKBONE_FEATURE_DIM, PROJECTION_DIM))
+    nn.Linear(BACKBONE_FEATURE_DIM, BACKBONE_FEATURE_DIM),
+    nn.ReLU(inplace=True),
+    nn.Linear(BACKBONE_FEATURE_DIM, PROJECTION_DIM),
+  )
   return model
 
 
@@ -189,7 +195,7 @@ def nt_xent_loss(projections_a, projections_b, temperature):
   logits = embeddings @ embeddings.T / temperature
   # A view is never its own candidate.
   self_mask = torch.eye(2 * batch, dtype=torch.bool, device=logits.device)
-  logits = logits.masked_fill(self_mask, float('-inf'))
+  logits = logits.masked_fill(self_mask, float("-inf"))
   positives = torch.cat([torch.arange(batch, 2 * batch), torch.arange(0, batch)])
   return F.cross_entropy(logits, positives.to(logits.device))
 
@@ -202,14 +208,24 @@ def extract_features(model, unit_images, mean, std, batch_size=500):
   """Frozen (eval-mode) avgpool features: (N, 1, H, W) in [0, 1] -> (N, 512) on the CPU."""
   model.eval()
   device = next(model.parameters()).device
-  features = [backbone_features(model, normalize_to_rgb(unit_images[i:i + batch_size].to(device),
-                                                        mean, std)).cpu()
-              for i in range(0, len(unit_images), batch_size)]
+  features = [
+    backbone_features(
+      model, normalize_to_rgb(unit_images[i : i + batch_size].to(device), mean, std)
+    ).cpu()
+    for i in range(0, len(unit_images), batch_size)
+  ]
   return torch.cat(features)
 
 
-def linear_probe_accuracy(train_features, train_labels, test_features, test_labels,
-                          num_classes=10, steps=300, weight_decay=1e-4):
+def linear_probe_accuracy(
+  train_features,
+  train_labels,
+  test_features,
+  test_labels,
+  num_classes=10,
+  steps=300,
+  weight_decay=1e-4,
+):
   """Test accuracy of logistic regression on frozen features.
 
   Features are standardised with the train statistics, then a linear softmax
@@ -229,13 +245,16 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
   train_x = ((train_features - mean) / std).double()
   test_x = ((test_features - mean) / std).double()
   classifier = nn.Linear(train_x.shape[1], num_classes).double()
-  optimizer = torch.optim.LBFGS(classifier.parameters(), lr=1.0, max_iter=steps,
-                                history_size=20, line_search_fn='strong_wolfe')
+  optimizer = torch.optim.LBFGS(
+    classifier.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+  )
 
   def closure():
     optimizer.zero_grad()
-    loss = (F.cross_entropy(classifier(train_x), train_labels)
-            + weight_decay * classifier.weight.pow(2).sum())
+    loss = (
+      F.cross_entropy(classifier(train_x), train_labels)
+      + weight_decay * classifier.weight.pow(2).sum()
+    )
     loss.backward()
     return loss
 

@@ -28,19 +28,27 @@ from ega_jax import config as config_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Training config (configs/*.py); its teacher and dataset fields are used.",
-    lock_config=True)
-flags.DEFINE_string("cache_dir", None,
-                    "Output directory (default: config.teacher.cache).")
-flags.DEFINE_string("views", "all",
-                    "'all' (every crop x flip view) or K, the views cached per train image.")
+  "config",
+  None,
+  "Training config (configs/*.py); its teacher and dataset fields are used.",
+  lock_config=True,
+)
+flags.DEFINE_string("cache_dir", None, "Output directory (default: config.teacher.cache).")
+flags.DEFINE_string(
+  "views", "all", "'all' (every crop x flip view) or K, the views cached per train image."
+)
 flags.DEFINE_list("splits", ["train", "eval"], "Splits to cache: train, eval or both.")
 flags.DEFINE_integer("batch_size", 256, "Views per teacher call (rounded up to the device count).")
 flags.DEFINE_integer("seed", 0, "Chooses the K views of each image when K < all.")
-flags.DEFINE_enum("dtype", "float32", list(config_lib.DTYPES),
-                  "Compute dtype of the teacher's forward pass (storage is float16).")
-flags.DEFINE_bool("overwrite", False,
-                  "Replace a cache built with other settings instead of refusing.")
+flags.DEFINE_enum(
+  "dtype",
+  "float32",
+  list(config_lib.DTYPES),
+  "Compute dtype of the teacher's forward pass (storage is float16).",
+)
+flags.DEFINE_bool(
+  "overwrite", False, "Replace a cache built with other settings instead of refusing."
+)
 flags.DEFINE_float("log_every_s", 30.0, "Seconds between progress lines (and progress saves).")
 flags.mark_flags_as_required(["config"])
 
@@ -53,22 +61,36 @@ def main(argv):
   config = FLAGS.config
   directory = FLAGS.cache_dir or config.teacher.get("cache", "")
   if not directory:
-    print("error: give --cache_dir (or set config.teacher.cache) to say where the cache goes.",
-          file=sys.stderr)
+    print(
+      "error: give --cache_dir (or set config.teacher.cache) to say where the cache goes.",
+      file=sys.stderr,
+    )
     sys.exit(2)
   try:
     manifest = cache_builder.build_teacher_cache(
-        config, directory, views=FLAGS.views, splits=FLAGS.splits,
-        batch_size=FLAGS.batch_size, seed=FLAGS.seed, compute_dtype=FLAGS.dtype,
-        overwrite=FLAGS.overwrite, log_every_s=FLAGS.log_every_s,
-        progress=lambda line: print(line, flush=True))
+      config,
+      directory,
+      views=FLAGS.views,
+      splits=FLAGS.splits,
+      batch_size=FLAGS.batch_size,
+      seed=FLAGS.seed,
+      compute_dtype=FLAGS.dtype,
+      overwrite=FLAGS.overwrite,
+      log_every_s=FLAGS.log_every_s,
+      progress=lambda line: print(line, flush=True),
+    )
   except (FileNotFoundError, ValueError) as error:
     print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(2)
-  splits = ", ".join(f"{name} {entry['num_examples']} x {entry['num_views']}"
-                     for name, entry in manifest["splits"].items())
-  print(f"Teacher cache ready in {directory} ({splits} views, {manifest['feature_dim']}-d "
-        f"float16). Train with --config.teacher.cache={directory}", flush=True)
+  splits = ", ".join(
+    f"{name} {entry['num_examples']} x {entry['num_views']}"
+    for name, entry in manifest["splits"].items()
+  )
+  print(
+    f"Teacher cache ready in {directory} ({splits} views, {manifest['feature_dim']}-d "
+    f"float16). Train with --config.teacher.cache={directory}",
+    flush=True,
+  )
   logging.info("manifest: %s", manifest)
 
 

@@ -3,6 +3,7 @@
 torch/torchvision are imported first on purpose: importing tensorflow and then
 torchvision in one process segfaults on this stack, the reverse order is fine.
 """
+
 import os
 import shutil
 import sys
@@ -38,10 +39,32 @@ def converted_resnet18(tmp_path_factory):
   torch.save(model.state_dict(), checkpoint)
   output = root / "flax"
   result = subprocess.run(
-      [sys.executable, "-m", "launch.convert_teacher", "--arch", "resnet18",
-       "--checkpoint", str(checkpoint), "--output", str(output), "--image_size", "32",
-       "--mean", "0.286", "0.286", "0.286", "--std", "0.353", "0.353", "0.353"],
-      capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "launch.convert_teacher",
+      "--arch",
+      "resnet18",
+      "--checkpoint",
+      str(checkpoint),
+      "--output",
+      str(output),
+      "--image_size",
+      "32",
+      "--mean",
+      "0.286",
+      "0.286",
+      "0.286",
+      "--std",
+      "0.353",
+      "0.353",
+      "0.353",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO_ROOT,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return output
 
@@ -56,8 +79,10 @@ def _tmp_space_line():
   free_gib = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
   line = f"free disk space in {tempfile.gettempdir()}: {free_gib:.1f} GiB"
   if free_gib < _TMP_SPACE_NEEDED_GIB:
-    line += (f" -- WARNING: the conversion tests write checkpoints of up to 0.7 GB; "
-             f"free at least {_TMP_SPACE_NEEDED_GIB:.0f} GiB or set TMPDIR to a larger disk")
+    line += (
+      f" -- WARNING: the conversion tests write checkpoints of up to 0.7 GB; "
+      f"free at least {_TMP_SPACE_NEEDED_GIB:.0f} GiB or set TMPDIR to a larger disk"
+    )
   return free_gib, line
 
 

@@ -8,8 +8,9 @@ from ega_jax.data.idx import DEBIAN_FASHION_MNIST_DIR as FASHION_MNIST_DIR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fashion_mnist = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')),
-    reason=f'Fashion-MNIST idx files not installed in {FASHION_MNIST_DIR} (make fashion-mnist)')
+  not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
+  reason=f"Fashion-MNIST idx files not installed in {FASHION_MNIST_DIR} (make fashion-mnist)",
+)
 
 
 def fashion_mnist_config(teacher_dir, **overrides):

@@ -25,11 +25,11 @@ def _reference_conv(x, kernel, stride, padding, groups):
   out = np.zeros((x.shape[0], out_h, out_w, out_features))
   for o in range(out_features):
     g = o // group_out
-    inputs = x[..., g * group_in:(g + 1) * group_in]
+    inputs = x[..., g * group_in : (g + 1) * group_in]
     for i in range(out_h):
       for j in range(out_w):
-        window = inputs[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
-        out[:, i, j, o] = np.einsum('bhwc,hwc->b', window, kernel[..., o])
+        window = inputs[:, i * stride : i * stride + k, j * stride : j * stride + k, :]
+        out[:, i, j, o] = np.einsum("bhwc,hwc->b", window, kernel[..., o])
   return out
 
 
@@ -51,27 +51,27 @@ def _reference_gradients(x, kernel, stride, padding, groups, upstream):
         rows = slice(i * stride, i * stride + k)
         cols = slice(j * stride, j * stride + k)
         weight = upstream[:, i, j, o]  # (B,)
-        grad_kernel[..., o] += np.einsum('b,bhwc->hwc', weight, padded[:, rows, cols, channels])
-        grad_padded[:, rows, cols, channels] += np.einsum('b,hwc->bhwc', weight, kernel[..., o])
+        grad_kernel[..., o] += np.einsum("b,bhwc->hwc", weight, padded[:, rows, cols, channels])
+        grad_padded[:, rows, cols, channels] += np.einsum("b,hwc->bhwc", weight, kernel[..., o])
   height, width = x.shape[1], x.shape[2]
-  return grad_padded[:, padding:padding + height, padding:padding + width, :], grad_kernel
+  return grad_padded[:, padding : padding + height, padding : padding + width, :], grad_kernel
 
 
 # (name, size, channels, out_features, kernel, stride, padding, groups): every path of conv_nhwc.
 CASES = [
-    ('depthwise 3x3', 6, 5, 5, 3, 1, 1, 5),
-    ('depthwise 3x3 stride 2', 7, 4, 4, 3, 2, 1, 4),
-    ('depthwise 5x5 stride 2', 8, 3, 3, 5, 2, 2, 3),
-    ('grouped 1x1', 5, 6, 9, 1, 1, 0, 3),
-    ('grouped 1x1 stride 2', 5, 6, 4, 1, 2, 0, 2),
-    ('small map 3x3 on 1x1', 1, 4, 5, 3, 1, 1, 1),
-    ('small map 3x3 on 2x2', 2, 4, 5, 3, 1, 1, 1),
-    ('small map 3x3 stride 2', 4, 4, 5, 3, 2, 1, 1),
-    ('small map 1x1 stride 2', 2, 4, 5, 1, 2, 0, 1),
-    ('small map unpadded', 3, 4, 5, 3, 1, 0, 1),
-    ('lax 3x3', 6, 4, 5, 3, 1, 1, 1),
-    ('lax grouped 3x3 (not depthwise)', 5, 6, 4, 3, 1, 1, 2),
-    ('lax depthwise multiplier 2', 5, 3, 6, 3, 1, 1, 3),
+  ("depthwise 3x3", 6, 5, 5, 3, 1, 1, 5),
+  ("depthwise 3x3 stride 2", 7, 4, 4, 3, 2, 1, 4),
+  ("depthwise 5x5 stride 2", 8, 3, 3, 5, 2, 2, 3),
+  ("grouped 1x1", 5, 6, 9, 1, 1, 0, 3),
+  ("grouped 1x1 stride 2", 5, 6, 4, 1, 2, 0, 2),
+  ("small map 3x3 on 1x1", 1, 4, 5, 3, 1, 1, 1),
+  ("small map 3x3 on 2x2", 2, 4, 5, 3, 1, 1, 1),
+  ("small map 3x3 stride 2", 4, 4, 5, 3, 2, 1, 1),
+  ("small map 1x1 stride 2", 2, 4, 5, 1, 2, 0, 1),
+  ("small map unpadded", 3, 4, 5, 3, 1, 0, 1),
+  ("lax 3x3", 6, 4, 5, 3, 1, 1, 1),
+  ("lax grouped 3x3 (not depthwise)", 5, 6, 4, 3, 1, 1, 2),
+  ("lax depthwise multiplier 2", 5, 3, 6, 3, 1, 1, 3),
 ]
 
 
@@ -82,10 +82,14 @@ def _inputs(size, channels, out_features, kernel, groups, seed):
   return x, weights.astype(np.float32)
 
 
-@pytest.mark.parametrize('name,size,channels,out_features,kernel,stride,padding,groups', CASES,
-                         ids=[case[0] for case in CASES])
-def test_conv_and_its_gradients_match_float64(name, size, channels, out_features, kernel, stride,
-                                              padding, groups):
+@pytest.mark.parametrize(
+  "name,size,channels,out_features,kernel,stride,padding,groups",
+  CASES,
+  ids=[case[0] for case in CASES],
+)
+def test_conv_and_its_gradients_match_float64(
+  name, size, channels, out_features, kernel, stride, padding, groups
+):
   x, weights = _inputs(size, channels, out_features, kernel, groups, seed=len(name))
   expected = _reference_conv(x, weights, stride, padding, groups)
 
@@ -97,8 +101,9 @@ def test_conv_and_its_gradients_match_float64(name, size, channels, out_features
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
   upstream = np.random.default_rng(7).standard_normal(expected.shape).astype(np.float32)
-  grad_x, grad_kernel = jax.jit(jax.grad(
-      lambda x, w: jnp.sum(conv(x, w) * upstream), argnums=(0, 1)))(x, weights)
+  grad_x, grad_kernel = jax.jit(
+    jax.grad(lambda x, w: jnp.sum(conv(x, w) * upstream), argnums=(0, 1))
+  )(x, weights)
   expected_x, expected_kernel = _reference_gradients(x, weights, stride, padding, groups, upstream)
   np.testing.assert_allclose(np.asarray(grad_x), expected_x, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(np.asarray(grad_kernel), expected_kernel, rtol=1e-5, atol=1e-4)
@@ -120,20 +125,29 @@ def test_torch_conv_has_the_parameters_and_values_of_flax_conv():
   # Same tree, shapes and initial values as nn.Conv with the same name and initialisers, so
   # checkpoints and RepDistiller state_dict renames are unaffected; same output on a big map.
   x = np.random.default_rng(0).standard_normal((2, 9, 9, 6)).astype(np.float32)
-  ours = conv_lib.TorchConv(4, 3, stride=2, padding=1, groups=2, use_bias=True,
-                            bias_init=nn.initializers.normal(1.0))
-  flax_conv = nn.Conv(4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), feature_group_count=2,
-                      use_bias=True, bias_init=nn.initializers.normal(1.0))
+  ours = conv_lib.TorchConv(
+    4, 3, stride=2, padding=1, groups=2, use_bias=True, bias_init=nn.initializers.normal(1.0)
+  )
+  flax_conv = nn.Conv(
+    4,
+    (3, 3),
+    strides=(2, 2),
+    padding=((1, 1), (1, 1)),
+    feature_group_count=2,
+    use_bias=True,
+    bias_init=nn.initializers.normal(1.0),
+  )
   ours_variables = ours.init(jax.random.PRNGKey(3), x)
   flax_variables = flax_conv.init(jax.random.PRNGKey(3), x)
   jax.tree.map(np.testing.assert_array_equal, ours_variables, flax_variables)
-  np.testing.assert_allclose(ours.apply(ours_variables, x), flax_conv.apply(flax_variables, x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    ours.apply(ours_variables, x), flax_conv.apply(flax_variables, x), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_mismatched_groups_name_the_layer():
   x = np.zeros((1, 4, 4, 6), np.float32)
-  with pytest.raises(ValueError, match=r'TorchConv bad: groups=4 must divide the 6 input channels'):
-    conv_lib.TorchConv(8, 3, padding=1, groups=4, name='bad').init(jax.random.PRNGKey(0), x)
-  with pytest.raises(ValueError, match=r'does not fit 6 input channels in 2 groups'):
+  with pytest.raises(ValueError, match=r"TorchConv bad: groups=4 must divide the 6 input channels"):
+    conv_lib.TorchConv(8, 3, padding=1, groups=4, name="bad").init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match=r"does not fit 6 input channels in 2 groups"):
     conv_lib.conv_nhwc(x, np.zeros((3, 3, 6, 4), np.float32), padding=1, groups=2)

@@ -21,8 +21,9 @@ def test_embedding_classifier_head_is_two_affine_maps():
   expected_embedding = np.asarray(features, np.float64) @ w_embed + b_embed
   np.testing.assert_allclose(embedding, expected_embedding, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(logits, expected_embedding @ w_cls + b_cls, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(head.apply({"params": params}, embedding, method="classify"),
-                             logits, rtol=1e-6)
+  np.testing.assert_allclose(
+    head.apply({"params": params}, embedding, method="classify"), logits, rtol=1e-6
+  )
 
 
 def test_head_init_matches_torch_linear_default_range():

@@ -95,9 +95,13 @@ def stubs(tmp_path):
 
 def base_env(stubs, path=None, **extra):
   # From scratch, so TPU_NAME / WORKDIR / SLURM_* of the caller cannot leak in.
-  env = {"PATH": path or stubs["bin"] + os.pathsep + os.environ["PATH"],
-         "HOME": str(stubs["dir"]), "TMPDIR": str(stubs["dir"]), "LC_ALL": "C",
-         "FAKE_LOG": stubs["log"]}
+  env = {
+    "PATH": path or stubs["bin"] + os.pathsep + os.environ["PATH"],
+    "HOME": str(stubs["dir"]),
+    "TMPDIR": str(stubs["dir"]),
+    "LC_ALL": "C",
+    "FAKE_LOG": stubs["log"],
+  }
   env.update(extra)
   return env
 
@@ -110,20 +114,39 @@ def calls(stubs):
 
 
 def run_script(script, args, env):
-  return subprocess.run([BASH, script, *args], env=env, capture_output=True, text=True,
-                        timeout=60)
+  return subprocess.run([BASH, script, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
 # --- tpu_vm.sh ----------------------------------------------------------------
 
-TPU_ARGS = ["--name", "ega-pod", "--zone=us-central2-b", "--project", "my-proj",
-            "--accelerator", "v4-32", "--workdir", "gs://bucket/runs/ega",
-            "--data_dir=gs://bucket/tfds", "--teacher", "gs://bucket/teachers/clip_vit_b32/"]
-OVERRIDES = ["--config.batch_size=512", "--config.lr_decay_epochs=(150, 180)",
-             "--config.distill.method=it's"]
-TRAIN_ARGV = [".venv/bin/python", "-m", "ega_jax.main", "--config=configs/cifar100.py",
-              "--workdir=gs://bucket/runs/ega", "--config.dataset.data_dir=gs://bucket/tfds",
-              "--config.teacher.checkpoint=teachers/clip_vit_b32"] + OVERRIDES
+TPU_ARGS = [
+  "--name",
+  "ega-pod",
+  "--zone=us-central2-b",
+  "--project",
+  "my-proj",
+  "--accelerator",
+  "v4-32",
+  "--workdir",
+  "gs://bucket/runs/ega",
+  "--data_dir=gs://bucket/tfds",
+  "--teacher",
+  "gs://bucket/teachers/clip_vit_b32/",
+]
+OVERRIDES = [
+  "--config.batch_size=512",
+  "--config.lr_decay_epochs=(150, 180)",
+  "--config.distill.method=it's",
+]
+TRAIN_ARGV = [
+  ".venv/bin/python",
+  "-m",
+  "ega_jax.main",
+  "--config=configs/cifar100.py",
+  "--workdir=gs://bucket/runs/ega",
+  "--config.dataset.data_dir=gs://bucket/tfds",
+  "--config.teacher.checkpoint=teachers/clip_vit_b32",
+] + OVERRIDES
 GCLOUD_FLAGS = ["--zone=us-central2-b", "--project=my-proj"]
 
 
@@ -166,13 +189,18 @@ def test_tpu_dry_run_creates_a_missing_vm_and_runs_nothing(stubs):
   assert result.returncode == 0, result.stderr
   assert "does not exist: creating it" in result.stderr
   # Only the read-only describe reached gcloud.
-  assert calls(stubs) == [["compute", "tpus", "tpu-vm", "describe", "ega-pod"] + GCLOUD_FLAGS
-                          + ["--format=value(state,acceleratorType)"]]
+  assert calls(stubs) == [
+    ["compute", "tpus", "tpu-vm", "describe", "ega-pod"]
+    + GCLOUD_FLAGS
+    + ["--format=value(state,acceleratorType)"]
+  ]
 
   commands = printed_commands(result.stdout)
-  assert commands[0] == (["gcloud", "compute", "tpus", "tpu-vm", "create", "ega-pod"]
-                         + GCLOUD_FLAGS
-                         + ["--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"])
+  assert commands[0] == (
+    ["gcloud", "compute", "tpus", "tpu-vm", "create", "ega-pod"]
+    + GCLOUD_FLAGS
+    + ["--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]
+  )
   # The local checkout is packed, copied to every worker and unpacked there.
   assert commands[1][:3] == ["git", "-C", REPO]
   scp = commands[2]
@@ -184,8 +212,10 @@ def test_tpu_dry_run_creates_a_missing_vm_and_runs_nothing(stubs):
   assert "tar -xzf ega_jax_src.tar.gz -C ega_jax" in unpack
   assert "python3.11 -m venv .venv" in install
   assert ".venv/bin/pip install -q -r requirements.txt 'jax[tpu]==0.10.2'" in install
-  assert teacher == ("cd ega_jax && mkdir -p teachers/clip_vit_b32 && gcloud storage rsync "
-                     "--recursive gs://bucket/teachers/clip_vit_b32 teachers/clip_vit_b32")
+  assert teacher == (
+    "cd ega_jax && mkdir -p teachers/clip_vit_b32 && gcloud storage rsync "
+    "--recursive gs://bucket/teachers/clip_vit_b32 teachers/clip_vit_b32"
+  )
   assert_trains_on_all_workers(train)
   for command in remote:  # every remote command is valid shell
     assert subprocess.run([BASH, "-n", "-c", command]).returncode == 0, command
@@ -193,13 +223,15 @@ def test_tpu_dry_run_creates_a_missing_vm_and_runs_nothing(stubs):
 
 def test_tpu_dry_run_reuses_an_existing_vm(stubs):
   env = base_env(stubs, FAKE_TPU_DESCRIBE="READY\tv4-32")
-  result = run_script(TPU_VM, TPU_ARGS + ["--log=runs/my run.log", "--dry_run", "--"] + OVERRIDES,
-                      env)
+  result = run_script(
+    TPU_VM, TPU_ARGS + ["--log=runs/my run.log", "--dry_run", "--"] + OVERRIDES, env
+  )
   assert result.returncode == 0, result.stderr
   assert "exists (v4-32, READY): reusing it" in result.stderr
   commands = printed_commands(result.stdout)
-  assert not any(words[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
-                 for words in commands)
+  assert not any(
+    words[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"] for words in commands
+  )
   assert commands[-1][-5:] == ["2>&1", "|", "tee", "-a", "runs/my run.log"]
   assert_trains_on_all_workers(ssh_command(commands[-1][:-5]))
   assert len(calls(stubs)) == 1
@@ -212,10 +244,13 @@ def test_tpu_existing_vm_without_accelerator_flag_is_reused(stubs):
   assert "exists (v5litepod-16, READY)" in result.stderr
 
 
-@pytest.mark.parametrize("describe, message", [
+@pytest.mark.parametrize(
+  "describe, message",
+  [
     ("READY\tv4-8", "exists with accelerator v4-8, not v4-32"),
     ("PREEMPTED\tv4-32", "is PREEMPTED, not READY"),
-])
+  ],
+)
 def test_tpu_refuses_a_vm_it_cannot_use(stubs, describe, message):
   env = base_env(stubs, FAKE_TPU_DESCRIBE=describe)
   result = run_script(TPU_VM, TPU_ARGS + ["--dry_run"], env)
@@ -230,8 +265,9 @@ def test_tpu_describe_failure_stops_a_real_run_but_not_a_dry_run(stubs):
   result = run_script(TPU_VM, TPU_ARGS, env)
   assert result.returncode == 2
   assert result.stderr.strip().split("\n")[-1] == (
-      "tpu_vm.sh: error: could not describe TPU VM ega-pod: ERROR: "
-      "(gcloud.compute.tpus.tpu-vm.describe) PERMISSION_DENIED: Permission 'tpu.nodes.get' denied")
+    "tpu_vm.sh: error: could not describe TPU VM ega-pod: ERROR: "
+    "(gcloud.compute.tpus.tpu-vm.describe) PERMISSION_DENIED: Permission 'tpu.nodes.get' denied"
+  )
   assert [args[3] for args in calls(stubs)] == ["describe"]  # nothing created
   result = run_script(TPU_VM, TPU_ARGS + ["--dry_run"], env)
   assert result.returncode == 0, result.stderr
@@ -255,12 +291,15 @@ def test_tpu_dry_run_needs_no_gcloud(stubs, tmp_path):
   assert_trains_on_all_workers(ssh_command(commands[-1]))
 
 
-@pytest.mark.parametrize("drop, message", [
+@pytest.mark.parametrize(
+  "drop, message",
+  [
     ("--name", "--name (or TPU_NAME) is required"),
     ("--zone", "--zone (or ZONE) is required"),
     ("--workdir", "--workdir (or WORKDIR) is required"),
     ("--accelerator", "does not exist; pass --accelerator"),
-])
+  ],
+)
 def test_tpu_missing_values_are_one_line_errors(stubs, drop, message):
   args = ["--name=n", "--zone=z", "--workdir=w", "--accelerator=v4-8", "--dry_run"]
   args = [a for a in args if not a.startswith(drop + "=")]
@@ -279,22 +318,41 @@ def test_tpu_bad_arguments(stubs):
   assert result.returncode == 2 and "'seed=1' after -- is not a flag" in result.stderr
   result = run_script(TPU_VM, ["--name=n", "--zone"], env)
   assert result.returncode == 2 and "--zone needs a value" in result.stderr
-  result = run_script(TPU_VM, ["--name=n", "--zone=z", "--workdir=w", "--accelerator=v9-8",
-                               "--dry_run"], env)
+  result = run_script(
+    TPU_VM, ["--name=n", "--zone=z", "--workdir=w", "--accelerator=v9-8", "--dry_run"], env
+  )
   assert result.returncode == 2 and "pass --version" in result.stderr
 
 
 def test_tpu_options_from_environment_and_git_clone(stubs):
-  env = base_env(stubs, FAKE_TPU_DESCRIBE="missing", TPU_NAME="env-tpu", ZONE="europe-west4-a",
-                 ACCELERATOR_TYPE="v5litepod-16", WORKDIR="gs://b/run", DRY_RUN="1",
-                 REPO_URL="https://github.com/someone/ega_jax.git", REPO_REF="v1.0",
-                 REPO_DIR="~/code/ega", CONFIG="configs/stl10.py")
+  env = base_env(
+    stubs,
+    FAKE_TPU_DESCRIBE="missing",
+    TPU_NAME="env-tpu",
+    ZONE="europe-west4-a",
+    ACCELERATOR_TYPE="v5litepod-16",
+    WORKDIR="gs://b/run",
+    DRY_RUN="1",
+    REPO_URL="https://github.com/someone/ega_jax.git",
+    REPO_REF="v1.0",
+    REPO_DIR="~/code/ega",
+    CONFIG="configs/stl10.py",
+  )
   result = run_script(TPU_VM, ["--spot"], env)
   assert result.returncode == 0, result.stderr
   commands = printed_commands(result.stdout)
-  assert commands[0] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "env-tpu",
-                         "--zone=europe-west4-a", "--accelerator-type=v5litepod-16",
-                         "--version=v2-alpha-tpuv5-lite", "--spot"]
+  assert commands[0] == [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "create",
+    "env-tpu",
+    "--zone=europe-west4-a",
+    "--accelerator-type=v5litepod-16",
+    "--version=v2-alpha-tpuv5-lite",
+    "--spot",
+  ]
   assert not any(words[0] == "git" or "scp" in words for words in commands)
   fetch = ssh_command(commands[1])
   assert "git clone --quiet https://github.com/someone/ega_jax.git code/ega" in fetch
@@ -302,9 +360,16 @@ def test_tpu_options_from_environment_and_git_clone(stubs):
   assert subprocess.run([BASH, "-n", "-c", fetch]).returncode == 0
   assert ssh_command(commands[2]).startswith("cd code/ega && ")  # install
   assert_trains_on_all_workers(
-      ssh_command(commands[-1]), repo_dir="code/ega",
-      train_argv=[".venv/bin/python", "-m", "ega_jax.main", "--config=configs/stl10.py",
-                  "--workdir=gs://b/run"])
+    ssh_command(commands[-1]),
+    repo_dir="code/ega",
+    train_argv=[
+      ".venv/bin/python",
+      "-m",
+      "ega_jax.main",
+      "--config=configs/stl10.py",
+      "--workdir=gs://b/run",
+    ],
+  )
 
 
 def test_tpu_skip_setup_only_trains(stubs):
@@ -331,31 +396,45 @@ def test_tpu_real_run_ships_the_checkout_and_streams_to_the_log(stubs):
   # The shipped tarball is the checkout as git sees it: code yes, .venv no.
   with tarfile.open(stubs["dir"] / "shipped.tar.gz") as tar:
     names = set(tar.getnames())
-  assert {"ega_jax/main.py", "launch/tpu_vm.sh", "requirements.txt",
-          "configs/cifar100.py"} <= names
+  assert {"ega_jax/main.py", "launch/tpu_vm.sh", "requirements.txt", "configs/cifar100.py"} <= names
   assert not any(n.startswith(".venv") or n.startswith(".git/") for n in names)
   # Temporary files are gone.
-  assert sorted(os.listdir(stubs["dir"])) == ["bin", "calls.jsonl", "shipped.tar.gz",
-                                              "train.log"]
+  assert sorted(os.listdir(stubs["dir"])) == ["bin", "calls.jsonl", "shipped.tar.gz", "train.log"]
 
 
 # --- slurm_gpu.sbatch ------------------------------------------------------------
 
+
 def slurm_env(stubs, **extra):
-  values = dict(WORKDIR="/shared/runs/ega", CONFIG="configs/cifar100.py",
-                TEACHER="/shared/teachers/clip_vit_b32", DATA_DIR="/shared/tfds",
-                EXTRA_ARGS="--config.seed=3 --config.batch_size=512",
-                REPO_DIR="/shared/ega_jax",
-                SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NTASKS="16",
-                SLURM_NTASKS_PER_NODE="8", SLURM_GPUS_ON_NODE="8", FAKE_HOSTS="gpu07,gpu08")
+  values = dict(
+    WORKDIR="/shared/runs/ega",
+    CONFIG="configs/cifar100.py",
+    TEACHER="/shared/teachers/clip_vit_b32",
+    DATA_DIR="/shared/tfds",
+    EXTRA_ARGS="--config.seed=3 --config.batch_size=512",
+    REPO_DIR="/shared/ega_jax",
+    SLURM_JOB_ID="4242",
+    SLURM_JOB_NODELIST="gpu[07-08]",
+    SLURM_NTASKS="16",
+    SLURM_NTASKS_PER_NODE="8",
+    SLURM_GPUS_ON_NODE="8",
+    FAKE_HOSTS="gpu07,gpu08",
+  )
   values.update(extra)
   return base_env(stubs, **{k: v for k, v in values.items() if v is not None})
 
 
-SLURM_TRAIN = ["-m", "ega_jax.main", "--config=configs/cifar100.py", "--workdir=/shared/runs/ega",
-               "--config.dataset.data_dir=/shared/tfds",
-               "--config.teacher.checkpoint=/shared/teachers/clip_vit_b32",
-               "--config.seed=3", "--config.batch_size=512", "--config.distill.method=rkd"]
+SLURM_TRAIN = [
+  "-m",
+  "ega_jax.main",
+  "--config=configs/cifar100.py",
+  "--workdir=/shared/runs/ega",
+  "--config.dataset.data_dir=/shared/tfds",
+  "--config.teacher.checkpoint=/shared/teachers/clip_vit_b32",
+  "--config.seed=3",
+  "--config.batch_size=512",
+  "--config.distill.method=rkd",
+]
 
 
 def slurm_printed(stdout):
@@ -363,7 +442,8 @@ def slurm_printed(stdout):
   (its per-task script spans several lines inside quotes)."""
   before, srun_line, rest = stdout.partition("srun ")
   return [shlex.split(line) for line in before.strip().split("\n")] + [
-      shlex.split(srun_line + rest)]
+    shlex.split(srun_line + rest)
+  ]
 
 
 def split_srun(words):
@@ -392,18 +472,32 @@ def test_slurm_dry_run_one_task_per_gpu(stubs):
 
 
 def test_slurm_dry_run_one_task_per_node_uses_all_gpus(stubs):
-  env = slurm_env(stubs, DRY_RUN="1", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1",
-                  SLURM_GPUS_ON_NODE=None, SLURM_GPUS_PER_NODE="a100:4",
-                  COORDINATOR_PORT="5555", EXTRA_ARGS=None, TEACHER=None, DATA_DIR=None)
+  env = slurm_env(
+    stubs,
+    DRY_RUN="1",
+    SLURM_NTASKS="2",
+    SLURM_NTASKS_PER_NODE="1",
+    SLURM_GPUS_ON_NODE=None,
+    SLURM_GPUS_PER_NODE="a100:4",
+    COORDINATOR_PORT="5555",
+    EXTRA_ARGS=None,
+    TEACHER=None,
+    DATA_DIR=None,
+  )
   result = run_script(SLURM, [], env)
   assert result.returncode == 0, result.stderr
   assert "one task per node, each using GPUs 0,1,2,3" in result.stderr
   lines = slurm_printed(result.stdout)
   assert lines[1] == ["export", "JAX_LOCAL_DEVICE_IDS=0,1,2,3"]
   _, _, args = split_srun(lines[2])
-  assert args == ["-m", "ega_jax.main", "--config=configs/cifar100.py",
-                  "--workdir=/shared/runs/ega", "--coordinator_address=gpu07:5555",
-                  "--num_processes=2"]
+  assert args == [
+    "-m",
+    "ega_jax.main",
+    "--config=configs/cifar100.py",
+    "--workdir=/shared/runs/ega",
+    "--coordinator_address=gpu07:5555",
+    "--num_processes=2",
+  ]
 
 
 def test_slurm_tasks_per_node_without_ntasks_per_node(stubs):
@@ -420,8 +514,9 @@ def test_slurm_dry_run_outside_slurm_uses_documented_defaults(stubs, tmp_path):
   tools.mkdir()
   os.symlink(shutil.which("seq"), tools / "seq")
   env = base_env(stubs, path=str(tools), DRY_RUN="1", WORKDIR="runs/x")
-  result = subprocess.run([BASH, SLURM], env=env, capture_output=True, text=True,
-                          cwd=str(tmp_path), timeout=60)
+  result = subprocess.run(
+    [BASH, SLURM], env=env, capture_output=True, text=True, cwd=str(tmp_path), timeout=60
+  )
   assert result.returncode == 0, result.stderr
   assert "coordinator: localhost:10000" in result.stderr
   _, python, args = split_srun(slurm_printed(result.stdout)[-1])
@@ -437,11 +532,14 @@ def test_slurm_dry_run_outside_slurm_uses_documented_defaults(stubs, tmp_path):
   assert "scontrol is needed to expand the node list 'node[1-2]'" in result.stderr
 
 
-@pytest.mark.parametrize("changes, message", [
+@pytest.mark.parametrize(
+  "changes, message",
+  [
     (dict(WORKDIR=None), "WORKDIR is required"),
     (dict(DRY_RUN=None, SLURM_JOB_ID=None), "not inside a SLURM job"),
     (dict(SLURM_NTASKS_PER_NODE="4"), "--ntasks-per-node=4 fits neither one task per GPU"),
-])
+  ],
+)
 def test_slurm_errors(stubs, changes, message):
   env = slurm_env(stubs, **dict(dict(DRY_RUN="1"), **changes))
   result = run_script(SLURM, [], env)
@@ -456,19 +554,29 @@ def test_slurm_arguments_must_be_flags(stubs):
   assert result.stderr.startswith("slurm_gpu.sbatch: error: 'seed=3' is not a flag")
 
 
-@pytest.mark.parametrize("visible, expected_gpus", [
+@pytest.mark.parametrize(
+  "visible, expected_gpus",
+  [
     ("0,1,2,3", ["0", "1", "2", "3", "0", "1", "2", "3"]),  # tasks see the node's GPUs
     ("2", ["0"] * 8),  # SLURM bound each task to one GPU already
-])
+  ],
+)
 def test_slurm_real_run_gives_each_task_its_process_and_gpu(stubs, visible, expected_gpus):
   repo_dir = stubs["dir"] / "repo"
   tasks_dir = stubs["dir"] / "tasks"
   (repo_dir / ".venv" / "bin").mkdir(parents=True)
   tasks_dir.mkdir()
   write_executable(repo_dir / ".venv" / "bin" / "python", FAKE_PYTHON)
-  env = slurm_env(stubs, REPO_DIR=None, SLURM_SUBMIT_DIR=str(repo_dir), SLURM_NTASKS="8",
-                  SLURM_NTASKS_PER_NODE="4", SLURM_GPUS_ON_NODE="4",
-                  CUDA_VISIBLE_DEVICES=visible, FAKE_TASKS=str(tasks_dir))
+  env = slurm_env(
+    stubs,
+    REPO_DIR=None,
+    SLURM_SUBMIT_DIR=str(repo_dir),
+    SLURM_NTASKS="8",
+    SLURM_NTASKS_PER_NODE="4",
+    SLURM_GPUS_ON_NODE="4",
+    CUDA_VISIBLE_DEVICES=visible,
+    FAKE_TASKS=str(tasks_dir),
+  )
   result = run_script(SLURM, ["--config.distill.method=rkd"], env)
   assert result.returncode == 0, result.stderr
   for process_id in range(8):
@@ -476,5 +584,8 @@ def test_slurm_real_run_gives_each_task_its_process_and_gpu(stubs, visible, expe
       task = json.load(f)
     assert task["cwd"] == str(repo_dir)
     assert task["argv"] == SLURM_TRAIN + [
-        "--coordinator_address=gpu07:14242", "--num_processes=8", f"--process_id={process_id}"]
+      "--coordinator_address=gpu07:14242",
+      "--num_processes=8",
+      f"--process_id={process_id}",
+    ]
     assert task["JAX_LOCAL_DEVICE_IDS"] == expected_gpus[process_id]

@@ -61,9 +61,10 @@ def ref_pearson(x, eps):
 def ref_ega(teacher, student, node_weight, edge_weight, eps=1e-8):
   b = teacher.shape[0]
   graph = ref_pearson(np.concatenate([teacher, student]), eps)
-  edge = np.sqrt(sum((graph[i, j] - graph[b + i, b + j])**2 for i in range(b) for j in range(b)))
-  node = np.sqrt(sum((graph[i, b + j] - (1.0 if i == j else 0.0))**2
-                     for i in range(b) for j in range(b)))
+  edge = np.sqrt(sum((graph[i, j] - graph[b + i, b + j]) ** 2 for i in range(b) for j in range(b)))
+  node = np.sqrt(
+    sum((graph[i, b + j] - (1.0 if i == j else 0.0)) ** 2 for i in range(b) for j in range(b))
+  )
   return node_weight * node + edge_weight * edge
 
 
@@ -95,7 +96,7 @@ def ref_rkd(student, teacher, w_d, w_a):
     for i in range(n):
       for j in range(n):
         if i != j:
-          dist[i, j] = np.sqrt(max(((x[i] - x[j])**2).sum(), 1e-12))
+          dist[i, j] = np.sqrt(max(((x[i] - x[j]) ** 2).sum(), 1e-12))
     return dist / dist[dist > 0].mean()
 
   def angles(x):
@@ -112,8 +113,9 @@ def ref_rkd(student, teacher, w_d, w_a):
         out[i, j] = units @ units[j]
     return out
 
-  return (w_d * ref_smooth_l1_mean(distances(student), distances(teacher))
-          + w_a * ref_smooth_l1_mean(angles(student), angles(teacher)))
+  return w_d * ref_smooth_l1_mean(
+    distances(student), distances(teacher)
+  ) + w_a * ref_smooth_l1_mean(angles(student), angles(teacher))
 
 
 def ref_pkt(student, teacher, eps=1e-7):
@@ -142,10 +144,12 @@ def ref_nce(student, teacher, labels, temperature):
 
 
 def ref_ccl(student, teacher, labels, student_logits, teacher_logits, temperature):
-  kl_ts = np.mean([ref_kl(ref_softmax(t), ref_softmax(s))
-                   for s, t in zip(student_logits, teacher_logits)])
-  kl_st = np.mean([ref_kl(ref_softmax(s), ref_softmax(t))
-                   for s, t in zip(student_logits, teacher_logits)])
+  kl_ts = np.mean(
+    [ref_kl(ref_softmax(t), ref_softmax(s)) for s, t in zip(student_logits, teacher_logits)]
+  )
+  kl_st = np.mean(
+    [ref_kl(ref_softmax(s), ref_softmax(t)) for s, t in zip(student_logits, teacher_logits)]
+  )
   return ref_nce(student, teacher, labels, temperature) + 0.5 * (kl_ts + kl_st)
 
 
@@ -156,18 +160,29 @@ def ref_irg(student, teacher, vertex_weight, edge_weight, squared):
     for i in range(n):
       for j in range(n):
         if i != j:
-          sq = max(((x[i] - x[j])**2).sum(), 1e-12)
+          sq = max(((x[i] - x[j]) ** 2).sum(), 1e-12)
           a[i, j] = sq if squared else np.sqrt(sq)
     return a / a.max()
 
-  vertex = np.mean([((student[i] - teacher[i])**2).sum() / student.shape[1]
-                    for i in range(len(student))])
-  edge = np.mean((edges(student) - edges(teacher))**2)
+  vertex = np.mean(
+    [((student[i] - teacher[i]) ** 2).sum() / student.shape[1] for i in range(len(student))]
+  )
+  edge = np.mean((edges(student) - edges(teacher)) ** 2)
   return vertex_weight * vertex + edge_weight * edge
 
 
-def ref_crd(student_proj, teacher_proj, indices, contrast, student_bank, teacher_bank,
-            z_student, z_teacher, temperature, momentum):
+def ref_crd(
+  student_proj,
+  teacher_proj,
+  indices,
+  contrast,
+  student_bank,
+  teacher_bank,
+  z_student,
+  z_teacher,
+  temperature,
+  momentum,
+):
   """Returns loss, new banks and Z's, following RepDistiller's CRD step by step."""
   b, k1 = contrast.shape
   n = student_bank.shape[0]
@@ -243,10 +258,12 @@ def test_ega_graph_blocks_orientation(x64):
     for j in range(5):
       expected = np.corrcoef(teacher[i], student[j])[0, 1]
       np.testing.assert_allclose(node_matrix[i, j], expected, rtol=1e-6)
-      np.testing.assert_allclose(teacher_edges[i, j], np.corrcoef(teacher[i], teacher[j])[0, 1],
-                                 rtol=1e-6)
-      np.testing.assert_allclose(student_edges[i, j], np.corrcoef(student[i], student[j])[0, 1],
-                                 rtol=1e-6)
+      np.testing.assert_allclose(
+        teacher_edges[i, j], np.corrcoef(teacher[i], teacher[j])[0, 1], rtol=1e-6
+      )
+      np.testing.assert_allclose(
+        student_edges[i, j], np.corrcoef(student[i], student[j])[0, 1], rtol=1e-6
+      )
 
 
 @pytest.mark.parametrize("batch,width", [(7, 16), (64, 256)])
@@ -255,8 +272,9 @@ def test_ega_loss_matches_torch_formula(x64, batch, width):
   student = _embeddings(7, batch, width)
   graph = torch.corrcoef(torch.from_numpy(np.concatenate([teacher, student])))
   e_t, e_s, n = graph[:batch, :batch], graph[batch:, batch:], graph[:batch, batch:]
-  expected = (0.8 * torch.norm(n - torch.eye(batch, dtype=torch.float64), 2)
-              + 0.24 * torch.norm(e_t - e_s, 2)).item()
+  expected = (
+    0.8 * torch.norm(n - torch.eye(batch, dtype=torch.float64), 2) + 0.24 * torch.norm(e_t - e_s, 2)
+  ).item()
   # eps = 1e-8 in the variance changes unit-variance rows by ~1e-8 relative.
   _assert_close(losses.ega_loss(teacher, student), expected)
 
@@ -268,9 +286,15 @@ def test_kd_loss_matches_reference_and_torch(x64, batch, classes, temperature):
   teacher_logits = _embeddings(9, batch, classes, scale=3.0)
   got = jax.jit(losses.kd_loss, static_argnums=2)(student_logits, teacher_logits, temperature)
   _assert_close(got, ref_kd(student_logits, teacher_logits, temperature))
-  torch_value = (F.kl_div(F.log_softmax(torch.from_numpy(student_logits) / temperature, dim=1),
-                          F.softmax(torch.from_numpy(teacher_logits) / temperature, dim=1),
-                          reduction="sum") * temperature**2 / batch).item()
+  torch_value = (
+    F.kl_div(
+      F.log_softmax(torch.from_numpy(student_logits) / temperature, dim=1),
+      F.softmax(torch.from_numpy(teacher_logits) / temperature, dim=1),
+      reduction="sum",
+    )
+    * temperature**2
+    / batch
+  ).item()
   _assert_close(got, torch_value)
 
 
@@ -284,12 +308,13 @@ def test_kd_loss_is_zero_for_equal_logits_and_finite_for_extreme_logits(x64):
 @pytest.mark.parametrize("batch,width", SHAPES)
 def test_hint_loss_matches_reference(x64, batch, width):
   student, teacher = _embeddings(11, batch, width), _embeddings(12, batch, width)
-  expected = sum(((student[i] - teacher[i])**2).sum() for i in range(batch)) / (batch * width)
+  expected = sum(((student[i] - teacher[i]) ** 2).sum() for i in range(batch)) / (batch * width)
   _assert_close(jax.jit(losses.hint_loss)(student, teacher), expected)
 
 
-@pytest.mark.parametrize("batch,student_width,teacher_width",
-                         [(5, 3, 3), (7, 16, 24), (64, 32, 32)])
+@pytest.mark.parametrize(
+  "batch,student_width,teacher_width", [(5, 3, 3), (7, 16, 24), (64, 32, 32)]
+)
 def test_rkd_loss_matches_reference(x64, batch, student_width, teacher_width):
   student = _embeddings(13, batch, student_width)
   teacher = _embeddings(14, batch, teacher_width, scale=4.0)
@@ -304,8 +329,9 @@ def test_rkd_loss_teacher_side_gets_no_gradient(x64):
   np.testing.assert_array_equal(grad_teacher, 0.0)
 
 
-@pytest.mark.parametrize("batch,student_width,teacher_width",
-                         [(5, 3, 3), (7, 16, 24), (64, 32, 32)])
+@pytest.mark.parametrize(
+  "batch,student_width,teacher_width", [(5, 3, 3), (7, 16, 24), (64, 32, 32)]
+)
 def test_pkt_loss_matches_reference(x64, batch, student_width, teacher_width):
   student = _embeddings(17, batch, student_width)
   teacher = _embeddings(18, batch, teacher_width)
@@ -358,9 +384,9 @@ def _degenerate_pair():
   student = rng.normal(size=(6, 8)).astype(np.float32)
   teacher = rng.normal(size=(6, 8)).astype(np.float32)
   for x in (student, teacher):
-    x[1] = x[0]     # duplicate rows
-    x[3] = 0.7      # constant row
-    x[4] = 0.0      # zero row (also constant)
+    x[1] = x[0]  # duplicate rows
+    x[3] = 0.7  # constant row
+    x[4] = 0.0  # zero row (also constant)
   return student, teacher
 
 
@@ -368,14 +394,14 @@ LABELS6 = np.array([0, 0, 1, 1, 2, 0], np.int32)
 LOGITS6 = np.random.default_rng(32).normal(size=(2, 6, 5)).astype(np.float32)
 
 EMBEDDING_LOSSES = {
-    "ega": lambda s, t: losses.ega_loss(t, s),
-    "hint": losses.hint_loss,
-    "rkd": losses.rkd_loss,
-    "pkt": losses.pkt_loss,
-    "nce": lambda s, t: losses.nce_loss(s, t, LABELS6),
-    "ccl": lambda s, t: losses.ccl_loss(s, t, LABELS6, LOGITS6[0], LOGITS6[1]),
-    "irg": losses.irg_loss,
-    "irg_plain": lambda s, t: losses.irg_loss(s, t, squared_distance=False),
+  "ega": lambda s, t: losses.ega_loss(t, s),
+  "hint": losses.hint_loss,
+  "rkd": losses.rkd_loss,
+  "pkt": losses.pkt_loss,
+  "nce": lambda s, t: losses.nce_loss(s, t, LABELS6),
+  "ccl": lambda s, t: losses.ccl_loss(s, t, LABELS6, LOGITS6[0], LOGITS6[1]),
+  "irg": losses.irg_loss,
+  "irg_plain": lambda s, t: losses.irg_loss(s, t, squared_distance=False),
 }
 
 
@@ -412,8 +438,12 @@ def test_gradients_match_finite_differences(x64, name):
 
 def test_kd_gradient_matches_finite_differences(x64):
   logits = _embeddings(35, 2, 6, scale=2.0)
-  check_grads(jax.jit(lambda s, t: losses.kd_loss(s, t, 2.0)), (logits[0:1], logits[1:2]),
-              order=1, modes=["rev"])
+  check_grads(
+    jax.jit(lambda s, t: losses.kd_loss(s, t, 2.0)),
+    (logits[0:1], logits[1:2]),
+    order=1,
+    modes=["rev"],
+  )
 
 
 def test_ega_gradient_at_student_equal_teacher_ignores_zero_edge_norm(x64):
@@ -435,41 +465,50 @@ def test_ega_gradient_at_student_equal_teacher_ignores_zero_edge_norm(x64):
 def _registry_inputs(batch=7, width=16, classes=10):
   rng = np.random.default_rng(37)
   return dict(
-      student_emb=rng.normal(size=(batch, width)).astype(np.float32),
-      teacher_emb=rng.normal(size=(batch, width)).astype(np.float32),
-      labels=rng.integers(0, 3, size=batch).astype(np.int32),
-      student_logits=rng.normal(size=(batch, classes)).astype(np.float32),
-      teacher_logits=rng.normal(size=(batch, classes)).astype(np.float32),
+    student_emb=rng.normal(size=(batch, width)).astype(np.float32),
+    teacher_emb=rng.normal(size=(batch, width)).astype(np.float32),
+    labels=rng.integers(0, 3, size=batch).astype(np.int32),
+    student_logits=rng.normal(size=(batch, classes)).astype(np.float32),
+    teacher_logits=rng.normal(size=(batch, classes)).astype(np.float32),
   )
 
 
 def test_distill_loss_dispatches_with_hparams_and_jit():
   inputs = _registry_inputs()
-  hparams = {"node_weight": 1.1, "edge_weight": 0.3, "kd_temperature": 2.0,
-             "rkd_distance_weight": 3.0, "rkd_angle_weight": 4.0, "nce_temperature": 0.2,
-             "irg_vertex_weight": 0.7, "irg_edge_weight": 2.0}
+  hparams = {
+    "node_weight": 1.1,
+    "edge_weight": 0.3,
+    "kd_temperature": 2.0,
+    "rkd_distance_weight": 3.0,
+    "rkd_angle_weight": 4.0,
+    "nce_temperature": 0.2,
+    "irg_vertex_weight": 0.7,
+    "irg_edge_weight": 2.0,
+  }
   s, t, y = inputs["student_emb"], inputs["teacher_emb"], inputs["labels"]
   ls, lt = inputs["student_logits"], inputs["teacher_logits"]
   expected = {
-      "none": 0.0,
-      "kd": losses.kd_loss(ls, lt, 2.0),
-      "hint": losses.hint_loss(s, t),
-      "rkd": losses.rkd_loss(s, t, 3.0, 4.0),
-      "pkt": losses.pkt_loss(s, t),
-      "nce": losses.nce_loss(s, t, y, 0.2),
-      "ccl": losses.ccl_loss(s, t, y, ls, lt, 0.2),
-      "irg": losses.irg_loss(s, t, 0.7, 2.0),
-      "ega": losses.ega_loss(t, s, 1.1, 0.3),
+    "none": 0.0,
+    "kd": losses.kd_loss(ls, lt, 2.0),
+    "hint": losses.hint_loss(s, t),
+    "rkd": losses.rkd_loss(s, t, 3.0, 4.0),
+    "pkt": losses.pkt_loss(s, t),
+    "nce": losses.nce_loss(s, t, y, 0.2),
+    "ccl": losses.ccl_loss(s, t, y, ls, lt, 0.2),
+    "irg": losses.irg_loss(s, t, 0.7, 2.0),
+    "ega": losses.ega_loss(t, s, 1.1, 0.3),
   }
   assert set(expected) | {"crd"} == set(losses.DISTILL_METHODS)
   for method, value in expected.items():
     jitted = jax.jit(functools.partial(losses.distill_loss, method, hparams=hparams))(**inputs)
     np.testing.assert_allclose(jitted, value, rtol=1e-5, atol=1e-7, err_msg=method)
   # Missing keys take the documented defaults.
-  np.testing.assert_allclose(losses.distill_loss("ega", hparams={}, **inputs),
-                             losses.ega_loss(t, s, 0.8, 0.24), rtol=1e-6)
-  np.testing.assert_allclose(losses.distill_loss("kd", hparams=None, **inputs),
-                             losses.kd_loss(ls, lt, 4.0), rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.distill_loss("ega", hparams={}, **inputs), losses.ega_loss(t, s, 0.8, 0.24), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    losses.distill_loss("kd", hparams=None, **inputs), losses.kd_loss(ls, lt, 4.0), rtol=1e-6
+  )
   assert losses.DEFAULT_HPARAMS["node_weight"] == 0.8
   assert losses.DEFAULT_HPARAMS["edge_weight"] == 0.24
 
@@ -485,8 +524,9 @@ def test_distill_loss_errors_name_the_problem():
   with pytest.raises(ValueError, match="kd_temperature.*> 0"):
     losses.distill_loss("kd", hparams={"kd_temperature": 0.0}, **inputs)
   with pytest.raises(ValueError, match=r"missing \['labels'\]"):
-    losses.distill_loss("nce", hparams={}, student_emb=inputs["student_emb"],
-                        teacher_emb=inputs["teacher_emb"])
+    losses.distill_loss(
+      "nce", hparams={}, student_emb=inputs["student_emb"], teacher_emb=inputs["teacher_emb"]
+    )
   with pytest.raises(ValueError, match="same batch size"):
     losses.ega_loss(inputs["teacher_emb"], inputs["student_emb"][:5])
   with pytest.raises(ValueError, match="same width"):
@@ -521,7 +561,7 @@ def test_build_crd_class_tables():
   sorted_indices, starts, counts = (np.asarray(a) for a in tables)
   assert sorted(sorted_indices.tolist()) == list(range(len(TRAIN_LABELS)))
   for c in range(6):
-    block = sorted_indices[starts[c]:starts[c] + counts[c]]
+    block = sorted_indices[starts[c] : starts[c] + counts[c]]
     assert counts[c] == np.sum(TRAIN_LABELS == c)
     assert sorted(block.tolist()) == np.flatnonzero(TRAIN_LABELS == c).tolist()
   with pytest.raises(ValueError, match="single class"):
@@ -549,7 +589,7 @@ def test_sample_crd_negatives_exact_mode():
     observed = np.bincount(row, minlength=len(TRAIN_LABELS))[eligible]
     # Uniform over the other classes' examples: chi-square far below a 6-sigma bound.
     expected = num_negatives / len(eligible)
-    chi_square = np.sum((observed - expected)**2 / expected)
+    chi_square = np.sum((observed - expected) ** 2 / expected)
     dof = len(eligible) - 1
     assert np.all(observed > 0)
     assert chi_square < dof + 6 * np.sqrt(2 * dof), (label, chi_square)
@@ -569,21 +609,25 @@ def _crd_case(seed, batch, num_data, dim, num_negatives):
   teacher_bank = rng.uniform(-0.3, 0.3, size=(num_data, dim))
   indices = rng.choice(num_data, size=batch, replace=False)
   contrast = np.concatenate(
-      [indices[:, None], rng.integers(0, num_data, size=(batch, num_negatives))], axis=1)
+    [indices[:, None], rng.integers(0, num_data, size=(batch, num_negatives))], axis=1
+  )
   return student_proj, teacher_proj, indices, contrast, student_bank, teacher_bank
 
 
 @pytest.mark.parametrize("batch,num_data,dim,num_negatives", [(5, 40, 8, 16), (7, 300, 128, 63)])
 @pytest.mark.parametrize("z_given", [False, True])
-def test_crd_loss_and_memory_update_match_reference(x64, batch, num_data, dim, num_negatives,
-                                                    z_given):
+def test_crd_loss_and_memory_update_match_reference(
+  x64, batch, num_data, dim, num_negatives, z_given
+):
   s, t, idx, contrast, s_bank, t_bank = _crd_case(38, batch, num_data, dim, num_negatives)
   z_s, z_t = (3.5, 7.25) if z_given else (-1.0, -1.0)
-  memory = losses.CRDMemory(student_bank=s_bank, teacher_bank=t_bank,
-                            z_student=np.float64(z_s), z_teacher=np.float64(z_t))
+  memory = losses.CRDMemory(
+    student_bank=s_bank, teacher_bank=t_bank, z_student=np.float64(z_s), z_teacher=np.float64(z_t)
+  )
   loss, new_memory = jax.jit(losses.crd_loss)(s, t, idx, contrast, memory, 0.07, 0.5)
   ref_loss, ref_s_bank, ref_t_bank, ref_z_s, ref_z_t = ref_crd(
-      s, t, idx, contrast, s_bank, t_bank, z_s, z_t, 0.07, 0.5)
+    s, t, idx, contrast, s_bank, t_bank, z_s, z_t, 0.07, 0.5
+  )
   _assert_close(loss, ref_loss)
   _assert_close(new_memory.student_bank, ref_s_bank)
   _assert_close(new_memory.teacher_bank, ref_t_bank)
@@ -594,8 +638,9 @@ def test_crd_loss_and_memory_update_match_reference(x64, batch, num_data, dim, n
   # Only the positives' rows change; they become unit vectors.
   untouched = np.setdiff1d(np.arange(num_data), idx)
   np.testing.assert_array_equal(np.asarray(new_memory.student_bank)[untouched], s_bank[untouched])
-  np.testing.assert_allclose(np.linalg.norm(np.asarray(new_memory.teacher_bank)[idx], axis=1), 1.0,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    np.linalg.norm(np.asarray(new_memory.teacher_bank)[idx], axis=1), 1.0, rtol=1e-12
+  )
 
 
 def test_crd_z_is_set_once_and_kept():
@@ -630,7 +675,12 @@ def test_crd_gradients_reach_projections_not_memory():
 
 def test_crd_gradient_matches_finite_differences(x64):
   s, t, idx, contrast, s_bank, t_bank = _crd_case(41, 4, 30, 8, 10)
-  memory = losses.CRDMemory(student_bank=s_bank, teacher_bank=t_bank,
-                            z_student=np.float64(2.0), z_teacher=np.float64(3.0))
-  check_grads(jax.jit(lambda a, b: losses.crd_loss(a, b, idx, contrast, memory)[0]), (s, t),
-              order=1, modes=["rev"])
+  memory = losses.CRDMemory(
+    student_bank=s_bank, teacher_bank=t_bank, z_student=np.float64(2.0), z_teacher=np.float64(3.0)
+  )
+  check_grads(
+    jax.jit(lambda a, b: losses.crd_loss(a, b, idx, contrast, memory)[0]),
+    (s, t),
+    order=1,
+    modes=["rev"],
+  )

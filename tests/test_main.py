@@ -27,13 +27,22 @@ def _read_jsonl(path):
 def test_cli_trains_evaluates_checkpoints_and_writes_metrics(converted_resnet18, tmp_path):
   workdir = tmp_path / "run"
   command = [
-      sys.executable, "-m", "ega_jax.main", "--config=configs/fashion_mnist.py",
-      f"--workdir={workdir}", f"--config.teacher.checkpoint={converted_resnet18}",
-      "--config.dataset.max_train_examples=256", "--config.dataset.max_eval_examples=100",
-      "--config.batch_size=32", "--config.eval_batch_size=64", "--config.feature_dim=32",
-      "--config.num_train_steps=4", "--config.log_every_steps=2",
-      "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
-      "--config.graph_picture_batch=16",
+    sys.executable,
+    "-m",
+    "ega_jax.main",
+    "--config=configs/fashion_mnist.py",
+    f"--workdir={workdir}",
+    f"--config.teacher.checkpoint={converted_resnet18}",
+    "--config.dataset.max_train_examples=256",
+    "--config.dataset.max_eval_examples=100",
+    "--config.batch_size=32",
+    "--config.eval_batch_size=64",
+    "--config.feature_dim=32",
+    "--config.num_train_steps=4",
+    "--config.log_every_steps=2",
+    "--config.eval_every_steps=2",
+    "--config.checkpoint_every_steps=2",
+    "--config.graph_picture_batch=16",
   ]
   result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
@@ -43,8 +52,17 @@ def test_cli_trains_evaluates_checkpoints_and_writes_metrics(converted_resnet18,
   for record in records:
     merged.setdefault(record["step"], {}).update(record)
   assert sorted(merged) == [2, 4]
-  for key in ("train/loss", "train/ce", "train/distill", "train/top1", "eval/top1", "eval/top5",
-              "eval/teacher_top1", "eval/best_top1", "steps_per_sec"):
+  for key in (
+    "train/loss",
+    "train/ce",
+    "train/distill",
+    "train/top1",
+    "eval/top1",
+    "eval/top5",
+    "eval/teacher_top1",
+    "eval/best_top1",
+    "steps_per_sec",
+  ):
     assert key in merged[4], key
   # Padded, masked evaluation: 100 examples in batches of 64 count exactly once.
   assert merged[4]["eval/count"] == 100
@@ -57,8 +75,12 @@ def test_cli_trains_evaluates_checkpoints_and_writes_metrics(converted_resnet18,
   # One checkpoint manager keeps the latest k and, besides them, the best by eval/top1.
   import orbax.checkpoint as ocp
 
-  with ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-      best_fn=lambda metrics: metrics["eval/top1"], best_mode="max", read_only=True)) as manager:
+  with ocp.CheckpointManager(
+    workdir / "checkpoints",
+    options=ocp.CheckpointManagerOptions(
+      best_fn=lambda metrics: metrics["eval/top1"], best_mode="max", read_only=True
+    ),
+  ) as manager:
     best_step = manager.best_step()
   assert merged[best_step]["eval/top1"] == merged[4]["eval/best_top1"]
   assert sorted(os.listdir(workdir / "graphs")) == ["graphs_00000002.png", "graphs_00000004.png"]
@@ -82,17 +104,20 @@ def test_resume_after_restart_equals_uninterrupted_run(converted_resnet18, tmp_p
   from ega_jax import train
 
   straight = tmp_path / "straight"
-  config = fashion_mnist_config(converted_resnet18, num_train_steps=6,
-                                 checkpoint_every_steps=3, eval_every_steps=3)
+  config = fashion_mnist_config(
+    converted_resnet18, num_train_steps=6, checkpoint_every_steps=3, eval_every_steps=3
+  )
   train.train_and_evaluate(config, str(straight))
 
   restarted = tmp_path / "restarted"
-  first = fashion_mnist_config(converted_resnet18, num_train_steps=3,
-                                checkpoint_every_steps=3, eval_every_steps=3)
+  first = fashion_mnist_config(
+    converted_resnet18, num_train_steps=3, checkpoint_every_steps=3, eval_every_steps=3
+  )
   train.train_and_evaluate(first, str(restarted))
   # A new process would see the same: a fresh call that only finds the workdir.
-  second = fashion_mnist_config(converted_resnet18, num_train_steps=6,
-                                 checkpoint_every_steps=3, eval_every_steps=3)
+  second = fashion_mnist_config(
+    converted_resnet18, num_train_steps=6, checkpoint_every_steps=3, eval_every_steps=3
+  )
   train.train_and_evaluate(second, str(restarted))
 
   def by_step(path):
@@ -114,8 +139,9 @@ def test_resume_after_restart_equals_uninterrupted_run(converted_resnet18, tmp_p
   leaves_b = {str(k): v for k, v in __import__("jax").tree_util.tree_leaves_with_path(state_b)}
   assert leaves_a.keys() == leaves_b.keys()
   for key in leaves_a:
-    np.testing.assert_allclose(np.asarray(leaves_b[key]), np.asarray(leaves_a[key]),
-                               rtol=1e-6, atol=1e-9, err_msg=key)
+    np.testing.assert_allclose(
+      np.asarray(leaves_b[key]), np.asarray(leaves_a[key]), rtol=1e-6, atol=1e-9, err_msg=key
+    )
 
 
 @pytest.mark.slow
@@ -123,10 +149,19 @@ def test_loop_runs_on_tfds_mock_cifar100(converted_resnet18, tmp_path):
   import tensorflow_datasets as tfds
   from ega_jax import train
 
-  config = fashion_mnist_config(converted_resnet18, **{
-      "dataset.name": "cifar100", "dataset.max_train_examples": -1,
-      "dataset.max_eval_examples": -1, "num_train_steps": 2, "eval_every_steps": 2,
-      "distill.method": "crd", "distill.crd_num_negatives": 16, "graph_pictures": False})
+  config = fashion_mnist_config(
+    converted_resnet18,
+    **{
+      "dataset.name": "cifar100",
+      "dataset.max_train_examples": -1,
+      "dataset.max_eval_examples": -1,
+      "num_train_steps": 2,
+      "eval_every_steps": 2,
+      "distill.method": "crd",
+      "distill.crd_num_negatives": 16,
+      "graph_pictures": False,
+    },
+  )
   with tfds.testing.mock_data(num_examples=64):
     summary = train.train_and_evaluate(config, str(tmp_path / "cifar"))
   assert summary["steps"] == 2
@@ -142,12 +177,12 @@ def test_config_errors_name_the_field(converted_resnet18, tmp_path):
   from ega_jax import train
 
   cases = [
-      ({"distill.method": "egaa"}, "config.distill.method='egaa'"),
-      ({"student.arch": "resnet9"}, "config.student.arch='resnet9'"),
-      ({"dataset.name": "cifar1000"}, "config.dataset.name='cifar1000'"),
-      ({"teacher_view": "other"}, "config.teacher_view='other'"),
-      ({"batch_size": 0}, "config.batch_size=0"),
-      ({"teacher.checkpoint": str(tmp_path / "missing")}, "config.teacher.checkpoint="),
+    ({"distill.method": "egaa"}, "config.distill.method='egaa'"),
+    ({"student.arch": "resnet9"}, "config.student.arch='resnet9'"),
+    ({"dataset.name": "cifar1000"}, "config.dataset.name='cifar1000'"),
+    ({"teacher_view": "other"}, "config.teacher_view='other'"),
+    ({"batch_size": 0}, "config.batch_size=0"),
+    ({"teacher.checkpoint": str(tmp_path / "missing")}, "config.teacher.checkpoint="),
   ]
   for overrides, expected in cases:
     config = fashion_mnist_config(converted_resnet18, **overrides)
@@ -164,10 +199,20 @@ def test_config_errors_name_the_field(converted_resnet18, tmp_path):
 
 def test_cli_reports_a_config_mistake_in_one_line(converted_resnet18, tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "ega_jax.main", "--config=configs/fashion_mnist.py",
-       f"--workdir={tmp_path / 'w'}", f"--config.teacher.checkpoint={converted_resnet18}",
-       "--config.distill.method=nope"],
-      capture_output=True, text=True, cwd=REPO, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "ega_jax.main",
+      "--config=configs/fashion_mnist.py",
+      f"--workdir={tmp_path / 'w'}",
+      f"--config.teacher.checkpoint={converted_resnet18}",
+      "--config.distill.method=nope",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -18,12 +18,24 @@ def _free_port():
 
 
 def _command(workdir, teacher, *extra):
-  return [sys.executable, "-m", "ega_jax.main", f"--workdir={workdir}",
-          "--config=configs/fashion_mnist.py", f"--config.teacher.checkpoint={teacher}",
-          "--config.dataset.max_train_examples=512", "--config.dataset.max_eval_examples=100",
-          "--config.batch_size=32", "--config.eval_batch_size=64", "--config.feature_dim=32",
-          "--config.num_train_steps=3", "--config.log_every_steps=1",
-          "--config.eval_every_steps=3", "--config.graph_picture_batch=16", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "ega_jax.main",
+    f"--workdir={workdir}",
+    "--config=configs/fashion_mnist.py",
+    f"--config.teacher.checkpoint={teacher}",
+    "--config.dataset.max_train_examples=512",
+    "--config.dataset.max_eval_examples=100",
+    "--config.batch_size=32",
+    "--config.eval_batch_size=64",
+    "--config.feature_dim=32",
+    "--config.num_train_steps=3",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=3",
+    "--config.graph_picture_batch=16",
+    *extra,
+  ]
 
 
 def _env(devices):
@@ -45,18 +57,34 @@ def _metrics(workdir):
 @pytest.mark.slow
 def test_two_processes_match_one_process(converted_resnet18, tmp_path):
   single = tmp_path / "single"
-  result = subprocess.run(_command(single, converted_resnet18), cwd=REPO, env=_env(4),
-                          capture_output=True, text=True, timeout=900)
+  result = subprocess.run(
+    _command(single, converted_resnet18),
+    cwd=REPO,
+    env=_env(4),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
 
   multi = tmp_path / "multi"
   port = _free_port()
   processes = [
-      subprocess.Popen(
-          _command(multi, converted_resnet18, f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={rank}"),
-          cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for rank in range(2)
+    subprocess.Popen(
+      _command(
+        multi,
+        converted_resnet18,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={rank}",
+      ),
+      cwd=REPO,
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for rank in range(2)
   ]
   outputs = [p.communicate(timeout=900)[0] for p in processes]
   for p, out in zip(processes, outputs):

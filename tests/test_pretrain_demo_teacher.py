@@ -1,5 +1,6 @@
 """Tests for experiments.pretrain_demo_teacher and experiments.simclr (the offline demo's
 SimCLR teacher)."""
+
 import ast
 import json
 import math
@@ -19,8 +20,9 @@ from run_configs import needs_fashion_mnist
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The script's modules: its command line and loop, and the SimCLR pieces.
-SCRIPT_FILES = [os.path.join(REPO_ROOT, 'experiments', name)
-                for name in ('pretrain_demo_teacher.py', 'simclr.py')]
+SCRIPT_FILES = [
+  os.path.join(REPO_ROOT, "experiments", name) for name in ("pretrain_demo_teacher.py", "simclr.py")
+]
 
 
 def _nt_xent_reference(view_a, view_b, temperature):
@@ -40,14 +42,15 @@ def _nt_xent_reference(view_a, view_b, temperature):
   return float(np.mean(losses))
 
 
-@pytest.mark.parametrize('temperature', [0.2, 0.5])
+@pytest.mark.parametrize("temperature", [0.2, 0.5])
 def test_nt_xent_matches_numpy_reference(temperature):
   rng = np.random.default_rng(3)
   view_a = rng.normal(size=(5, 7))
   view_b = view_a + 0.7 * rng.normal(size=(5, 7))  # Positives correlated, as in training.
   loss = simclr.nt_xent_loss(torch.from_numpy(view_a), torch.from_numpy(view_b), temperature)
-  np.testing.assert_allclose(float(loss), _nt_xent_reference(view_a, view_b, temperature),
-                             rtol=1e-10)
+  np.testing.assert_allclose(
+    float(loss), _nt_xent_reference(view_a, view_b, temperature), rtol=1e-10
+  )
 
 
 def test_backbone_features_are_torchvision_avgpool_output():
@@ -55,7 +58,8 @@ def test_backbone_features_are_torchvision_avgpool_output():
   model = simclr.build_simclr_resnet18().eval()
   reference = torchvision.models.resnet18()
   reference.load_state_dict(
-      {k: v for k, v in model.state_dict().items() if not k.startswith('fc.')}, strict=False)
+    {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}, strict=False
+  )
   reference.fc = torch.nn.Identity()
   reference.eval()
   images = torch.randn(2, 3, 32, 32)
@@ -68,7 +72,8 @@ def test_backbone_features_are_torchvision_avgpool_output():
 def test_full_crop_is_the_image_or_its_mirror():
   images = torch.rand(16, 1, 32, 32)
   crops = simclr.random_resized_crop_and_flip(
-      images, torch.Generator().manual_seed(0), scale=(1.0, 1.0), log_ratio=(0.0, 0.0))
+    images, torch.Generator().manual_seed(0), scale=(1.0, 1.0), log_ratio=(0.0, 0.0)
+  )
   mirrored = torch.flip(images, dims=[3])
   same = [(crop - image).abs().max() < 1e-5 for crop, image in zip(crops, images)]
   flipped = [(crop - image).abs().max() < 1e-5 for crop, image in zip(crops, mirrored)]
@@ -81,19 +86,21 @@ def test_small_crop_zooms_in():
   # columns of a horizontal ramp than the image has (and stays in range).
   ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(8, 1, 32, 32).contiguous()
   crops = simclr.random_resized_crop_and_flip(
-      ramp, torch.Generator().manual_seed(1), scale=(0.3, 0.3))
+    ramp, torch.Generator().manual_seed(1), scale=(0.3, 0.3)
+  )
   value_range = crops.amax(dim=(1, 2, 3)) - crops.amin(dim=(1, 2, 3))
   assert torch.all(value_range < 0.8) and torch.all(value_range > 0.2)
 
 
 def test_random_erasing_zeroes_one_rectangle():
   images = torch.ones(8, 1, 32, 32)
-  erased = simclr.random_erasing(images, torch.Generator().manual_seed(2),
-                                 probability=1.0, scale=(0.05, 0.1))
+  erased = simclr.random_erasing(
+    images, torch.Generator().manual_seed(2), probability=1.0, scale=(0.05, 0.1)
+  )
   for image in erased[:, 0]:
     rows = torch.nonzero((image == 0).any(1)).flatten()
     cols = torch.nonzero((image == 0).any(0)).flatten()
-    box = image[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    box = image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     assert torch.all(box == 0)  # The zeros form one solid rectangle...
     assert int((image == 0).sum()) == box.numel()  # ...and nothing else is zero.
     assert 0.02 < box.numel() / image.numel() < 0.15
@@ -113,12 +120,10 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
   test_labels = torch.arange(400) % 10
   train = centres[train_labels] + torch.randn(600, 32, generator=generator)
   test = centres[test_labels] + torch.randn(400, 32, generator=generator)
-  assert simclr.linear_probe_accuracy(train, train_labels, test, test_labels,
-                                      steps=100) > 0.97
+  assert simclr.linear_probe_accuracy(train, train_labels, test, test_labels, steps=100) > 0.97
   # Labels unrelated to the features: the probe cannot beat chance by much.
   shuffled = train_labels[torch.randperm(600, generator=generator)]
-  assert simclr.linear_probe_accuracy(train, shuffled, test, test_labels,
-                                      steps=100) < 0.25
+  assert simclr.linear_probe_accuracy(train, shuffled, test, test_labels, steps=100) < 0.25
 
 
 def test_script_imports_neither_tensorflow_nor_jax():
@@ -126,36 +131,43 @@ def test_script_imports_neither_tensorflow_nor_jax():
   for path in SCRIPT_FILES:
     with open(path) as f:
       tree = ast.parse(f.read())
-    imported |= {alias.name.split('.')[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split('.')[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
-  assert {'torch', 'torchvision'} <= imported
-  assert not imported & {'tensorflow', 'jax', 'flax'}
+    imported |= {
+      alias.name.split(".")[0]
+      for node in ast.walk(tree)
+      if isinstance(node, ast.Import)
+      for alias in node.names
+    }
+    imported |= {
+      node.module.split(".")[0]
+      for node in ast.walk(tree)
+      if isinstance(node, ast.ImportFrom) and node.module
+    }
+  assert {"torch", "torchvision"} <= imported
+  assert not imported & {"tensorflow", "jax", "flax"}
 
 
 def test_missing_data_dir_is_one_clear_error(tmp_path):
-  with pytest.raises(teacher_script.ScriptError, match='--data_dir'):
-    teacher_script.main(['--data_dir', str(tmp_path), '--output', str(tmp_path / 't.pth')])
-  with pytest.raises(teacher_script.ScriptError, match='--batch_size'):
-    teacher_script.main(['--num_train_examples', '32', '--batch_size', '64'])
-  with pytest.raises(teacher_script.ScriptError, match=r'--output must end in \.pth'):
-    teacher_script.main(['--output', str(tmp_path / 't.pt')])
+  with pytest.raises(teacher_script.ScriptError, match="--data_dir"):
+    teacher_script.main(["--data_dir", str(tmp_path), "--output", str(tmp_path / "t.pth")])
+  with pytest.raises(teacher_script.ScriptError, match="--batch_size"):
+    teacher_script.main(["--num_train_examples", "32", "--batch_size", "64"])
+  with pytest.raises(teacher_script.ScriptError, match=r"--output must end in \.pth"):
+    teacher_script.main(["--output", str(tmp_path / "t.pt")])
 
 
 def test_cache_needs_matching_settings(tmp_path):
-  output = str(tmp_path / 'teacher.pth')
+  output = str(tmp_path / "teacher.pth")
   settings = {name: 1 for name in teacher_script.TRAINING_SETTING_NAMES}
-  settings['time_budget_s'] = 100.0
+  settings["time_budget_s"] = 100.0
   assert not teacher_script.is_cached(output, settings)  # Nothing there yet.
-  open(output, 'wb').close()
-  with open(output + '.json', 'w') as f:
-    json.dump({'settings': settings, 'stopped_early': False}, f)
+  open(output, "wb").close()
+  with open(output + ".json", "w") as f:
+    json.dump({"settings": settings, "stopped_early": False}, f)
   assert teacher_script.is_cached(output, settings)
   assert teacher_script.is_cached(output, dict(settings, time_budget_s=500.0))  # Run completed.
   assert not teacher_script.is_cached(output, dict(settings, seed=2))
-  with open(output + '.json', 'w') as f:
-    json.dump({'settings': settings, 'stopped_early': True}, f)
+  with open(output + ".json", "w") as f:
+    json.dump({"settings": settings, "stopped_early": True}, f)
   assert teacher_script.is_cached(output, settings)
   assert not teacher_script.is_cached(output, dict(settings, time_budget_s=500.0))
 
@@ -163,77 +175,121 @@ def test_cache_needs_matching_settings(tmp_path):
 def test_importing_the_script_imports_no_tensorflow():
   # The idx reader comes from ega_jax.data, whose package import must keep
   # tensorflow out: tensorflow imported before torch segfaults.
-  code = ('import sys; import experiments.pretrain_demo_teacher; '
-          "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))")
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300)
+  code = (
+    "import sys; import experiments.pretrain_demo_teacher; "
+    "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stderr
-  assert result.stdout.strip() == '[]'
+  assert result.stdout.strip() == "[]"
 
 
 def _run_script(*args):
-  return subprocess.run([sys.executable, '-m', 'experiments.pretrain_demo_teacher', *args],
-                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.pretrain_demo_teacher", *args],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @needs_fashion_mnist
 @pytest.mark.slow
 def test_tiny_run_writes_a_torchvision_checkpoint_and_is_cached(tmp_path):
-  output = str(tmp_path / 'teacher' / 'simclr.pth')
-  args = ['--output', output, '--num_train_examples', '512', '--epochs', '1',
-          '--batch_size', '64', '--probe_train_examples', '1000', '--probe_test_examples',
-          '1000', '--probe_steps', '100', '--log_every', '4', '--seed', '1',
-          '--time_budget_s', '900']
+  output = str(tmp_path / "teacher" / "simclr.pth")
+  args = [
+    "--output",
+    output,
+    "--num_train_examples",
+    "512",
+    "--epochs",
+    "1",
+    "--batch_size",
+    "64",
+    "--probe_train_examples",
+    "1000",
+    "--probe_test_examples",
+    "1000",
+    "--probe_steps",
+    "100",
+    "--log_every",
+    "4",
+    "--seed",
+    "1",
+    "--time_budget_s",
+    "900",
+  ]
   first = _run_script(*args)
   assert first.returncode == 0, first.stderr
-  assert 'images/s' in first.stdout and 'ETA' in first.stdout
+  assert "images/s" in first.stdout and "ETA" in first.stdout
 
-  state_dict = torch.load(output, map_location='cpu', weights_only=True)
+  state_dict = torch.load(output, map_location="cpu", weights_only=True)
   resnet = torchvision.models.resnet18()
   result = resnet.load_state_dict(state_dict, strict=False)  # Raises on any shape mismatch.
-  assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight']
-  assert sorted(result.unexpected_keys) == ['fc.0.bias', 'fc.0.weight', 'fc.2.bias',
-                                            'fc.2.weight']
-  assert state_dict['fc.2.weight'].shape == (128, 512)
+  assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+  assert sorted(result.unexpected_keys) == ["fc.0.bias", "fc.0.weight", "fc.2.bias", "fc.2.weight"]
+  assert state_dict["fc.2.weight"].shape == (128, 512)
   # Trained, not a fresh init: the BatchNorm running statistics moved.
-  assert not torch.allclose(state_dict['bn1.running_mean'], torch.zeros(64))
+  assert not torch.allclose(state_dict["bn1.running_mean"], torch.zeros(64))
 
-  with open(output + '.json') as f:
+  with open(output + ".json") as f:
     metadata = json.load(f)
-  assert metadata['image_size'] == 32
+  assert metadata["image_size"] == 32
   # Fashion-MNIST's published pixel statistics: mean 0.2860, std 0.3530.
-  np.testing.assert_allclose(metadata['mean'], [0.2860] * 3, atol=5e-4)
-  np.testing.assert_allclose(metadata['std'], [0.3530] * 3, atol=5e-4)
-  assert metadata['epochs_run'] == 1 and metadata['steps_run'] == 512 // 64
-  assert metadata['stopped_early'] is False
-  assert math.isfinite(metadata['final_loss'])
+  np.testing.assert_allclose(metadata["mean"], [0.2860] * 3, atol=5e-4)
+  np.testing.assert_allclose(metadata["std"], [0.3530] * 3, atol=5e-4)
+  assert metadata["epochs_run"] == 1 and metadata["steps_run"] == 512 // 64
+  assert metadata["stopped_early"] is False
+  assert math.isfinite(metadata["final_loss"])
   # Far above chance (0.1) even from 1000 probe images: the probe works.
-  assert 0.4 < metadata['linear_probe_accuracy'] <= 1.0
-  assert metadata['seconds'] > 0
+  assert 0.4 < metadata["linear_probe_accuracy"] <= 1.0
+  assert metadata["seconds"] > 0
 
   modified = os.path.getmtime(output)
   start = time.time()
   second = _run_script(*args)
   assert second.returncode == 0, second.stderr
-  assert 'cached' in second.stdout
+  assert "cached" in second.stdout
   assert time.time() - start < 30  # Imports only; no data loaded, nothing trained.
   assert os.path.getmtime(output) == modified
 
 
 @needs_fashion_mnist
 def test_time_budget_stops_training_early(tmp_path, capsys):
-  output = str(tmp_path / 'teacher.pth')
+  output = str(tmp_path / "teacher.pth")
   threads = torch.get_num_threads()
   try:
     # A 1 s budget cannot hold even the probe's reserve: one step, then the probe.
-    assert teacher_script.main([
-        '--output', output, '--num_train_examples', '256', '--batch_size', '32', '--epochs', '3',
-        '--probe_train_examples', '200', '--probe_test_examples', '200', '--probe_steps', '20',
-        '--time_budget_s', '1']) == 0
+    assert (
+      teacher_script.main(
+        [
+          "--output",
+          output,
+          "--num_train_examples",
+          "256",
+          "--batch_size",
+          "32",
+          "--epochs",
+          "3",
+          "--probe_train_examples",
+          "200",
+          "--probe_test_examples",
+          "200",
+          "--probe_steps",
+          "20",
+          "--time_budget_s",
+          "1",
+        ]
+      )
+      == 0
+    )
   finally:
     torch.set_num_threads(threads)  # main() sets the process-wide thread count.
-  assert 'stopping after step 1/24' in capsys.readouterr().out
-  with open(output + '.json') as f:
+  assert "stopping after step 1/24" in capsys.readouterr().out
+  with open(output + ".json") as f:
     metadata = json.load(f)
-  assert metadata['stopped_early'] is True
-  assert metadata['steps_run'] == 1 and metadata['epochs_run'] == pytest.approx(1 / 8)
+  assert metadata["stopped_early"] is True
+  assert metadata["steps_run"] == 1 and metadata["epochs_run"] == pytest.approx(1 / 8)

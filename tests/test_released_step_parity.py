@@ -114,8 +114,9 @@ def released_ega(first, second):
   edge = graph[:n, :n] - graph[n:, n:]
   node = graph[:n, n:] - torch.eye(n, dtype=graph.dtype)
   # torch.norm(M, 2) of the released code flattens M: the Frobenius norm.
-  return (NODE_WEIGHT * torch.linalg.matrix_norm(node, "fro")
-          + EDGE_WEIGHT * torch.linalg.matrix_norm(edge, "fro"))
+  return NODE_WEIGHT * torch.linalg.matrix_norm(
+    node, "fro"
+  ) + EDGE_WEIGHT * torch.linalg.matrix_norm(edge, "fro")
 
 
 def released_kd(student_logits, teacher_logits):
@@ -146,8 +147,8 @@ class BiasedRunningVariance:
     def hook(module, inputs):
       if module.training:
         batch_var = inputs[0].detach().var(dim=(0, 2, 3), unbiased=False)
-        self.values[name] = ((1 - module.momentum) * self.values[name]
-                             + module.momentum * batch_var)
+        self.values[name] = (1 - module.momentum) * self.values[name] + module.momentum * batch_var
+
     return hook
 
 
@@ -174,8 +175,11 @@ def build_modules(arch: str, seed: int):
 def named_state(student, student_head, teacher_head) -> dict:
   """Every parameter and BatchNorm buffer by the worker's keys, as float64 numpy."""
   state = {}
-  for prefix, module in (("student", student), ("student_head", student_head),
-                         ("teacher_head", teacher_head)):
+  for prefix, module in (
+    ("student", student),
+    ("student_head", student_head),
+    ("teacher_head", teacher_head),
+  ):
     for key, value in module.state_dict().items():
       if not key.endswith("num_batches_tracked"):
         state[f"{prefix}.{key}"] = value.detach().numpy().copy()
@@ -196,8 +200,10 @@ def make_batches(seed: int) -> dict:
   pattern = direction * (ramp[:, None, None] + ramp[None, :, None])
   images = np.clip(base + pattern + rng.normal(0, 20, shape), 0, 255).astype(np.uint8)
   labels = rng.randint(0, NUM_CLASSES, (NUM_STEPS, BATCH_SIZE)).astype(np.int64)
-  features = (rng.normal(0, 1, (NUM_STEPS, BATCH_SIZE, TEACHER_DIM))
-              + rng.normal(0, 1, (NUM_STEPS, 1, TEACHER_DIM))).astype(np.float32)
+  features = (
+    rng.normal(0, 1, (NUM_STEPS, BATCH_SIZE, TEACHER_DIM))
+    + rng.normal(0, 1, (NUM_STEPS, 1, TEACHER_DIM))
+  ).astype(np.float32)
   return {"image": images, "label": labels, "teacher_feature": features}
 
 
@@ -206,12 +212,19 @@ def torch_normalize(images_uint8: np.ndarray) -> np.ndarray:
   info = get_dataset_info(DATASET)
   images = torch.from_numpy(images_uint8).float() / 255.0
   images = (images - torch.tensor(info.mean, dtype=torch.float32)) / torch.tensor(
-      info.std, dtype=torch.float32)
+    info.std, dtype=torch.float32
+  )
   return images.numpy()
 
 
-def run_released(arch: str, alpha: float, init: dict, batches: dict, student_images: np.ndarray,
-                 variant: str = "released"):
+def run_released(
+  arch: str,
+  alpha: float,
+  init: dict,
+  batches: dict,
+  student_images: np.ndarray,
+  variant: str = "released",
+):
   """NUM_STEPS iterations of the released train_distill from `init`.
 
   Args:
@@ -225,10 +238,16 @@ def run_released(arch: str, alpha: float, init: dict, batches: dict, student_ima
     variances {BatchNorm key: tensor}).
   """
   student, student_head, teacher_head = build_modules(arch, seed=0)
-  for prefix, module in (("student", student), ("student_head", student_head),
-                         ("teacher_head", teacher_head)):
-    state = {key[len(prefix) + 1:]: torch.from_numpy(value) for key, value in init.items()
-             if key.startswith(prefix + ".")}
+  for prefix, module in (
+    ("student", student),
+    ("student_head", student_head),
+    ("teacher_head", teacher_head),
+  ):
+    state = {
+      key[len(prefix) + 1 :]: torch.from_numpy(value)
+      for key, value in init.items()
+      if key.startswith(prefix + ".")
+    }
     missing, unexpected = module.load_state_dict(state, strict=False)
     assert not unexpected and all(key.endswith("num_batches_tracked") for key in missing)
   student.train()
@@ -241,10 +260,14 @@ def run_released(arch: str, alpha: float, init: dict, batches: dict, student_ima
   backbone = [p for name, p in student.named_parameters() if not name.startswith("fc.")]
   head_decay = 0.0 if variant == "no_head_weight_decay" else WEIGHT_DECAY
   optimizer = torch.optim.SGD(
-      [{"params": backbone}, {"params": student_head.parameters(), "weight_decay": head_decay}],
-      lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-  optimizer_t = torch.optim.SGD(teacher_head.parameters(), lr=LEARNING_RATE_T,
-                                momentum=MOMENTUM, weight_decay=head_decay)
+    [{"params": backbone}, {"params": student_head.parameters(), "weight_decay": head_decay}],
+    lr=LEARNING_RATE,
+    momentum=MOMENTUM,
+    weight_decay=WEIGHT_DECAY,
+  )
+  optimizer_t = torch.optim.SGD(
+    teacher_head.parameters(), lr=LEARNING_RATE_T, momentum=MOMENTUM, weight_decay=head_decay
+  )
 
   losses = {name: [] for name in ("loss", "ce", "distill", "kd", "teacher_ce")}
   for step in range(NUM_STEPS):
@@ -269,11 +292,19 @@ def run_released(arch: str, alpha: float, init: dict, batches: dict, student_ima
     loss_cls_t.backward()
     optimizer_t.step()
     optimizer.step()
-    for name, value in (("loss", loss), ("ce", loss_cls), ("distill", loss_kd),
-                        ("kd", loss_div), ("teacher_ce", loss_cls_t)):
+    for name, value in (
+      ("loss", loss),
+      ("ce", loss_cls),
+      ("distill", loss_kd),
+      ("kd", loss_div),
+      ("teacher_ce", loss_cls_t),
+    ):
       losses[name].append(value.item())
-  return (named_state(student, student_head, teacher_head),
-          {name: np.array(values) for name, values in losses.items()}, biased_var.values)
+  return (
+    named_state(student, student_head, teacher_head),
+    {name: np.array(values) for name, values in losses.items()},
+    biased_var.values,
+  )
 
 
 def relative_error(actual, expected) -> float:
@@ -296,8 +327,15 @@ def compare(jax_out: dict, init: dict, reference, alpha: float) -> dict[str, flo
     reference: run_released's result; alpha: the case's KD weight.
   """
   final, losses, biased_var = reference
-  errors = {"student": 0.0, "student_head": 0.0, "teacher_head": 0.0, "bn_mean": 0.0,
-            "bn_var": 0.0, "updates": 0.0, "torch_running_var": 0.0}
+  errors = {
+    "student": 0.0,
+    "student_head": 0.0,
+    "teacher_head": 0.0,
+    "bn_mean": 0.0,
+    "bn_var": 0.0,
+    "updates": 0.0,
+    "torch_running_var": 0.0,
+  }
   for key, expected in final.items():
     if key.startswith("student.fc."):
       continue
@@ -306,15 +344,17 @@ def compare(jax_out: dict, init: dict, reference, alpha: float) -> dict[str, flo
     if key.endswith("running_mean"):
       errors["bn_mean"] = max(errors["bn_mean"], relative_error(actual, expected))
     elif key.endswith("running_var"):
-      shadow = biased_var[key[len("student."):-len(".running_var")]].numpy()
+      shadow = biased_var[key[len("student.") : -len(".running_var")]].numpy()
       errors["bn_var"] = max(errors["bn_var"], relative_error(actual, shadow))
-      errors["torch_running_var"] = max(errors["torch_running_var"],
-                                        relative_error(actual, expected))
+      errors["torch_running_var"] = max(
+        errors["torch_running_var"], relative_error(actual, expected)
+      )
     else:
       group = key.split(".")[0]
       errors[group] = max(errors[group], relative_error(actual, expected))
-      errors["updates"] = max(errors["updates"],
-                              relative_error(actual - init[key], expected - init[key]))
+      errors["updates"] = max(
+        errors["updates"], relative_error(actual - init[key], expected - init[key])
+      )
   for name, expected in losses.items():
     actual = jax_out[f"metric/{name}"]
     if name == "kd" and not alpha:
@@ -339,18 +379,27 @@ def parity_runs(tmp_path_factory):
     init = named_state(*build_modules(arch, seed=0))
     batches = make_batches(seed=index + 1)
     case_path, out_path = root / f"case{index}.npz", root / f"out{index}.npz"
-    np.savez(case_path, arch=arch, alpha=alpha, num_classes=NUM_CLASSES, **batches,
-             **{f"init/{key}": value for key, value in init.items()})
+    np.savez(
+      case_path,
+      arch=arch,
+      alpha=alpha,
+      num_classes=NUM_CLASSES,
+      **batches,
+      **{f"init/{key}": value for key, value in init.items()},
+    )
     inputs[(arch, alpha)] = (init, batches, out_path)
     args += [str(case_path), str(out_path)]
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env["PYTHONPATH"] = REPO  # the worker imports ega_jax and configs from this checkout
-  result = subprocess.run([sys.executable, WORKER, *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=900)
+  result = subprocess.run(
+    [sys.executable, WORKER, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=900
+  )
   assert result.returncode == 0, result.stderr[-4000:]
-  return {case: (init, batches, dict(np.load(out_path)))
-          for case, (init, batches, out_path) in inputs.items()}
+  return {
+    case: (init, batches, dict(np.load(out_path)))
+    for case, (init, batches, out_path) in inputs.items()
+  }
 
 
 @pytest.mark.slow
@@ -360,10 +409,15 @@ def test_matches_released_step(parity_runs, case):
   assert int(jax_out["skipped_steps"]) == 0
   # The shared input is PyTorch's normalisation up to float32 rounding (XLA's
   # fused multiply-add rounds x / 255 - mean once, PyTorch twice).
-  np.testing.assert_allclose(jax_out["normalized"], torch_normalize(batches["image"]),
-                             rtol=0, atol=4 * np.finfo(np.float32).eps)
-  errors = compare(jax_out, init, run_released(*case, init, batches, jax_out["normalized"]),
-                   case[1])
+  np.testing.assert_allclose(
+    jax_out["normalized"],
+    torch_normalize(batches["image"]),
+    rtol=0,
+    atol=4 * np.finfo(np.float32).eps,
+  )
+  errors = compare(
+    jax_out, init, run_released(*case, init, batches, jax_out["normalized"]), case[1]
+  )
   print(case_id(case), {name: f"{value:.1e}" for name, value in errors.items()})
   # PyTorch's own running_var (unbiased) is ~1/(n-1) off by convention; see
   # BiasedRunningVariance.

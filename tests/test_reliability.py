@@ -17,10 +17,14 @@ from run_configs import fashion_mnist_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CLI_FLAGS = [
-    "--config=configs/fashion_mnist.py",
-    "--config.dataset.max_train_examples=512", "--config.dataset.max_eval_examples=64",
-    "--config.batch_size=32", "--config.eval_batch_size=64", "--config.feature_dim=32",
-    "--config.log_every_steps=1", "--config.graph_pictures=False",
+  "--config=configs/fashion_mnist.py",
+  "--config.dataset.max_train_examples=512",
+  "--config.dataset.max_eval_examples=64",
+  "--config.batch_size=32",
+  "--config.eval_batch_size=64",
+  "--config.feature_dim=32",
+  "--config.log_every_steps=1",
+  "--config.graph_pictures=False",
 ]
 
 
@@ -36,8 +40,16 @@ def _env(cache_dir):
 
 def _command(workdir, teacher, *extra):
   # --config must precede the --config.* overrides.
-  return [sys.executable, "-m", "ega_jax.main", f"--workdir={workdir}", CLI_FLAGS[0],
-          f"--config.teacher.checkpoint={teacher}", *CLI_FLAGS[1:], *extra]
+  return [
+    sys.executable,
+    "-m",
+    "ega_jax.main",
+    f"--workdir={workdir}",
+    CLI_FLAGS[0],
+    f"--config.teacher.checkpoint={teacher}",
+    *CLI_FLAGS[1:],
+    *extra,
+  ]
 
 
 def _train_metrics(workdir):
@@ -55,8 +67,9 @@ class _Run:
   """A training subprocess whose stderr is watched for progress lines."""
 
   def __init__(self, command, env):
-    self.process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, text=True)
+    self.process = subprocess.Popen(
+      command, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
     self.lines = []
     self.steps_seen = 0
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -97,10 +110,14 @@ def uninterrupted_run(converted_resnet18, tmp_path_factory):
   """
   root = tmp_path_factory.mktemp("uninterrupted")
   workdir = root / "run"
-  result = subprocess.run(_command(workdir, converted_resnet18,
-                                   f"--config.num_train_steps={KILL_RUN_STEPS}"),
-                          cwd=REPO, env=_env(root / "cache"), capture_output=True, text=True,
-                          timeout=900)
+  result = subprocess.run(
+    _command(workdir, converted_resnet18, f"--config.num_train_steps={KILL_RUN_STEPS}"),
+    cwd=REPO,
+    env=_env(root / "cache"),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return _train_metrics(workdir)
 
@@ -113,13 +130,18 @@ def _assert_same_training(resumed, reference, num_steps):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_zero_and_resume_matches(converted_resnet18, tmp_path,
-                                                           uninterrupted_run):
+def test_sigterm_checkpoints_exits_zero_and_resume_matches(
+  converted_resnet18, tmp_path, uninterrupted_run
+):
   workdir = tmp_path / "run"
   env = _env(tmp_path / "cache")
   # Checkpoints only at the end: the one written on SIGTERM is what resumes.
-  command = _command(workdir, converted_resnet18, "--config.num_train_steps=10",
-                     "--config.checkpoint_every_steps=100")
+  command = _command(
+    workdir,
+    converted_resnet18,
+    "--config.num_train_steps=10",
+    "--config.checkpoint_every_steps=100",
+  )
   run = _Run(command, env)
   run.wait_for_step(4)
   run.process.send_signal(signal.SIGTERM)
@@ -136,13 +158,16 @@ def test_sigterm_checkpoints_exits_zero_and_resume_matches(converted_resnet18, t
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_always_resumes(converted_resnet18, tmp_path,
-                                                uninterrupted_run):
+def test_kill_9_at_random_moments_always_resumes(converted_resnet18, tmp_path, uninterrupted_run):
   workdir = tmp_path / "run"
   env = _env(tmp_path / "cache")
   # A checkpoint every step, so kills land during saves as well as between them.
-  command = _command(workdir, converted_resnet18, f"--config.num_train_steps={KILL_RUN_STEPS}",
-                     "--config.checkpoint_every_steps=1")
+  command = _command(
+    workdir,
+    converted_resnet18,
+    f"--config.num_train_steps={KILL_RUN_STEPS}",
+    "--config.checkpoint_every_steps=1",
+  )
   moments = random.Random(1234)
   kills = 0
   while kills < 5:
@@ -173,8 +198,13 @@ def test_kill_9_at_random_moments_always_resumes(converted_resnet18, tmp_path,
 def test_nonfinite_skip_counts_and_keeps_parameters(converted_resnet18, tmp_path):
   from ega_jax import train
 
-  config = fashion_mnist_config(converted_resnet18, num_train_steps=3, debug_nan_at_step=2,
-                                eval_every_steps=100, graph_pictures=False)
+  config = fashion_mnist_config(
+    converted_resnet18,
+    num_train_steps=3,
+    debug_nan_at_step=2,
+    eval_every_steps=100,
+    graph_pictures=False,
+  )
   summary = train.train_and_evaluate(config, str(tmp_path / "skip"))
   assert summary["skipped_steps"] == 1
   records = _train_metrics(tmp_path / "skip")
@@ -188,9 +218,15 @@ def test_nonfinite_stop_names_step_terms_and_checkpoint(converted_resnet18, tmp_
   from ega_jax import config as config_lib
   from ega_jax import train
 
-  config = fashion_mnist_config(converted_resnet18, num_train_steps=4, debug_nan_at_step=3,
-                                nonfinite_policy="stop", checkpoint_every_steps=1,
-                                eval_every_steps=100, graph_pictures=False)
+  config = fashion_mnist_config(
+    converted_resnet18,
+    num_train_steps=4,
+    debug_nan_at_step=3,
+    nonfinite_policy="stop",
+    checkpoint_every_steps=1,
+    eval_every_steps=100,
+    graph_pictures=False,
+  )
   with pytest.raises(config_lib.NonFiniteError) as error:
     train.train_and_evaluate(config, str(tmp_path / "stop"))
   message = str(error.value)
@@ -199,8 +235,7 @@ def test_nonfinite_stop_names_step_terms_and_checkpoint(converted_resnet18, tmp_
 
 
 def _cli_error(command, env=None):
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=env)
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
   assert result.returncode == 2, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -216,8 +251,7 @@ def test_bad_teacher_dirs_give_one_line(converted_resnet18, tmp_path):
 
   corrupt = tmp_path / "corrupt_teacher"
   corrupt.mkdir()
-  (corrupt / "teacher.json").write_text(
-      (converted_resnet18 / "teacher.json").read_text())
+  (corrupt / "teacher.json").write_text((converted_resnet18 / "teacher.json").read_text())
   (corrupt / "variables.msgpack").write_bytes(b"not a msgpack file")
   line = _cli_error(_command(tmp_path / "w2", corrupt))
   assert "config.teacher.checkpoint=" in line and "variables.msgpack" in line
@@ -227,8 +261,14 @@ def test_bad_teacher_dirs_give_one_line(converted_resnet18, tmp_path):
 
 
 def test_missing_dataset_names_the_preparation_command(converted_resnet18, tmp_path):
-  line = _cli_error(_command(tmp_path / "w", converted_resnet18, "--config.dataset.name=cifar100",
-                             f"--config.dataset.data_dir={tmp_path / 'no_data'}"))
+  line = _cli_error(
+    _command(
+      tmp_path / "w",
+      converted_resnet18,
+      "--config.dataset.name=cifar100",
+      f"--config.dataset.data_dir={tmp_path / 'no_data'}",
+    )
+  )
   assert "tfds build cifar100" in line and "--file_format=array_record" in line
 
 
@@ -242,7 +282,9 @@ def test_images_too_small_for_the_student(converted_resnet18, tmp_path, monkeypa
   tiny = dataclasses.replace(data_lib.get_dataset_info("fashion_mnist"), image_size=4)
   monkeypatch.setitem(data_lib.DATASETS, "fashion_mnist", tiny)
   config = fashion_mnist_config(converted_resnet18, **{"student.arch": "vgg8"})
-  with pytest.raises(config_lib.UserInputError, match=r"config.student.arch='vgg8' on 4x4") as error:
+  with pytest.raises(
+    config_lib.UserInputError, match=r"config.student.arch='vgg8' on 4x4"
+  ) as error:
     train.train_and_evaluate(config, str(tmp_path / "w"))
   assert "\n" not in str(error.value)
 
@@ -253,10 +295,12 @@ def test_workdir_of_another_run_is_refused_unless_overwritten(converted_resnet18
   from ega_jax import train
 
   workdir = str(tmp_path / "w")
-  train.train_and_evaluate(fashion_mnist_config(
-      converted_resnet18, num_train_steps=1, graph_pictures=False), workdir)
-  other = fashion_mnist_config(converted_resnet18, num_train_steps=1, graph_pictures=False,
-                               **{"student.arch": "wrn_16_1"})
+  train.train_and_evaluate(
+    fashion_mnist_config(converted_resnet18, num_train_steps=1, graph_pictures=False), workdir
+  )
+  other = fashion_mnist_config(
+    converted_resnet18, num_train_steps=1, graph_pictures=False, **{"student.arch": "wrn_16_1"}
+  )
   with pytest.raises(config_lib.ConfigError, match="holds checkpoints of another run") as error:
     train.train_and_evaluate(other, workdir)
   assert "overwrite_workdir" in str(error.value)
@@ -266,15 +310,21 @@ def test_workdir_of_another_run_is_refused_unless_overwritten(converted_resnet18
 
 
 @pytest.mark.slow
-def test_failed_checkpoint_write_surfaces_and_previous_stays_usable(converted_resnet18, tmp_path,
-                                                                   monkeypatch):
+def test_failed_checkpoint_write_surfaces_and_previous_stays_usable(
+  converted_resnet18, tmp_path, monkeypatch
+):
   import orbax.checkpoint as ocp
 
   from ega_jax import train
 
   workdir = str(tmp_path / "w")
-  config = fashion_mnist_config(converted_resnet18, num_train_steps=4, checkpoint_every_steps=2,
-                                eval_every_steps=100, graph_pictures=False)
+  config = fashion_mnist_config(
+    converted_resnet18,
+    num_train_steps=4,
+    checkpoint_every_steps=2,
+    eval_every_steps=100,
+    graph_pictures=False,
+  )
   original_save = ocp.CheckpointManager.save
   calls = {"latest": 0}
 

@@ -23,8 +23,13 @@ def run_worker(tmp_path, num_devices, methods, steps=2):
   env["EGA_WORKER_X64"] = "1"
   env["PYTHONPATH"] = REPO  # the worker imports ega_jax and configs from this checkout
   result = subprocess.run(
-      [sys.executable, WORKER, str(num_devices), ",".join(methods), str(steps), prefix],
-      capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    [sys.executable, WORKER, str(num_devices), ",".join(methods), str(steps), prefix],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   return {method: dict(np.load(f"{prefix}{method}.npz")) for method in methods}
 
@@ -40,8 +45,10 @@ EQUIVALENCE_METHODS = ("ega", "rkd", "crd")
 @pytest.fixture(scope="module")
 def one_and_eight_devices(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("equivalence")
-  return (run_worker(tmp_path, 1, EQUIVALENCE_METHODS),
-          run_worker(tmp_path, 8, EQUIVALENCE_METHODS))
+  return (
+    run_worker(tmp_path, 1, EQUIVALENCE_METHODS),
+    run_worker(tmp_path, 8, EQUIVALENCE_METHODS),
+  )
 
 
 @pytest.mark.slow
@@ -60,7 +67,10 @@ def test_one_device_equals_eight_devices(one_and_eight_devices, method):
       # KL of two nearly equal distributions: a small number made by
       # cancellation; compare it on the scale of the total loss instead.
       assert abs(float(sharded[key]) - float(single[key])) <= 1e-5 * float(
-          single[key.replace("/kd", "/loss")]), key
+        single[key.replace("/kd", "/loss")]
+      ), key
       continue
     assert relative_error(sharded[key], single[key]) <= 1e-5, (
-        key, relative_error(sharded[key], single[key]))
+      key,
+      relative_error(sharded[key], single[key]),
+    )

@@ -34,8 +34,9 @@ def test_every_loss_hyperparameter_is_a_config_field_and_reaches_the_loss():
   rng = np.random.default_rng(0)
   teacher, student = rng.normal(size=(8, 16)), rng.normal(size=(8, 16))
   default_loss = losses.distill_loss("ega", student_emb=student, teacher_emb=teacher)
-  config_loss = losses.distill_loss("ega", student_emb=student, teacher_emb=teacher,
-                                    hparams=hparams)
+  config_loss = losses.distill_loss(
+    "ega", student_emb=student, teacher_emb=teacher, hparams=hparams
+  )
   assert abs(float(default_loss) - float(config_loss)) > 1e-3
 
 
@@ -84,8 +85,12 @@ def test_jsonl_writer_appends_at_flush_and_keeps_earlier_lines(tmp_path):
   writer.write_scalars(3, {"a": 4.0})
   writer.close()
   records = [json.loads(line) for line in path.read_text().splitlines()]
-  assert records == [{"step": 1, "a": 1.0}, {"step": 2, "a": 2.5}, {"step": 2, "b": 3.0},
-                     {"step": 3, "a": 4.0}]
+  assert records == [
+    {"step": 1, "a": 1.0},
+    {"step": 2, "a": 2.5},
+    {"step": 2, "b": 3.0},
+    {"step": 3, "a": 4.0},
+  ]
 
 
 def test_preemption_block_turns_sigterm_into_a_flag_and_restores_the_handler():

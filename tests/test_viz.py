@@ -1,4 +1,5 @@
 """Tests for ega_jax.viz: label sorting, the shared colour scale, the PNG."""
+
 import os
 import subprocess
 import sys
@@ -40,12 +41,19 @@ def test_class_boundaries():
   np.testing.assert_array_equal(viz.class_boundaries([3, 3, 3]), np.zeros(0, int))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('viz') / 'graphs.png')
+  path = str(tmp_path_factory.mktemp("viz") / "graphs.png")
   teacher_graph, student_graph, node_matrix = _correlation_blocks(LABELS)
-  image, figure = viz.plot_ega_graphs(teacher_graph, student_graph, node_matrix, LABELS,
-                                      path=path, title='epoch 7', return_figure=True)
+  image, figure = viz.plot_ega_graphs(
+    teacher_graph,
+    student_graph,
+    node_matrix,
+    LABELS,
+    path=path,
+    title="epoch 7",
+    return_figure=True,
+  )
   return path, image, figure, (teacher_graph, student_graph, node_matrix)
 
 
@@ -53,7 +61,7 @@ def test_png_decodes_to_the_returned_image(rendered):
   path, image, _, _ = rendered
   assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
   assert image.shape[0] > 100 and image.shape[1] > 300
-  decoded = np.asarray(Image.open(path).convert('RGB'))
+  decoded = np.asarray(Image.open(path).convert("RGB"))
   assert decoded.shape == image.shape
   np.testing.assert_array_equal(decoded, image)
   # Not a blank canvas: the diverging colour map puts saturated colours in it.
@@ -64,11 +72,14 @@ def test_panels_show_label_sorted_matrices_with_titles(rendered):
   _, _, figure, matrices = rendered
   panels = [ax for ax in figure.axes if ax.images]
   assert [ax.get_title() for ax in panels] == [
-      'teacher graph E_t', 'student graph E_s', 'node matrix N (teacher × student)']
+    "teacher graph E_t",
+    "student graph E_s",
+    "node matrix N (teacher × student)",
+  ]
   for ax, matrix in zip(panels, matrices):
     expected = matrix[np.ix_(HAND_SORTED_ORDER, HAND_SORTED_ORDER)]
     np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), expected)
-  assert figure.get_suptitle() == 'epoch 7'
+  assert figure.get_suptitle() == "epoch 7"
 
 
 def test_colour_scale_is_shared_with_one_colourbar(rendered):
@@ -78,7 +89,7 @@ def test_colour_scale_is_shared_with_one_colourbar(rendered):
   for image in shown:
     assert image.get_clim() == (-1.0, 1.0)
     assert image.norm is shown[0].norm
-  assert shown[0].get_cmap().name == 'RdBu_r'
+  assert shown[0].get_cmap().name == "RdBu_r"
   # Three panels plus exactly one colour bar axis.
   assert len(figure.axes) == 4
   # Colours come from the shared scale: +1 and -1 map to the two map ends.
@@ -92,23 +103,26 @@ def test_class_boundary_lines(rendered):
   # Sorted labels 0 0 1 1 2 2: edges before rows/columns 2 and 4.
   for ax in (ax for ax in figure.axes if ax.images):
     positions = sorted(
-        line.get_ydata()[0] if line.get_xdata()[0] != line.get_xdata()[1] else line.get_xdata()[0]
-        for line in ax.lines)
+      line.get_ydata()[0] if line.get_xdata()[0] != line.get_xdata()[1] else line.get_xdata()[0]
+      for line in ax.lines
+    )
     assert positions == [1.5, 1.5, 3.5, 3.5]
 
 
 def test_wrong_shape_names_the_argument():
   teacher_graph, student_graph, node_matrix = _correlation_blocks(LABELS)
-  with pytest.raises(ValueError, match=r'student_graph must have shape \(B, B\) = \(6, 6\)'):
+  with pytest.raises(ValueError, match=r"student_graph must have shape \(B, B\) = \(6, 6\)"):
     viz.plot_ega_graphs(teacher_graph, student_graph[:5, :5], node_matrix, LABELS)
-  with pytest.raises(ValueError, match='class_names has 2 names'):
-    viz.plot_ega_graphs(teacher_graph, student_graph, node_matrix, LABELS,
-                        class_names=['a', 'b'])
+  with pytest.raises(ValueError, match="class_names has 2 names"):
+    viz.plot_ega_graphs(teacher_graph, student_graph, node_matrix, LABELS, class_names=["a", "b"])
 
 
 def test_import_pulls_in_no_framework():
-  code = ('import sys; import ega_jax.viz; '
-          'print(sorted(m for m in ("torch", "tensorflow", "jax") if m in sys.modules))')
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True,
-                          text=True, check=True)
-  assert result.stdout.strip() == '[]'
+  code = (
+    "import sys; import ega_jax.viz; "
+    'print(sorted(m for m in ("torch", "tensorflow", "jax") if m in sys.modules))'
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+  )
+  assert result.stdout.strip() == "[]"

@@ -18,20 +18,40 @@ import ega_jax
 from ega_jax.convert import clip, hf_clip, timm_vit, torchvision_resnet
 from ega_jax.convert.errors import ConversionError
 from ega_jax.convert.layout import CheckpointFormat
-from ega_jax.convert.matching import (describe_ignored, describe_top_level, expected_keys,
-                                      match_checkpoint, prefix_counts, select_prefix)
+from ega_jax.convert.matching import (
+  describe_ignored,
+  describe_top_level,
+  expected_keys,
+  match_checkpoint,
+  prefix_counts,
+  select_prefix,
+)
 from ega_jax.convert.reading import Checkpoint, checkpoint_from_state_dict, read_checkpoint
 from ega_jax.models.teachers import specs
 from ega_jax.models.teachers.registry import abstract_variables, check_image_size, create_teacher
 from ega_jax.models.teachers.storage import file_sha256, save_teacher
 
 FORMATS: tuple[CheckpointFormat, ...] = (
-    clip.FORMAT, hf_clip.FORMAT, torchvision_resnet.FORMAT, timm_vit.FORMAT)
-ARCH_CHOICES = ('auto', *specs.TEACHER_SPECS)
+  clip.FORMAT,
+  hf_clip.FORMAT,
+  torchvision_resnet.FORMAT,
+  timm_vit.FORMAT,
+)
+ARCH_CHOICES = ("auto", *specs.TEACHER_SPECS)
 
-__all__ = ['ARCH_CHOICES', 'FORMATS', 'Checkpoint', 'ConversionError', 'ConversionResult',
-           'ConvertedTeacher', 'checkpoint_from_state_dict', 'convert_checkpoint', 'convert_tensors',
-           'infer_arch', 'read_checkpoint']
+__all__ = [
+  "ARCH_CHOICES",
+  "FORMATS",
+  "Checkpoint",
+  "ConversionError",
+  "ConversionResult",
+  "ConvertedTeacher",
+  "checkpoint_from_state_dict",
+  "convert_checkpoint",
+  "convert_tensors",
+  "infer_arch",
+  "read_checkpoint",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +66,7 @@ class ConversionResult:
     metadata: the contents of teacher.json.
     ignored: {reason: [checkpoint keys]} for tensors left out on purpose.
   """
+
   arch: str
   checkpoint_format: str
   prefix: str
@@ -64,33 +85,41 @@ def infer_arch(checkpoint: Checkpoint) -> tuple[str, CheckpointFormat, str]:
     ConversionError: nothing recognised, or more than one architecture fits.
   """
   shapes = checkpoint.shapes
-  found = [(checkpoint_format, inference) for checkpoint_format in FORMATS
-           for inference in checkpoint_format.infer(shapes)]
+  found = [
+    (checkpoint_format, inference)
+    for checkpoint_format in FORMATS
+    for inference in checkpoint_format.infer(shapes)
+  ]
   archs = sorted({(fmt.name, inference.arch) for fmt, inference in found})
   if not found:
     raise ConversionError(
-        f'Could not recognise a teacher architecture in {checkpoint.path} (its keys start with: '
-        f'{describe_top_level(list(shapes))}); pass --arch, one of: '
-        f'{", ".join(specs.TEACHER_SPECS)}.')
+      f"Could not recognise a teacher architecture in {checkpoint.path} (its keys start with: "
+      f"{describe_top_level(list(shapes))}); pass --arch, one of: "
+      f"{', '.join(specs.TEACHER_SPECS)}."
+    )
   if len(archs) > 1:
-    options = '; '.join(f'{inference.arch} ({inference.evidence}, prefix {inference.prefix!r})'
-                        for _, inference in found)
-    raise ConversionError(f'{checkpoint.path} is ambiguous, it fits: {options}; pass --arch.')
+    options = "; ".join(
+      f"{inference.arch} ({inference.evidence}, prefix {inference.prefix!r})"
+      for _, inference in found
+    )
+    raise ConversionError(f"{checkpoint.path} is ambiguous, it fits: {options}; pass --arch.")
   checkpoint_format, inference = found[0]
   prefixes = sorted({inference.prefix for _, inference in found})
-  where = ', '.join(repr(prefix) for prefix in prefixes)
-  return inference.arch, checkpoint_format, f'{inference.evidence} at prefix {where}'
+  where = ", ".join(repr(prefix) for prefix in prefixes)
+  return inference.arch, checkpoint_format, f"{inference.evidence} at prefix {where}"
 
 
-def _choose_format(checkpoint: Checkpoint, spec: specs.TeacherSpec, prefix: str) -> CheckpointFormat:
+def _choose_format(
+  checkpoint: Checkpoint, spec: specs.TeacherSpec, prefix: str
+) -> CheckpointFormat:
   """The checkpoint family whose key names fit best, among those that can produce `spec.arch`."""
   candidates = [fmt for fmt in FORMATS if spec.arch in fmt.archs]
   keys = list(checkpoint.tensors)
 
   def score(checkpoint_format):
     counts = prefix_counts(keys, expected_keys(checkpoint_format.rules(spec)))
-    if prefix != 'auto':
-      return counts.get('' if prefix == 'none' else prefix, 0)
+    if prefix != "auto":
+      return counts.get("" if prefix == "none" else prefix, 0)
     return max(counts.values(), default=0)
 
   return max(candidates, key=score)  # max keeps the first of equal scores.
@@ -101,9 +130,9 @@ def _check_statistics(name: str, values: Sequence[float] | None, positive: bool)
     return None
   values = [float(v) for v in values]
   if len(values) != 3 or not all(math.isfinite(v) for v in values):
-    raise ConversionError(f'--{name} needs 3 finite numbers (R G B), got {values}.')
+    raise ConversionError(f"--{name} needs 3 finite numbers (R G B), got {values}.")
   if positive and min(values) <= 0:
-    raise ConversionError(f'--{name} values must be positive, got {values}.')
+    raise ConversionError(f"--{name} values must be positive, got {values}.")
   return tuple(values)
 
 
@@ -120,6 +149,7 @@ class ConvertedTeacher:
     tensors_used: number of checkpoint tensors consumed.
     ignored: {reason: [checkpoint keys]} for tensors left out on purpose.
   """
+
   arch: str
   checkpoint_format: str
   prefix: str
@@ -130,11 +160,11 @@ class ConvertedTeacher:
 
 
 def convert_tensors(
-    checkpoint: Checkpoint,
-    arch: str = 'auto',
-    prefix: str = 'auto',
-    image_size: int | None = None,
-    log: Callable[[str], None] = print,
+  checkpoint: Checkpoint,
+  arch: str = "auto",
+  prefix: str = "auto",
+  image_size: int | None = None,
+  log: Callable[[str], None] = print,
 ) -> ConvertedTeacher:
   """Strictly maps a read checkpoint onto a teacher's Flax variables (nothing is written).
 
@@ -150,18 +180,18 @@ def convert_tensors(
       full list of missing / unexpected / mis-shaped keys).
   """
   if arch not in ARCH_CHOICES:
-    raise ConversionError(f'Unknown --arch {arch!r}; valid: {", ".join(ARCH_CHOICES)}.')
-  if arch == 'auto':
+    raise ConversionError(f"Unknown --arch {arch!r}; valid: {', '.join(ARCH_CHOICES)}.")
+  if arch == "auto":
     arch, checkpoint_format, evidence = infer_arch(checkpoint)
-    log(f'Architecture: {arch} (inferred from {evidence})')
+    log(f"Architecture: {arch} (inferred from {evidence})")
   else:
     checkpoint_format = _choose_format(checkpoint, specs.TEACHER_SPECS[arch], prefix)
-    log(f'Architecture: {arch} (given)')
+    log(f"Architecture: {arch} (given)")
   spec = specs.TEACHER_SPECS[arch]
   try:
     image_size = check_image_size(arch, spec.image_size if image_size is None else image_size)
   except ValueError as error:
-    raise ConversionError(f'--image_size: {error}') from None
+    raise ConversionError(f"--image_size: {error}") from None
 
   if checkpoint_format.check_source is not None and os.path.isfile(checkpoint.path):
     for line in checkpoint_format.check_source(checkpoint.path, spec):
@@ -170,27 +200,37 @@ def convert_tensors(
   prefix = select_prefix(checkpoint, rules, prefix, arch)
   module = create_teacher(arch, image_size=image_size)
   shapes = {
-      tuple(str(getattr(entry, 'key', entry)) for entry in path): tuple(leaf.shape)
-      for path, leaf in jax.tree.flatten_with_path(abstract_variables(module, image_size))[0]}
+    tuple(str(getattr(entry, "key", entry)) for entry in path): tuple(leaf.shape)
+    for path, leaf in jax.tree.flatten_with_path(abstract_variables(module, image_size))[0]
+  }
   matched = match_checkpoint(checkpoint, checkpoint_format, rules, shapes, prefix, arch)
-  log(f'Format: {checkpoint_format.name}, prefix {prefix!r}: used {matched.consumed} tensors for '
-      f'{len(rules)} Flax arrays')
+  log(
+    f"Format: {checkpoint_format.name}, prefix {prefix!r}: used {matched.consumed} tensors for "
+    f"{len(rules)} Flax arrays"
+  )
   for line in describe_ignored(matched.ignored):
-    log(f'Ignored {line}')
-  return ConvertedTeacher(arch, checkpoint_format.name, prefix, image_size, matched.variables,
-                          matched.consumed, matched.ignored)
+    log(f"Ignored {line}")
+  return ConvertedTeacher(
+    arch,
+    checkpoint_format.name,
+    prefix,
+    image_size,
+    matched.variables,
+    matched.consumed,
+    matched.ignored,
+  )
 
 
 def convert_checkpoint(
-    checkpoint_path: str,
-    output_dir: str,
-    arch: str = 'auto',
-    prefix: str = 'auto',
-    image_size: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    allow_pickle: bool = False,
-    log: Callable[[str], None] = print,
+  checkpoint_path: str,
+  output_dir: str,
+  arch: str = "auto",
+  prefix: str = "auto",
+  image_size: int | None = None,
+  mean: Sequence[float] | None = None,
+  std: Sequence[float] | None = None,
+  allow_pickle: bool = False,
+  log: Callable[[str], None] = print,
 ) -> ConversionResult:
   """Converts a PyTorch checkpoint file into a teacher directory readable by load_teacher.
 
@@ -207,41 +247,51 @@ def convert_checkpoint(
       fit; nothing is written then.
   """
   if arch not in ARCH_CHOICES:
-    raise ConversionError(f'Unknown --arch {arch!r}; valid: {", ".join(ARCH_CHOICES)}.')
-  mean = _check_statistics('mean', mean, positive=False)
-  std = _check_statistics('std', std, positive=True)
+    raise ConversionError(f"Unknown --arch {arch!r}; valid: {', '.join(ARCH_CHOICES)}.")
+  mean = _check_statistics("mean", mean, positive=False)
+  std = _check_statistics("std", std, positive=True)
 
   checkpoint = read_checkpoint(checkpoint_path, allow_pickle=allow_pickle)
-  where = f' at checkpoint{checkpoint.location}' if checkpoint.location else ''
-  log(f'Read {checkpoint_path}: {checkpoint.container}{where}, {len(checkpoint.tensors)} tensors'
-      + (f', {checkpoint.upcast} upcast from 16-bit to float32' if checkpoint.upcast else ''))
+  where = f" at checkpoint{checkpoint.location}" if checkpoint.location else ""
+  log(
+    f"Read {checkpoint_path}: {checkpoint.container}{where}, {len(checkpoint.tensors)} tensors"
+    + (f", {checkpoint.upcast} upcast from 16-bit to float32" if checkpoint.upcast else "")
+  )
   for skipped in checkpoint.skipped_wrappers:
-    log(f'Ignored {skipped} (another state dict in the file; not used)')
+    log(f"Ignored {skipped} (another state dict in the file; not used)")
   converted = convert_tensors(checkpoint, arch, prefix, image_size, log)
   spec = specs.TEACHER_SPECS[converted.arch]
   metadata = {
-      'arch': converted.arch,
-      'embed_dim': spec.embed_dim,
-      'image_size': converted.image_size,
-      'mean': list(mean or spec.mean),
-      'std': list(std or spec.std),
-      'source': {
-          'file': os.path.basename(checkpoint_path),
-          'sha256': file_sha256(checkpoint_path),
-          'format': converted.checkpoint_format,
-          'container': checkpoint.container,
-          'location': checkpoint.location or None,
-          'prefix': converted.prefix,
-          'tensors_used': converted.tensors_used,
-          'tensors_ignored': sum(len(keys) for keys in converted.ignored.values()),
-      },
-      'tool': {'name': 'ega_jax.convert', 'version': ega_jax.__version__},
+    "arch": converted.arch,
+    "embed_dim": spec.embed_dim,
+    "image_size": converted.image_size,
+    "mean": list(mean or spec.mean),
+    "std": list(std or spec.std),
+    "source": {
+      "file": os.path.basename(checkpoint_path),
+      "sha256": file_sha256(checkpoint_path),
+      "format": converted.checkpoint_format,
+      "container": checkpoint.container,
+      "location": checkpoint.location or None,
+      "prefix": converted.prefix,
+      "tensors_used": converted.tensors_used,
+      "tensors_ignored": sum(len(keys) for keys in converted.ignored.values()),
+    },
+    "tool": {"name": "ega_jax.convert", "version": ega_jax.__version__},
   }
   try:
     metadata = save_teacher(output_dir, converted.variables, metadata)
   except OSError as error:
-    raise ConversionError(f'Cannot write the teacher to {output_dir} ({error}).') from None
-  log(f'Wrote {output_dir}: {converted.arch}, embed_dim {spec.embed_dim}, image_size '
-      f'{converted.image_size}, mean {tuple(metadata["mean"])}, std {tuple(metadata["std"])}')
-  return ConversionResult(converted.arch, converted.checkpoint_format, converted.prefix,
-                          output_dir, metadata, converted.ignored)
+    raise ConversionError(f"Cannot write the teacher to {output_dir} ({error}).") from None
+  log(
+    f"Wrote {output_dir}: {converted.arch}, embed_dim {spec.embed_dim}, image_size "
+    f"{converted.image_size}, mean {tuple(metadata['mean'])}, std {tuple(metadata['std'])}"
+  )
+  return ConversionResult(
+    converted.arch,
+    converted.checkpoint_format,
+    converted.prefix,
+    output_dir,
+    metadata,
+    converted.ignored,
+  )

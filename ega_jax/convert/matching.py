@@ -16,11 +16,20 @@ from ega_jax.convert.reading import Checkpoint
 
 # When several prefixes fit a checkpoint equally well (MoCo holds a query and a key encoder, MoCo v3
 # a base and a momentum encoder), the earliest of these wins.
-PREFERRED_PREFIXES = ('', 'module.', 'module.encoder_q.', 'module.base_encoder.', 'backbone.',
-                      'module.backbone.', 'encoder.', 'visual.', 'module.visual.')
+PREFERRED_PREFIXES = (
+  "",
+  "module.",
+  "module.encoder_q.",
+  "module.base_encoder.",
+  "backbone.",
+  "module.backbone.",
+  "encoder.",
+  "visual.",
+  "module.visual.",
+)
 
 REPORT_EXAMPLES = 3  # keys shown per ignored group
-REPORT_LIMIT = 20    # problems shown per category in a mismatch report
+REPORT_LIMIT = 20  # problems shown per category in a mismatch report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,7 +45,7 @@ def prefix_counts(keys: Sequence[str], wanted: Sequence[str]) -> collections.Cou
   wanted = set(wanted)
   counts = collections.Counter()
   for key in keys:
-    for position in [0] + [i + 1 for i, char in enumerate(key) if char == '.']:
+    for position in [0] + [i + 1 for i, char in enumerate(key) if char == "."]:
       if key[position:] in wanted:
         counts[key[:position]] += 1
   return counts
@@ -44,8 +53,8 @@ def prefix_counts(keys: Sequence[str], wanted: Sequence[str]) -> collections.Cou
 
 def describe_top_level(keys: Sequence[str], limit: int = 8) -> str:
   """'visual. (150 keys), transformer. (144 keys), ...' for error messages."""
-  heads = collections.Counter(key.split('.')[0] + ('.' if '.' in key else '') for key in keys)
-  return ', '.join(f'{head!r} ({count})' for head, count in heads.most_common(limit))
+  heads = collections.Counter(key.split(".")[0] + ("." if "." in key else "") for key in keys)
+  return ", ".join(f"{head!r} ({count})" for head, count in heads.most_common(limit))
 
 
 def select_prefix(checkpoint: Checkpoint, rules: Sequence[Rule], requested: str, arch: str) -> str:
@@ -55,17 +64,20 @@ def select_prefix(checkpoint: Checkpoint, rules: Sequence[Rule], requested: str,
     requested: 'auto', or the literal prefix ('' or 'none' for no prefix).
   """
   keys = list(checkpoint.tensors)
-  if requested != 'auto':
-    prefix = '' if requested == 'none' else requested
+  if requested != "auto":
+    prefix = "" if requested == "none" else requested
     if not any(key.startswith(prefix) for key in keys):
-      raise ConversionError(f'No key of {checkpoint.path} starts with --prefix {prefix!r}; its keys '
-                            f'start with: {describe_top_level(keys)}.')
+      raise ConversionError(
+        f"No key of {checkpoint.path} starts with --prefix {prefix!r}; its keys "
+        f"start with: {describe_top_level(keys)}."
+      )
     return prefix
   counts = prefix_counts(keys, expected_keys(rules))
   if not counts:
     raise ConversionError(
-        f'No key of {checkpoint.path} matches the {arch} layout under any prefix; its keys start '
-        f'with: {describe_top_level(keys)}. Check --arch (or use --arch auto).')
+      f"No key of {checkpoint.path} matches the {arch} layout under any prefix; its keys start "
+      f"with: {describe_top_level(keys)}. Check --arch (or use --arch auto)."
+    )
   best = max(counts.values())
   tied = [prefix for prefix, count in counts.items() if count == best]
   if len(tied) == 1:
@@ -74,8 +86,9 @@ def select_prefix(checkpoint: Checkpoint, rules: Sequence[Rule], requested: str,
   if preferred:
     return preferred[0]
   raise ConversionError(
-      f'Several prefixes of {checkpoint.path} fit {arch} equally well ({", ".join(map(repr, tied))}'
-      '); choose one with --prefix.')
+    f"Several prefixes of {checkpoint.path} fit {arch} equally well ({', '.join(map(repr, tied))}"
+    "); choose one with --prefix."
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,24 +104,30 @@ class MatchResult:
     consumed: number of checkpoint tensors used.
     ignored: {reason: [keys]} for every tensor not used.
   """
+
   variables: dict[str, Any]
   consumed: int
   ignored: dict[str, list[str]]
 
 
 def _format_shape(shape) -> str:
-  return '(' + ', '.join(map(str, shape)) + ')'
+  return "(" + ", ".join(map(str, shape)) + ")"
 
 
 def _limited(lines: list[str]) -> list[str]:
   if len(lines) > REPORT_LIMIT:
-    return lines[:REPORT_LIMIT] + [f'... and {len(lines) - REPORT_LIMIT} more']
+    return lines[:REPORT_LIMIT] + [f"... and {len(lines) - REPORT_LIMIT} more"]
   return lines
 
 
-def match_checkpoint(checkpoint: Checkpoint, checkpoint_format: CheckpointFormat,
-                     rules: Sequence[Rule], flax_shapes: Mapping[FlaxPath, tuple[int, ...]],
-                     prefix: str, arch: str) -> MatchResult:
+def match_checkpoint(
+  checkpoint: Checkpoint,
+  checkpoint_format: CheckpointFormat,
+  rules: Sequence[Rule],
+  flax_shapes: Mapping[FlaxPath, tuple[int, ...]],
+  prefix: str,
+  arch: str,
+) -> MatchResult:
   """Builds the Flax variables, consuming every needed tensor, or raises one ConversionError
   listing all missing keys, unexpected keys and shape mismatches.
 
@@ -120,8 +139,10 @@ def match_checkpoint(checkpoint: Checkpoint, checkpoint_format: CheckpointFormat
     # A converter bug, not a user mistake: the rules must cover the Flax tree exactly.
     uncovered = sorted(set(flax_shapes) - set(rule_paths))
     spurious = sorted(set(rule_paths) - set(flax_shapes))
-    raise AssertionError(f'{checkpoint_format.name} rules for {arch} do not cover the Flax tree: '
-                         f'uncovered {uncovered[:5]}, spurious {spurious[:5]}.')
+    raise AssertionError(
+      f"{checkpoint_format.name} rules for {arch} do not cover the Flax tree: "
+      f"uncovered {uncovered[:5]}, spurious {spurious[:5]}."
+    )
 
   tensors = checkpoint.tensors
   missing, mismatched, consumed = [], [], set()
@@ -133,48 +154,58 @@ def match_checkpoint(checkpoint: Checkpoint, checkpoint_format: CheckpointFormat
     arrays = []
     for key, torch_shape in zip(keys, torch_shapes):
       if key not in tensors:
-        missing.append(f'{key} (expected shape {_format_shape(torch_shape)})')
+        missing.append(f"{key} (expected shape {_format_shape(torch_shape)})")
         continue
       consumed.add(key)
       found_shape = tuple(tensors[key].shape)
       if found_shape != tuple(torch_shape):
-        line = (f'{key}: checkpoint has {_format_shape(found_shape)}, {arch} needs '
-                f'{_format_shape(torch_shape)}')
+        line = (
+          f"{key}: checkpoint has {_format_shape(found_shape)}, {arch} needs "
+          f"{_format_shape(torch_shape)}"
+        )
         explanation = rule.hint(found_shape) if rule.hint else None
-        mismatched.append(line + (f' ({explanation})' if explanation else ''))
+        mismatched.append(line + (f" ({explanation})" if explanation else ""))
         continue
       arrays.append(np.asarray(tensors[key], np.float32))
     if len(arrays) == len(keys):
       flat_variables[rule.flax_path] = np.ascontiguousarray(
-          rule.transform.to_flax(arrays, flax_shape))
+        rule.transform.to_flax(arrays, flax_shape)
+      )
 
   unexpected, ignored = [], collections.defaultdict(list)
   for key in tensors:
     if key in consumed:
       continue
     if key.startswith(prefix):
-      reason = checkpoint_format.ignore_reason(key[len(prefix):])
+      reason = checkpoint_format.ignore_reason(key[len(prefix) :])
       if reason is None:
-        unexpected.append(f'{key} {_format_shape(tensors[key].shape)}')
+        unexpected.append(f"{key} {_format_shape(tensors[key].shape)}")
       else:
         ignored[reason].append(key)
     else:
       ignored[checkpoint_format.outside_label(key, prefix)].append(key)
   for key in checkpoint.non_tensor_keys:
-    ignored['non-tensor entries'].append(key)
+    ignored["non-tensor entries"].append(key)
 
   if missing or unexpected or mismatched:
-    lines = [f'{checkpoint.path} does not fit {arch} ({checkpoint_format.name} layout, prefix '
-             f'{prefix!r}):']
-    for title, problems in (('missing keys', missing), ('unexpected keys', unexpected),
-                            ('shape mismatches', mismatched)):
+    lines = [
+      f"{checkpoint.path} does not fit {arch} ({checkpoint_format.name} layout, prefix {prefix!r}):"
+    ]
+    for title, problems in (
+      ("missing keys", missing),
+      ("unexpected keys", unexpected),
+      ("shape mismatches", mismatched),
+    ):
       if problems:
-        lines.append(f'  {title} ({len(problems)}):')
-        lines.extend(f'    {problem}' for problem in _limited(problems))
+        lines.append(f"  {title} ({len(problems)}):")
+        lines.extend(f"    {problem}" for problem in _limited(problems))
     if ignored:
-      lines.append('  (ignored on purpose: ' + '; '.join(
-          f'{reason}: {len(keys)}' for reason, keys in ignored.items()) + ')')
-    raise ConversionError('\n'.join(lines))
+      lines.append(
+        "  (ignored on purpose: "
+        + "; ".join(f"{reason}: {len(keys)}" for reason, keys in ignored.items())
+        + ")"
+      )
+    raise ConversionError("\n".join(lines))
 
   variables = {}
   for path, array in flat_variables.items():
@@ -189,6 +220,6 @@ def describe_ignored(ignored: Mapping[str, list[str]]) -> list[str]:
   """Report lines: one per reason, with the count and a few example keys."""
   lines = []
   for reason, keys in ignored.items():
-    examples = ', '.join(keys[:REPORT_EXAMPLES]) + (', ...' if len(keys) > REPORT_EXAMPLES else '')
-    lines.append(f'{reason}: {len(keys)} ({examples})')
+    examples = ", ".join(keys[:REPORT_EXAMPLES]) + (", ..." if len(keys) > REPORT_EXAMPLES else "")
+    lines.append(f"{reason}: {len(keys)} ({examples})")
   return lines

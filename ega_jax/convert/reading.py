@@ -19,7 +19,7 @@ from ega_jax.convert.errors import ConversionError
 
 # Checkpoint wrappers, searched in this order (DINO files hold both 'teacher' and 'student'; the
 # teacher is the one its authors evaluate).
-WRAPPER_KEYS = ('state_dict', 'model', 'teacher', 'student')
+WRAPPER_KEYS = ("state_dict", "model", "teacher", "student")
 
 
 @dataclasses.dataclass
@@ -36,6 +36,7 @@ class Checkpoint:
     skipped_wrappers: other state dicts the file holds that were not used, e.g.
       "checkpoint['student']" when the teacher was taken.
   """
+
   path: str
   tensors: dict[str, np.ndarray]
   container: str
@@ -54,12 +55,13 @@ def _is_torchscript_archive(path: str) -> bool:
   if not zipfile.is_zipfile(path):
     return False
   with zipfile.ZipFile(path) as archive:
-    return any(name.endswith('/constants.pkl') or '/code/' in name for name in archive.namelist())
+    return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
 def _to_numpy(tensor) -> tuple[np.ndarray, bool]:
   """torch tensor -> (NumPy array, whether it was upcast from a 16-bit float)."""
   import torch  # pylint: disable=g-import-not-at-top
+
   tensor = tensor.detach().cpu()
   if tensor.is_floating_point():
     upcast = tensor.dtype in (torch.float16, torch.bfloat16)
@@ -75,26 +77,29 @@ def _unwrap(obj: Any, path: str) -> tuple[Mapping[str, Any], str, list[str]]:
     (that mapping, where it was, e.g. "['teacher']", the wrappers passed over).
   """
   import torch  # pylint: disable=g-import-not-at-top
-  location, skipped = '', []
+
+  location, skipped = "", []
   for _ in range(8):  # Real checkpoints nest at most two or three levels.
     if isinstance(obj, torch.nn.Module):
-      return obj.state_dict(), location + '.state_dict()', skipped
+      return obj.state_dict(), location + ".state_dict()", skipped
     if not isinstance(obj, Mapping):
-      raise ConversionError(f'{path} holds a {type(obj).__name__} at checkpoint{location}, not a '
-                            'state dict.')
+      raise ConversionError(
+        f"{path} holds a {type(obj).__name__} at checkpoint{location}, not a state dict."
+      )
     wrappers = [key for key in WRAPPER_KEYS if isinstance(obj.get(key), Mapping)]
     if wrappers:
-      skipped += [f'checkpoint{location}[{other!r}]' for other in wrappers[1:]]
-      location += f'[{wrappers[0]!r}]'
+      skipped += [f"checkpoint{location}[{other!r}]" for other in wrappers[1:]]
+      location += f"[{wrappers[0]!r}]"
       obj = obj[wrappers[0]]
       continue
     if any(isinstance(value, torch.Tensor) for value in obj.values()):
       return obj, location, skipped
-    keys = ', '.join(map(str, list(obj)[:10]))
+    keys = ", ".join(map(str, list(obj)[:10]))
     raise ConversionError(
-        f'{path} has no tensors at checkpoint{location} (keys: {keys}) and none of the wrapper '
-        f'keys {", ".join(WRAPPER_KEYS)}.')
-  raise ConversionError(f'{path} nests wrapper dicts too deeply to find a state dict.')
+      f"{path} has no tensors at checkpoint{location} (keys: {keys}) and none of the wrapper "
+      f"keys {', '.join(WRAPPER_KEYS)}."
+    )
+  raise ConversionError(f"{path} nests wrapper dicts too deeply to find a state dict.")
 
 
 def read_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
@@ -107,56 +112,64 @@ def read_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
       for trusted files whose extra objects torch's safe loader refuses).
   """
   if not os.path.isfile(path):
-    raise ConversionError(f'Checkpoint file {path} does not exist.')
+    raise ConversionError(f"Checkpoint file {path} does not exist.")
   import torch  # pylint: disable=g-import-not-at-top
 
   skipped = []
-  if path.endswith('.safetensors'):
+  if path.endswith(".safetensors"):
     import safetensors.torch  # pylint: disable=g-import-not-at-top
+
     try:
-      state_dict = safetensors.torch.load_file(path, device='cpu')
+      state_dict = safetensors.torch.load_file(path, device="cpu")
     except Exception as error:  # safetensors raises its own error types.
-      raise ConversionError(f'{path} is not a readable safetensors file ({error}).') from None
-    container, location = 'safetensors file', ''
+      raise ConversionError(f"{path} is not a readable safetensors file ({error}).") from None
+    container, location = "safetensors file", ""
   elif _is_torchscript_archive(path):
     try:
-      state_dict = torch.jit.load(path, map_location='cpu').state_dict()
+      state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     except Exception as error:  # torch.jit raises RuntimeError and friends.
-      raise ConversionError(f'{path} looks like a TorchScript archive but torch.jit.load failed '
-                            f'({error}).') from None
-    container, location = 'TorchScript archive', ''
+      raise ConversionError(
+        f"{path} looks like a TorchScript archive but torch.jit.load failed ({error})."
+      ) from None
+    container, location = "TorchScript archive", ""
   else:
     try:
       # argparse.Namespace is what DINO/MoCo-style training scripts store as 'args'.
       with torch.serialization.safe_globals([argparse.Namespace]):
-        loaded = torch.load(path, map_location='cpu', weights_only=not allow_pickle)
+        loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as error:
       # torch's message is a page long; the object it refused is named after 'Unsupported global:'.
-      refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(error))
+      refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
       if refused is None:
-        raise ConversionError(f'{path} is not a readable PyTorch checkpoint (the unpickler '
-                              'stopped on unexpected data).') from None
+        raise ConversionError(
+          f"{path} is not a readable PyTorch checkpoint (the unpickler stopped on unexpected data)."
+        ) from None
       raise ConversionError(
-          f'{path} holds a Python object ({refused.group(1)}) that torch\'s safe loader refuses; '
-          'if you trust the file, rerun with --allow_pickle.') from None
+        f"{path} holds a Python object ({refused.group(1)}) that torch's safe loader refuses; "
+        "if you trust the file, rerun with --allow_pickle."
+      ) from None
     except Exception as error:  # torch.load raises RuntimeError, EOFError, ... on damaged files.
-      raise ConversionError(f'{path} is not a readable PyTorch checkpoint ({error}).') from None
+      raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({error}).") from None
     state_dict, location, skipped = _unwrap(loaded, path)
-    container = 'torch.save file'
+    container = "torch.save file"
 
   checkpoint = checkpoint_from_state_dict(state_dict, path, container, location)
   checkpoint.skipped_wrappers = skipped
   return checkpoint
 
 
-def checkpoint_from_state_dict(state_dict: Mapping[str, Any], path: str = '<state dict>',
-                               container: str = 'in-memory state dict',
-                               location: str = '') -> Checkpoint:
+def checkpoint_from_state_dict(
+  state_dict: Mapping[str, Any],
+  path: str = "<state dict>",
+  container: str = "in-memory state dict",
+  location: str = "",
+) -> Checkpoint:
   """Wraps a {key: torch tensor} mapping (e.g. `model.state_dict()`) as a Checkpoint.
 
   float32 tensors are shared with torch, not copied; 16-bit floats are upcast.
   """
   import torch  # pylint: disable=g-import-not-at-top
+
   tensors, non_tensor_keys, upcast = {}, [], 0
   for key, value in state_dict.items():
     if isinstance(value, torch.Tensor):
@@ -165,6 +178,5 @@ def checkpoint_from_state_dict(state_dict: Mapping[str, Any], path: str = '<stat
     else:
       non_tensor_keys.append(str(key))
   if not tensors:
-    raise ConversionError(f'{path} contains no tensors.')
+    raise ConversionError(f"{path} contains no tensors.")
   return Checkpoint(path, tensors, container, location, upcast, non_tensor_keys)
-

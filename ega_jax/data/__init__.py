@@ -13,11 +13,11 @@ from ega_jax.data.pipeline import EvalLoader
 from ega_jax.data.pipeline import train_labels
 
 __all__ = [
-    'DATASETS',
-    'DatasetInfo',
-    'EvalLoader',
-    'create_eval_loader',
-    'create_train_loader',
-    'get_dataset_info',
-    'train_labels',
+  "DATASETS",
+  "DatasetInfo",
+  "EvalLoader",
+  "create_eval_loader",
+  "create_train_loader",
+  "get_dataset_info",
+  "train_labels",
 ]

@@ -14,7 +14,7 @@ import numpy as np
 
 from ega_jax.data import teacher_cache
 
-TEACHER_VIEWS = ('independent', 'same')
+TEACHER_VIEWS = ("independent", "same")
 
 # First entropy word of the augmentation generators. numpy's SeedSequence
 # pads short entropy with zeros, so keys of different lengths can collide
@@ -32,8 +32,7 @@ def crop_padding(image_size: int) -> int:
   return image_size // 8
 
 
-def view_generator(seed: int, epoch: int,
-                   position: int) -> np.random.Generator:
+def view_generator(seed: int, epoch: int, position: int) -> np.random.Generator:
   """The generator for the example at `position` of epoch `epoch`'s order.
 
   A pure function of its arguments (non-negative integers).
@@ -48,8 +47,7 @@ def draw_view(rng: np.random.Generator, padding: int) -> tuple[int, int, bool]:
   return int(top), int(left), bool(flip)
 
 
-def crop_flip(image: np.ndarray, top: int, left: int, flip: bool,
-              padding: int) -> np.ndarray:
+def crop_flip(image: np.ndarray, top: int, left: int, flip: bool, padding: int) -> np.ndarray:
   """The view (top, left, flip) of `image`: zero-pad, crop, maybe mirror.
 
   Args:
@@ -63,14 +61,13 @@ def crop_flip(image: np.ndarray, top: int, left: int, flip: bool,
   """
   height, width = image.shape[:2]
   padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-  view = padded[top:top + height, left:left + width]
+  view = padded[top : top + height, left : left + width]
   if flip:
     view = view[:, ::-1]
   return np.ascontiguousarray(view)
 
 
-def random_crop_flip(image: np.ndarray, rng: np.random.Generator,
-                     padding: int) -> np.ndarray:
+def random_crop_flip(image: np.ndarray, rng: np.random.Generator, padding: int) -> np.ndarray:
   """One random view of `image`.
 
   Zero-pads `padding` pixels on each side, crops a window of the original
@@ -88,9 +85,9 @@ def random_crop_flip(image: np.ndarray, rng: np.random.Generator,
   return crop_flip(image, *draw_view(rng, padding), padding)
 
 
-def student_teacher_views(example: dict[str, np.ndarray],
-                          rng: np.random.Generator, padding: int,
-                          teacher_view: str) -> dict[str, np.ndarray]:
+def student_teacher_views(
+  example: dict[str, np.ndarray], rng: np.random.Generator, padding: int, teacher_view: str
+) -> dict[str, np.ndarray]:
   """Adds the student's crop/flip view and, if independent, the teacher's.
 
   Args:
@@ -107,17 +104,17 @@ def student_teacher_views(example: dict[str, np.ndarray],
     after batching (`ShareStudentView`), so the crop is not copied per
     example.
   """
-  original = example['image']
+  original = example["image"]
   views = dict(example)
-  views['image'] = random_crop_flip(original, rng, padding)
-  if teacher_view == 'independent':
-    views['teacher_image'] = random_crop_flip(original, rng, padding)
+  views["image"] = random_crop_flip(original, rng, padding)
+  if teacher_view == "independent":
+    views["teacher_image"] = random_crop_flip(original, rng, padding)
   return views
 
 
-def student_view_cached_teacher(example: dict[str, np.ndarray],
-                                rng: np.random.Generator, padding: int,
-                                teacher_view: str, cache) -> dict[str, np.ndarray]:
+def student_view_cached_teacher(
+  example: dict[str, np.ndarray], rng: np.random.Generator, padding: int, teacher_view: str, cache
+) -> dict[str, np.ndarray]:
   """The student's view and the teacher's cached embedding of its own view.
 
   With every view cached (`cache.all_views`) the draws are exactly those of
@@ -135,21 +132,21 @@ def student_view_cached_teacher(example: dict[str, np.ndarray],
   Returns:
     'image' (student view), 'label', 'index', 'teacher_feature' float16 (D,).
   """
-  original = example['image']
-  row = int(example['index'])
+  original = example["image"]
+  row = int(example["index"])
   views = dict(example)
   if cache.all_views:
     student = draw_view(rng, padding)
-    teacher = draw_view(rng, padding) if teacher_view == 'independent' else student
+    teacher = draw_view(rng, padding) if teacher_view == "independent" else student
     column = teacher_cache.view_id(*teacher, padding)
-  elif teacher_view == 'independent':
+  elif teacher_view == "independent":
     student = draw_view(rng, padding)
     column = int(rng.integers(cache.num_views))
   else:
     column = int(rng.integers(cache.num_views))
     student = teacher_cache.view_params(cache.view_ids[row, column], padding)
-  views['image'] = crop_flip(original, *student, padding)
-  views['teacher_feature'] = cache.feature(row, column)
+  views["image"] = crop_flip(original, *student, padding)
+  views["teacher_feature"] = cache.feature(row, column)
   return views
 
 
@@ -159,5 +156,5 @@ class ShareStudentView(grain.transforms.Map):
 
   def map(self, element):
     batch = dict(element)
-    batch['teacher_image'] = batch['image']
+    batch["teacher_image"] = batch["image"]
     return batch

@@ -23,32 +23,29 @@ from ega_jax.data import sources
 from ega_jax.data import teacher_cache as teacher_cache_lib
 
 
-def _per_process_batch_size(global_batch_size: int, process_index: int,
-                            process_count: int) -> int:
+def _per_process_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
   """Checks the process layout; returns global_batch_size // process_count."""
   if not isinstance(process_count, numbers.Integral) or process_count < 1:
+    raise ValueError(f"process_count must be a positive integer, got {process_count!r}.")
+  if not isinstance(process_index, numbers.Integral) or not (0 <= process_index < process_count):
     raise ValueError(
-        f'process_count must be a positive integer, got {process_count!r}.')
-  if not isinstance(process_index, numbers.Integral) or not (
-      0 <= process_index < process_count):
-    raise ValueError(
-        f'process_index must be in [0, {process_count - 1}] for process_count='
-        f'{process_count}, got {process_index!r}.')
-  if not isinstance(global_batch_size, numbers.Integral) or (
-      global_batch_size < 1):
-    raise ValueError(
-        f'global_batch_size must be a positive integer, got '
-        f'{global_batch_size!r}.')
+      f"process_index must be in [0, {process_count - 1}] for process_count="
+      f"{process_count}, got {process_index!r}."
+    )
+  if not isinstance(global_batch_size, numbers.Integral) or (global_batch_size < 1):
+    raise ValueError(f"global_batch_size must be a positive integer, got {global_batch_size!r}.")
   if global_batch_size % process_count:
     raise ValueError(
-        f'global_batch_size={global_batch_size} is not divisible by '
-        f'process_count={process_count}; every process needs the same batch '
-        f'size.')
+      f"global_batch_size={global_batch_size} is not divisible by "
+      f"process_count={process_count}; every process needs the same batch "
+      f"size."
+    )
   return int(global_batch_size) // int(process_count)
 
 
 # First entropy word of the order permutations (see augment.VIEW_STREAM).
 ORDER_STREAM = 0x6F726472  # 'ordr'
+
 
 def default_train_read_options(cpu_count: int | None = None) -> grain.ReadOptions:
   """Reader threads (each builds whole batches) and prefetch buffer (batches).
@@ -64,6 +61,7 @@ def default_train_read_options(cpu_count: int | None = None) -> grain.ReadOption
   threads = max(1, min(16, cpu_count // 2))
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
+
 # An "infinite" stream is a MapDataset this many examples long per process
 # (rounded down to whole epochs): far beyond any run, still a valid Python
 # length.
@@ -75,8 +73,7 @@ def epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
   """int64 (num_records,): the order of epoch `epoch`, a pure function of
   (seed, epoch, num_records). Read-only; cached (a few epochs at a time,
   since reader threads may straddle an epoch boundary)."""
-  order = np.random.default_rng(
-      [ORDER_STREAM, seed, epoch]).permutation(num_records)
+  order = np.random.default_rng([ORDER_STREAM, seed, epoch]).permutation(num_records)
   order.flags.writeable = False
   return order
 
@@ -94,10 +91,18 @@ class TrainExamples:
   process order, is the single-process batch of that step.
   """
 
-  def __init__(self, source: sources.ExampleSource, *, seed: int,
-               global_batch_size: int, process_index: int,
-               process_count: int, padding: int, teacher_view: str,
-               teacher_cache: teacher_cache_lib.CachedFeatures | None = None):
+  def __init__(
+    self,
+    source: sources.ExampleSource,
+    *,
+    seed: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    padding: int,
+    teacher_view: str,
+    teacher_cache: teacher_cache_lib.CachedFeatures | None = None,
+  ):
     self.source = source
     self.teacher_cache = teacher_cache
     self.seed = seed
@@ -113,8 +118,7 @@ class TrainExamples:
     """(epoch, position in the epoch's order) of this process's `slot`."""
     step, row = divmod(int(slot), self.batch_size)
     epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-    position = (step_in_epoch * self.global_batch_size
-                + self.process_index * self.batch_size + row)
+    position = step_in_epoch * self.global_batch_size + self.process_index * self.batch_size + row
     return epoch, position
 
   def __call__(self, slot: int) -> dict[str, np.ndarray]:
@@ -124,25 +128,25 @@ class TrainExamples:
     rng = augment.view_generator(self.seed, epoch, position)
     if self.teacher_cache is not None:
       return augment.student_view_cached_teacher(
-          example, rng, self.padding, self.teacher_view, self.teacher_cache)
-    return augment.student_teacher_views(
-        example, rng, self.padding, self.teacher_view)
+        example, rng, self.padding, self.teacher_view, self.teacher_cache
+      )
+    return augment.student_teacher_views(example, rng, self.padding, self.teacher_view)
 
 
 def create_train_loader(
-    name: str,
-    data_dir: str | None,
-    *,
-    global_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    teacher_view: str = 'independent',
-    num_epochs: int | None = None,
-    worker_count: int = 0,
-    read_options: grain.ReadOptions | None = None,
-    max_examples: int | None = None,
-    teacher_cache_dir: str | None = None,
+  name: str,
+  data_dir: str | None,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  teacher_view: str = "independent",
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+  read_options: grain.ReadOptions | None = None,
+  max_examples: int | None = None,
+  teacher_cache_dir: str | None = None,
 ) -> grain.IterDataset:
   """Shuffled, augmented training batches for this process.
 
@@ -189,48 +193,52 @@ def create_train_loader(
       'index': int32 (b,) position of each example in the train split.
   """
   info = info_lib.get_dataset_info(name)
-  batch_size = _per_process_batch_size(
-      global_batch_size, process_index, process_count)
+  batch_size = _per_process_batch_size(global_batch_size, process_index, process_count)
   if teacher_view not in augment.TEACHER_VIEWS:
     raise ValueError(
-        f'Unknown teacher_view {teacher_view!r}; valid values are '
-        f'{", ".join(augment.TEACHER_VIEWS)}.')
+      f"Unknown teacher_view {teacher_view!r}; valid values are {', '.join(augment.TEACHER_VIEWS)}."
+    )
   if not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
-    raise ValueError(f'seed must be an integer in [0, 2**32), got {seed!r}.')
-  if num_epochs is not None and (
-      not isinstance(num_epochs, numbers.Integral) or num_epochs < 1):
+    raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
+  if num_epochs is not None and (not isinstance(num_epochs, numbers.Integral) or num_epochs < 1):
     raise ValueError(
-        f'num_epochs must be a positive integer or None (repeat forever), '
-        f'got {num_epochs!r}.')
+      f"num_epochs must be a positive integer or None (repeat forever), got {num_epochs!r}."
+    )
   if not isinstance(worker_count, numbers.Integral) or worker_count < 0:
-    raise ValueError(
-        f'worker_count must be a non-negative integer, got {worker_count!r}.')
+    raise ValueError(f"worker_count must be a non-negative integer, got {worker_count!r}.")
   # Python ints throughout: config values may be NumPy integers, and the
   # iterator state must stay JSON-serialisable.
-  seed, process_index, process_count = (
-      int(seed), int(process_index), int(process_count))
+  seed, process_index, process_count = (int(seed), int(process_index), int(process_count))
   global_batch_size, worker_count = int(global_batch_size), int(worker_count)
 
-  source = sources.open_split(name, 'train', data_dir, max_examples)
+  source = sources.open_split(name, "train", data_dir, max_examples)
   if global_batch_size > len(source):
     raise ValueError(
-        f'global_batch_size={global_batch_size} is larger than the '
-        f'{len(source)} examples of {name} train; an epoch needs at least one '
-        f'full batch.')
+      f"global_batch_size={global_batch_size} is larger than the "
+      f"{len(source)} examples of {name} train; an epoch needs at least one "
+      f"full batch."
+    )
   padding = augment.crop_padding(info.image_size)
   cache = None
   if teacher_cache_dir:
-    cache = teacher_cache_lib.CachedFeatures(teacher_cache_dir, 'train')
+    cache = teacher_cache_lib.CachedFeatures(teacher_cache_dir, "train")
     if cache.num_examples != len(source) or cache.padding != padding:
       raise ValueError(
-          f'teacher cache {teacher_cache_dir!r} holds {cache.num_examples} train examples '
-          f'with crop padding {cache.padding}; this run reads {len(source)} with padding '
-          f'{padding}. Rebuild it with python -m launch.cache_teacher with the same '
-          'config.dataset.max_train_examples.')
+        f"teacher cache {teacher_cache_dir!r} holds {cache.num_examples} train examples "
+        f"with crop padding {cache.padding}; this run reads {len(source)} with padding "
+        f"{padding}. Rebuild it with python -m launch.cache_teacher with the same "
+        "config.dataset.max_train_examples."
+      )
   examples = TrainExamples(
-      source, seed=seed, global_batch_size=global_batch_size,
-      process_index=process_index, process_count=process_count,
-      padding=padding, teacher_view=teacher_view, teacher_cache=cache)
+    source,
+    seed=seed,
+    global_batch_size=global_batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    padding=padding,
+    teacher_view=teacher_view,
+    teacher_cache=cache,
+  )
   slots_per_epoch = examples.steps_per_epoch * batch_size
   if num_epochs is None:
     num_slots = (_ENDLESS_SLOTS // slots_per_epoch) * slots_per_epoch
@@ -240,23 +248,27 @@ def create_train_loader(
   # function of its step alone: grain's worker processes then each build
   # whole batches (worker w: steps w, w + W, ...), interleaved back in order.
   batches = grain.MapDataset.range(num_slots).map(examples).batch(batch_size)
-  if teacher_view == 'same' and cache is None:
+  if teacher_view == "same" and cache is None:
     batches = batches.map(augment.ShareStudentView())
   stream = batches.to_iter_dataset(read_options or default_train_read_options())
   if worker_count > 0:
-    stream = stream.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count))
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   logging.info(
-      '%s train: process %d/%d reads rows [%d, %d) of each global batch of '
-      '%d; %d steps per epoch over %d examples.',
-      name, process_index, process_count, process_index * batch_size,
-      (process_index + 1) * batch_size, global_batch_size,
-      examples.steps_per_epoch, len(source))
+    "%s train: process %d/%d reads rows [%d, %d) of each global batch of "
+    "%d; %d steps per epoch over %d examples.",
+    name,
+    process_index,
+    process_count,
+    process_index * batch_size,
+    (process_index + 1) * batch_size,
+    global_batch_size,
+    examples.steps_per_epoch,
+    len(source),
+  )
   return stream
 
 
-def even_shard_bounds(num_examples: int, process_index: int,
-                      process_count: int) -> tuple[int, int]:
+def even_shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
   """[start, end) of this process's contiguous shard; sizes differ by <= 1."""
   base, remainder = divmod(num_examples, process_count)
   start = base * process_index + min(process_index, remainder)
@@ -273,16 +285,20 @@ class EvalLoader:
   exactly one process exactly once.
   """
 
-  def __init__(self, source: sources.ExampleSource, batch_size: int,
-               process_index: int, process_count: int,
-               read_options: grain.ReadOptions | None = None,
-               teacher_cache: teacher_cache_lib.CachedFeatures | None = None):
+  def __init__(
+    self,
+    source: sources.ExampleSource,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    read_options: grain.ReadOptions | None = None,
+    teacher_cache: teacher_cache_lib.CachedFeatures | None = None,
+  ):
     self.source = source
     self.teacher_cache = teacher_cache
     self.batch_size = batch_size
     self.num_examples = len(source)
-    self.start, self.end = even_shard_bounds(
-        self.num_examples, process_index, process_count)
+    self.start, self.end = even_shard_bounds(self.num_examples, process_index, process_count)
     largest_shard = math.ceil(self.num_examples / process_count)
     self.num_batches = math.ceil(largest_shard / batch_size)
     self.read_options = read_options
@@ -298,15 +314,13 @@ class EvalLoader:
     record_key = self.start + slot
     if record_key < self.end:
       record = self.source[record_key]
-      example = {'image': record['image'], 'label': record['label'],
-                 'mask': np.bool_(True)}
+      example = {"image": record["image"], "label": record["label"], "mask": np.bool_(True)}
       if self.teacher_cache is not None:
-        example['teacher_feature'] = self.teacher_cache.feature(record_key, 0)
+        example["teacher_feature"] = self.teacher_cache.feature(record_key, 0)
     else:
-      example = {'image': self._padding_image, 'label': np.int32(0),
-                 'mask': np.bool_(False)}
+      example = {"image": self._padding_image, "label": np.int32(0), "mask": np.bool_(False)}
       if self.teacher_cache is not None:
-        example['teacher_feature'] = self._padding_feature
+        example["teacher_feature"] = self._padding_feature
     return example
 
   def __iter__(self):
@@ -316,14 +330,14 @@ class EvalLoader:
 
 
 def create_eval_loader(
-    name: str,
-    data_dir: str | None,
-    *,
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    max_examples: int | None = None,
-    teacher_cache_dir: str | None = None,
+  name: str,
+  data_dir: str | None,
+  *,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  max_examples: int | None = None,
+  teacher_cache_dir: str | None = None,
 ) -> EvalLoader:
   """Unaugmented, padded and masked evaluation batches for this process.
 
@@ -341,27 +355,31 @@ def create_eval_loader(
       masked).
   """
   info_lib.get_dataset_info(name)
-  batch_size = _per_process_batch_size(
-      global_batch_size, process_index, process_count)
-  source = sources.open_split(name, 'eval', data_dir, max_examples)
+  batch_size = _per_process_batch_size(global_batch_size, process_index, process_count)
+  source = sources.open_split(name, "eval", data_dir, max_examples)
   cache = None
   if teacher_cache_dir:
-    cache = teacher_cache_lib.CachedFeatures(teacher_cache_dir, 'eval')
+    cache = teacher_cache_lib.CachedFeatures(teacher_cache_dir, "eval")
     if cache.num_examples != len(source):
       raise ValueError(
-          f'teacher cache {teacher_cache_dir!r} holds {cache.num_examples} eval examples; '
-          f'this run reads {len(source)}. Rebuild it with python -m launch.cache_teacher with the same '
-          'config.dataset.max_eval_examples.')
-  loader = EvalLoader(source, batch_size, process_index, process_count,
-                      teacher_cache=cache)
+        f"teacher cache {teacher_cache_dir!r} holds {cache.num_examples} eval examples; "
+        f"this run reads {len(source)}. Rebuild it with python -m launch.cache_teacher with the same "
+        "config.dataset.max_eval_examples."
+      )
+  loader = EvalLoader(source, batch_size, process_index, process_count, teacher_cache=cache)
   logging.info(
-      '%s eval: process %d/%d reads examples [%d, %d) of %d in %d batches.',
-      name, process_index, process_count, loader.start, loader.end,
-      loader.num_examples, loader.num_batches)
+    "%s eval: process %d/%d reads examples [%d, %d) of %d in %d batches.",
+    name,
+    process_index,
+    process_count,
+    loader.start,
+    loader.end,
+    loader.num_examples,
+    loader.num_batches,
+  )
   return loader
 
 
-def train_labels(name: str, data_dir: str | None,
-                 max_examples: int | None = None) -> np.ndarray:
+def train_labels(name: str, data_dir: str | None, max_examples: int | None = None) -> np.ndarray:
   """int32 (num_train,): the class of every train-split index (for CRD)."""
   return sources.read_train_labels(name, data_dir, max_examples)

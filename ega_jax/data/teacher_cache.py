@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 FORMAT_VERSION = 1
-MANIFEST_FILE = 'cache.json'
-SPLITS = ('train', 'eval')
+MANIFEST_FILE = "cache.json"
+SPLITS = ("train", "eval")
 
 # First entropy word of the per-example choice of cached views when K < V
 # (see augment.VIEW_STREAM for why every stream has its own word).
@@ -80,9 +80,9 @@ def cached_view_ids(seed: int, index: int, count: int, padding: int) -> np.ndarr
 
 def _paths(directory: str, split: str) -> dict[str, str]:
   return {
-      'features': os.path.join(directory, f'{split}_features.npy'),
-      'views': os.path.join(directory, f'{split}_views.npy'),
-      'progress': os.path.join(directory, f'{split}_progress.json'),
+    "features": os.path.join(directory, f"{split}_features.npy"),
+    "views": os.path.join(directory, f"{split}_views.npy"),
+    "progress": os.path.join(directory, f"{split}_progress.json"),
   }
 
 
@@ -95,77 +95,81 @@ def read_manifest(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, MANIFEST_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f'{path} does not exist; build the cache with python -m launch.cache_teacher.')
+      f"{path} does not exist; build the cache with python -m launch.cache_teacher."
+    )
   try:
     with open(path) as handle:
       manifest = json.load(handle)
   except json.JSONDecodeError as error:
-    raise ValueError(f'{path} is not valid JSON ({error}).') from None
-  if manifest.get('format_version') != FORMAT_VERSION:
+    raise ValueError(f"{path} is not valid JSON ({error}).") from None
+  if manifest.get("format_version") != FORMAT_VERSION:
     raise ValueError(
-        f'{path} has format_version {manifest.get("format_version")!r}; this code reads '
-        f'{FORMAT_VERSION}. Rebuild the cache with python -m launch.cache_teacher.')
+      f"{path} has format_version {manifest.get('format_version')!r}; this code reads "
+      f"{FORMAT_VERSION}. Rebuild the cache with python -m launch.cache_teacher."
+    )
   return manifest
 
 
 def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
   """Writes cache.json atomically (a reader never sees half a file)."""
   path = os.path.join(directory, MANIFEST_FILE)
-  temporary = path + '.tmp'
-  with open(temporary, 'w') as handle:
+  temporary = path + ".tmp"
+  with open(temporary, "w") as handle:
     json.dump(manifest, handle, indent=2)
-    handle.write('\n')
+    handle.write("\n")
   os.replace(temporary, path)
 
 
 def rows_done(directory: str, split: str) -> int:
   """How many examples of `split` are written (0 if none)."""
-  path = _paths(directory, split)['progress']
+  path = _paths(directory, split)["progress"]
   if not os.path.exists(path):
     return 0
   with open(path) as handle:
-    return int(json.load(handle)['rows_done'])
+    return int(json.load(handle)["rows_done"])
 
 
 def mark_rows_done(directory: str, split: str, rows: int) -> None:
   """Records that examples [0, rows) are on disk (call after flushing them)."""
-  path = _paths(directory, split)['progress']
-  temporary = path + '.tmp'
-  with open(temporary, 'w') as handle:
-    json.dump({'rows_done': int(rows)}, handle)
+  path = _paths(directory, split)["progress"]
+  temporary = path + ".tmp"
+  with open(temporary, "w") as handle:
+    json.dump({"rows_done": int(rows)}, handle)
   os.replace(temporary, path)
 
 
-def create_split_arrays(directory: str, split: str, view_ids: np.ndarray,
-                        feature_dim: int) -> None:
+def create_split_arrays(directory: str, split: str, view_ids: np.ndarray, feature_dim: int) -> None:
   """Creates the (still empty) feature file and the view table of a split.
 
   Args:
     view_ids: int16 (N, K) view id of every column.
   """
   paths = _paths(directory, split)
-  np.save(paths['views'], view_ids.astype(np.int16))
+  np.save(paths["views"], view_ids.astype(np.int16))
   features = np.lib.format.open_memmap(
-      paths['features'], mode='w+', dtype=np.float16,
-      shape=(view_ids.shape[0], view_ids.shape[1], feature_dim))
+    paths["features"],
+    mode="w+",
+    dtype=np.float16,
+    shape=(view_ids.shape[0], view_ids.shape[1], feature_dim),
+  )
   features.flush()
   del features
   mark_rows_done(directory, split, 0)
 
 
-def open_features(directory: str, split: str, mode: str = 'r') -> np.memmap:
+def open_features(directory: str, split: str, mode: str = "r") -> np.memmap:
   """float16 (N, K, D) memory map of a split's features."""
-  return np.load(_paths(directory, split)['features'], mmap_mode=mode)
+  return np.load(_paths(directory, split)["features"], mmap_mode=mode)
 
 
 def load_view_ids(directory: str, split: str) -> np.ndarray:
   """int16 (N, K): the view id of each cached column of a split."""
-  return np.load(_paths(directory, split)['views'])
+  return np.load(_paths(directory, split)["views"])
 
 
 def split_arrays_exist(directory: str, split: str) -> bool:
   paths = _paths(directory, split)
-  return os.path.exists(paths['features']) and os.path.exists(paths['views'])
+  return os.path.exists(paths["features"]) and os.path.exists(paths["views"])
 
 
 class CachedFeatures:
@@ -184,21 +188,22 @@ class CachedFeatures:
 
   def __init__(self, directory: str, split: str):
     manifest = read_manifest(directory)
-    entry = manifest.get('splits', {}).get(split)
-    if entry is None or not entry.get('complete'):
+    entry = manifest.get("splits", {}).get(split)
+    if entry is None or not entry.get("complete"):
       done = rows_done(directory, split) if entry else 0
-      total = entry['num_examples'] if entry else '?'
+      total = entry["num_examples"] if entry else "?"
       raise ValueError(
-          f'teacher cache {directory!r} has no complete {split!r} split ({done} of {total} '
-          'examples written); run python -m launch.cache_teacher again to finish it.')
+        f"teacher cache {directory!r} has no complete {split!r} split ({done} of {total} "
+        "examples written); run python -m launch.cache_teacher again to finish it."
+      )
     self.directory = directory
     self.split = split
     self.manifest = manifest
-    self.num_examples = int(entry['num_examples'])
-    self.num_views = int(entry['num_views'])
-    self.all_views = bool(entry['all_views'])
-    self.feature_dim = int(manifest['feature_dim'])
-    self.padding = int(manifest['dataset']['padding'])
+    self.num_examples = int(entry["num_examples"])
+    self.num_views = int(entry["num_views"])
+    self.all_views = bool(entry["all_views"])
+    self.feature_dim = int(manifest["feature_dim"])
+    self.padding = int(manifest["dataset"]["padding"])
     # With every view cached, column k is view id k: no table to hold (it
     # would be N x V int16 in every reader process).
     self.view_ids = None if self.all_views else load_view_ids(directory, split)
@@ -206,7 +211,7 @@ class CachedFeatures:
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    del state['features']  # a memory map would pickle as a full copy
+    del state["features"]  # a memory map would pickle as a full copy
     return state
 
   def __setstate__(self, state):
@@ -218,8 +223,14 @@ class CachedFeatures:
     return np.asarray(self.features[index, column])
 
 
-def check_matches(manifest: dict[str, Any], *, directory: str, teacher_meta: dict[str, Any],
-                  dataset: str, padding: int) -> None:
+def check_matches(
+  manifest: dict[str, Any],
+  *,
+  directory: str,
+  teacher_meta: dict[str, Any],
+  dataset: str,
+  padding: int,
+) -> None:
   """Raises ValueError (one sentence) when a cache was built for another teacher or dataset.
 
   The split sizes are checked where the splits are opened (the loaders).
@@ -227,24 +238,28 @@ def check_matches(manifest: dict[str, Any], *, directory: str, teacher_meta: dic
   Args:
     teacher_meta: the teacher.json the run loads.
   """
-  teacher = manifest['teacher']
+  teacher = manifest["teacher"]
   where = os.path.join(directory, MANIFEST_FILE)
-  if teacher['variables_sha256'] != teacher_meta.get('variables_sha256'):
+  if teacher["variables_sha256"] != teacher_meta.get("variables_sha256"):
     raise ValueError(
-        f'{where} was built from another teacher (arch {teacher["arch"]}, variables sha256 '
-        f'{teacher["variables_sha256"][:12]}...) than config.teacher.checkpoint (arch '
-        f'{teacher_meta.get("arch")}, sha256 {str(teacher_meta.get("variables_sha256"))[:12]}...); '
-        'rebuild it with python -m launch.cache_teacher.')
-  for field in ('image_size', 'mean', 'std'):
+      f"{where} was built from another teacher (arch {teacher['arch']}, variables sha256 "
+      f"{teacher['variables_sha256'][:12]}...) than config.teacher.checkpoint (arch "
+      f"{teacher_meta.get('arch')}, sha256 {str(teacher_meta.get('variables_sha256'))[:12]}...); "
+      "rebuild it with python -m launch.cache_teacher."
+    )
+  for field in ("image_size", "mean", "std"):
     if teacher[field] != teacher_meta.get(field):
       raise ValueError(
-          f'{where} was built with teacher {field} {teacher[field]!r}, but the teacher now has '
-          f'{teacher_meta.get(field)!r}; rebuild it with python -m launch.cache_teacher.')
-  if manifest['dataset']['name'] != dataset:
+        f"{where} was built with teacher {field} {teacher[field]!r}, but the teacher now has "
+        f"{teacher_meta.get(field)!r}; rebuild it with python -m launch.cache_teacher."
+      )
+  if manifest["dataset"]["name"] != dataset:
     raise ValueError(
-        f'{where} holds {manifest["dataset"]["name"]!r} embeddings but config.dataset.name is '
-        f'{dataset!r}; build a cache for {dataset!r} with python -m launch.cache_teacher.')
-  if int(manifest['dataset']['padding']) != padding:
+      f"{where} holds {manifest['dataset']['name']!r} embeddings but config.dataset.name is "
+      f"{dataset!r}; build a cache for {dataset!r} with python -m launch.cache_teacher."
+    )
+  if int(manifest["dataset"]["padding"]) != padding:
     raise ValueError(
-        f'{where} was built with crop padding {manifest["dataset"]["padding"]}, the pipeline '
-        f'uses {padding}; rebuild it with python -m launch.cache_teacher.')
+      f"{where} was built with crop padding {manifest['dataset']['padding']}, the pipeline "
+      f"uses {padding}; rebuild it with python -m launch.cache_teacher."
+    )

@@ -39,32 +39,38 @@ Modules:
 """
 
 from ega_jax.losses.contrastive import ccl_loss, nce_loss
-from ega_jax.losses.crd import (CRDClassTables, CRDMemory, build_crd_class_tables, crd_loss,
-                                init_crd_memory, sample_crd_negatives)
+from ega_jax.losses.crd import (
+  CRDClassTables,
+  CRDMemory,
+  build_crd_class_tables,
+  crd_loss,
+  init_crd_memory,
+  sample_crd_negatives,
+)
 from ega_jax.losses.graph import ega_graph_blocks, ega_loss, pearson_graph
 from ega_jax.losses.logits import hint_loss, kd_loss
 from ega_jax.losses.registry import DEFAULT_HPARAMS, DISTILL_METHODS, GRAPH_METHODS, distill_loss
 from ega_jax.losses.relational import irg_loss, pkt_loss, rkd_loss
 
 __all__ = [
-    "DISTILL_METHODS",
-    "GRAPH_METHODS",
-    "DEFAULT_HPARAMS",
-    "distill_loss",
-    "pearson_graph",
-    "ega_graph_blocks",
-    "ega_loss",
-    "kd_loss",
-    "hint_loss",
-    "rkd_loss",
-    "pkt_loss",
-    "irg_loss",
-    "nce_loss",
-    "ccl_loss",
-    "CRDMemory",
-    "CRDClassTables",
-    "init_crd_memory",
-    "build_crd_class_tables",
-    "sample_crd_negatives",
-    "crd_loss",
+  "DISTILL_METHODS",
+  "GRAPH_METHODS",
+  "DEFAULT_HPARAMS",
+  "distill_loss",
+  "pearson_graph",
+  "ega_graph_blocks",
+  "ega_loss",
+  "kd_loss",
+  "hint_loss",
+  "rkd_loss",
+  "pkt_loss",
+  "irg_loss",
+  "nce_loss",
+  "ccl_loss",
+  "CRDMemory",
+  "CRDClassTables",
+  "init_crd_memory",
+  "build_crd_class_tables",
+  "sample_crd_negatives",
+  "crd_loss",
 ]

@@ -70,26 +70,31 @@ def _pairwise_distances(x: jnp.ndarray, squared: bool, clamp_min: float = 1e-12)
   return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, distances)
 
 
-def _check_2d_pair(name_a: str, a: jnp.ndarray, name_b: str, b: jnp.ndarray,
-                   same_width: bool = True) -> None:
+def _check_2d_pair(
+  name_a: str, a: jnp.ndarray, name_b: str, b: jnp.ndarray, same_width: bool = True
+) -> None:
   """Raises ValueError unless a, b are (B, D) arrays with the same B (and D)."""
   if a.ndim != 2 or b.ndim != 2:
     raise ValueError(
-        f"{name_a} and {name_b} must be 2-D (batch, features) arrays, got shapes "
-        f"{tuple(a.shape)} and {tuple(b.shape)}.")
+      f"{name_a} and {name_b} must be 2-D (batch, features) arrays, got shapes "
+      f"{tuple(a.shape)} and {tuple(b.shape)}."
+    )
   if a.shape[0] != b.shape[0]:
     raise ValueError(
-        f"{name_a} and {name_b} must have the same batch size, got shapes "
-        f"{tuple(a.shape)} and {tuple(b.shape)}.")
+      f"{name_a} and {name_b} must have the same batch size, got shapes "
+      f"{tuple(a.shape)} and {tuple(b.shape)}."
+    )
   if same_width and a.shape[1] != b.shape[1]:
     raise ValueError(
-        f"{name_a} and {name_b} must have the same width, got shapes "
-        f"{tuple(a.shape)} and {tuple(b.shape)}.")
+      f"{name_a} and {name_b} must have the same width, got shapes "
+      f"{tuple(a.shape)} and {tuple(b.shape)}."
+    )
 
 
 def _check_labels(labels: jnp.ndarray, batch_size: int) -> None:
   if labels is None or jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != batch_size:
     shape = None if labels is None else tuple(jnp.shape(labels))
     raise ValueError(
-        f"labels must be a 1-D integer array of length {batch_size} (the batch size), "
-        f"got {'None' if shape is None else f'shape {shape}'}.")
+      f"labels must be a 1-D integer array of length {batch_size} (the batch size), "
+      f"got {'None' if shape is None else f'shape {shape}'}."
+    )

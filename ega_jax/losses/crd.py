@@ -64,19 +64,21 @@ def init_crd_memory(rng: jax.Array, num_data: int, dim: int = 128) -> CRDMemory:
   """
   if num_data < 2 or dim < 1:
     raise ValueError(
-        f"init_crd_memory needs num_data >= 2 and dim >= 1, got num_data={num_data}, dim={dim}.")
+      f"init_crd_memory needs num_data >= 2 and dim >= 1, got num_data={num_data}, dim={dim}."
+    )
   stdv = 1.0 / math.sqrt(dim / 3.0)
   student_key, teacher_key = jax.random.split(rng)
   return CRDMemory(
-      student_bank=jax.random.uniform(student_key, (num_data, dim), jnp.float32, -stdv, stdv),
-      teacher_bank=jax.random.uniform(teacher_key, (num_data, dim), jnp.float32, -stdv, stdv),
-      z_student=jnp.asarray(-1.0, jnp.float32),
-      z_teacher=jnp.asarray(-1.0, jnp.float32),
+    student_bank=jax.random.uniform(student_key, (num_data, dim), jnp.float32, -stdv, stdv),
+    teacher_bank=jax.random.uniform(teacher_key, (num_data, dim), jnp.float32, -stdv, stdv),
+    z_student=jnp.asarray(-1.0, jnp.float32),
+    z_teacher=jnp.asarray(-1.0, jnp.float32),
   )
 
 
-def build_crd_class_tables(train_labels: np.ndarray,
-                           num_classes: int | None = None) -> CRDClassTables:
+def build_crd_class_tables(
+  train_labels: np.ndarray, num_classes: int | None = None
+) -> CRDClassTables:
   """Host-side tables for `sample_crd_negatives` (NumPy int32 arrays).
 
   Args:
@@ -90,29 +92,37 @@ def build_crd_class_tables(train_labels: np.ndarray,
   labels = np.asarray(train_labels)
   if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(
-        f"train_labels must be a non-empty 1-D integer array, got dtype {labels.dtype} "
-        f"and shape {labels.shape}.")
+      f"train_labels must be a non-empty 1-D integer array, got dtype {labels.dtype} "
+      f"and shape {labels.shape}."
+    )
   if labels.min() < 0:
     raise ValueError(f"train_labels must be non-negative class ids, found {labels.min()}.")
   if num_classes is None:
     num_classes = int(labels.max()) + 1
   if labels.max() >= num_classes:
     raise ValueError(
-        f"num_classes={num_classes} but train_labels contains class {labels.max()}; "
-        f"valid labels are 0..{num_classes - 1}.")
+      f"num_classes={num_classes} but train_labels contains class {labels.max()}; "
+      f"valid labels are 0..{num_classes - 1}."
+    )
   counts = np.bincount(labels, minlength=num_classes)
   if np.count_nonzero(counts) < 2:
     raise ValueError(
-        "train_labels holds a single class, so CRD has no negatives from other classes.")
+      "train_labels holds a single class, so CRD has no negatives from other classes."
+    )
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
   sorted_indices = np.argsort(labels, kind="stable")
-  return CRDClassTables(sorted_indices.astype(np.int32), starts.astype(np.int32),
-                        counts.astype(np.int32))
+  return CRDClassTables(
+    sorted_indices.astype(np.int32), starts.astype(np.int32), counts.astype(np.int32)
+  )
 
 
-def sample_crd_negatives(rng: jax.Array, labels: jnp.ndarray, indices: jnp.ndarray,
-                         class_tables: CRDClassTables,
-                         num_negatives: int = 16384) -> jnp.ndarray:
+def sample_crd_negatives(
+  rng: jax.Array,
+  labels: jnp.ndarray,
+  indices: jnp.ndarray,
+  class_tables: CRDClassTables,
+  num_negatives: int = 16384,
+) -> jnp.ndarray:
   """Contrast indices for CRD, RepDistiller's 'exact' mode, on device.
 
   For each example (dataset index i, label c) draws `num_negatives` indices
@@ -135,8 +145,9 @@ def sample_crd_negatives(rng: jax.Array, labels: jnp.ndarray, indices: jnp.ndarr
   labels = jnp.asarray(labels, jnp.int32)
   block_start = jnp.asarray(class_starts)[labels][:, None]
   block_size = jnp.asarray(class_counts)[labels][:, None]
-  draws = jax.random.randint(rng, (labels.shape[0], num_negatives), 0, num_data - block_size,
-                             dtype=jnp.int32)
+  draws = jax.random.randint(
+    rng, (labels.shape[0], num_negatives), 0, num_data - block_size, dtype=jnp.int32
+  )
   positions = jnp.where(draws >= block_start, draws + block_size, draws)
   negatives = jnp.asarray(sorted_indices)[positions]
   return jnp.concatenate([jnp.asarray(indices, jnp.int32)[:, None], negatives], axis=1)
@@ -145,9 +156,9 @@ def sample_crd_negatives(rng: jax.Array, labels: jnp.ndarray, indices: jnp.ndarr
 def _contrast_loss(scores: jnp.ndarray, num_data: int, eps: float = 1e-7) -> jnp.ndarray:
   """RepDistiller's `ContrastLoss` (NCE with noise Pn = 1/N) on (B, K+1) scores.
 
-    log D1 = log(P_pos / (P_pos + K Pn + eps)),  P_pos = scores[:, 0],
-    log D0 = log(K Pn / (P_neg + K Pn + eps)),   P_neg = scores[:, 1:],
-    L = -(sum log D1 + sum log D0) / B.
+  log D1 = log(P_pos / (P_pos + K Pn + eps)),  P_pos = scores[:, 0],
+  log D0 = log(K Pn / (P_neg + K Pn + eps)),   P_neg = scores[:, 1:],
+  L = -(sum log D1 + sum log D0) / B.
   """
   batch_size, num_negatives = scores.shape[0], scores.shape[1] - 1
   noise = num_negatives / num_data
@@ -158,9 +169,15 @@ def _contrast_loss(scores: jnp.ndarray, num_data: int, eps: float = 1e-7) -> jnp
   return -(jnp.sum(log_d1) + jnp.sum(log_d0)) / batch_size
 
 
-def crd_loss(student_proj: jnp.ndarray, teacher_proj: jnp.ndarray, indices: jnp.ndarray,
-             contrast_indices: jnp.ndarray, memory: CRDMemory,
-             temperature: float = 0.07, momentum: float = 0.5) -> tuple[jnp.ndarray, CRDMemory]:
+def crd_loss(
+  student_proj: jnp.ndarray,
+  teacher_proj: jnp.ndarray,
+  indices: jnp.ndarray,
+  contrast_indices: jnp.ndarray,
+  memory: CRDMemory,
+  temperature: float = 0.07,
+  momentum: float = 0.5,
+) -> tuple[jnp.ndarray, CRDMemory]:
   """CRD loss and memory update, as RepDistiller's `CRDLoss` + `ContrastMemory`.
 
   With W_s = student_bank[contrast_indices], W_t = teacher_bank[...] (B, K+1, dim):
@@ -187,37 +204,44 @@ def crd_loss(student_proj: jnp.ndarray, teacher_proj: jnp.ndarray, indices: jnp.
   _check_2d_pair("student_proj", student_proj, "teacher_proj", teacher_proj)
   if student_proj.shape[1] != memory.student_bank.shape[1]:
     raise ValueError(
-        f"student_proj width {student_proj.shape[1]} does not match the CRD memory width "
-        f"{memory.student_bank.shape[1]}.")
+      f"student_proj width {student_proj.shape[1]} does not match the CRD memory width "
+      f"{memory.student_bank.shape[1]}."
+    )
   if contrast_indices.ndim != 2 or contrast_indices.shape[0] != student_proj.shape[0]:
     raise ValueError(
-        f"contrast_indices must be (batch, K + 1) = ({student_proj.shape[0]}, K + 1), "
-        f"got shape {tuple(contrast_indices.shape)}.")
+      f"contrast_indices must be (batch, K + 1) = ({student_proj.shape[0]}, K + 1), "
+      f"got shape {tuple(contrast_indices.shape)}."
+    )
   memory = jax.tree_util.tree_map(jnp.asarray, memory)
   num_data = memory.student_bank.shape[0]
   student_weights = jax.lax.stop_gradient(memory.student_bank[contrast_indices])
   teacher_weights = jax.lax.stop_gradient(memory.teacher_bank[contrast_indices])
   out_teacher = jnp.exp(
-      jnp.einsum("bkd,bd->bk", student_weights, teacher_proj, precision=_HIGHEST) / temperature)
+    jnp.einsum("bkd,bd->bk", student_weights, teacher_proj, precision=_HIGHEST) / temperature
+  )
   out_student = jnp.exp(
-      jnp.einsum("bkd,bd->bk", teacher_weights, student_proj, precision=_HIGHEST) / temperature)
+    jnp.einsum("bkd,bd->bk", teacher_weights, student_proj, precision=_HIGHEST) / temperature
+  )
 
   # Z is fixed by the first batch it sees (a constant, like torch's `.item()`).
-  z_student = jnp.where(memory.z_student < 0,
-                        jax.lax.stop_gradient(jnp.mean(out_student)) * num_data, memory.z_student)
-  z_teacher = jnp.where(memory.z_teacher < 0,
-                        jax.lax.stop_gradient(jnp.mean(out_teacher)) * num_data, memory.z_teacher)
-  loss = (_contrast_loss(out_student / z_student, num_data)
-          + _contrast_loss(out_teacher / z_teacher, num_data))
+  z_student = jnp.where(
+    memory.z_student < 0, jax.lax.stop_gradient(jnp.mean(out_student)) * num_data, memory.z_student
+  )
+  z_teacher = jnp.where(
+    memory.z_teacher < 0, jax.lax.stop_gradient(jnp.mean(out_teacher)) * num_data, memory.z_teacher
+  )
+  loss = _contrast_loss(out_student / z_student, num_data) + _contrast_loss(
+    out_teacher / z_teacher, num_data
+  )
 
   def updated_bank(bank, proj):
     mixed = bank[indices] * momentum + jax.lax.stop_gradient(proj) * (1.0 - momentum)
     return bank.at[indices].set(_l2_normalize(mixed).astype(bank.dtype))
 
   new_memory = CRDMemory(
-      student_bank=updated_bank(memory.student_bank, student_proj),
-      teacher_bank=updated_bank(memory.teacher_bank, teacher_proj),
-      z_student=jnp.asarray(z_student, memory.z_student.dtype),
-      z_teacher=jnp.asarray(z_teacher, memory.z_teacher.dtype),
+    student_bank=updated_bank(memory.student_bank, student_proj),
+    teacher_bank=updated_bank(memory.teacher_bank, teacher_proj),
+    z_student=jnp.asarray(z_student, memory.z_student.dtype),
+    z_teacher=jnp.asarray(z_teacher, memory.z_teacher.dtype),
   )
   return loss, new_memory

@@ -26,7 +26,8 @@ def pearson_graph(x: jnp.ndarray, eps: float = 1e-8) -> jnp.ndarray:
   """
   if x.ndim != 2 or x.shape[1] < 2:
     raise ValueError(
-        f"pearson_graph needs an (n, d) array with d >= 2 features, got shape {tuple(x.shape)}.")
+      f"pearson_graph needs an (n, d) array with d >= 2 features, got shape {tuple(x.shape)}."
+    )
   num_features = x.shape[1]
   centred = x - jnp.mean(x, axis=1, keepdims=True)
   covariance = jnp.matmul(centred, centred.T, precision=_HIGHEST) / (num_features - 1)
@@ -37,8 +38,9 @@ def pearson_graph(x: jnp.ndarray, eps: float = 1e-8) -> jnp.ndarray:
   return covariance / (std[:, None] * std[None, :])
 
 
-def ega_graph_blocks(teacher_emb: jnp.ndarray, student_emb: jnp.ndarray,
-                     eps: float = 1e-8) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def ega_graph_blocks(
+  teacher_emb: jnp.ndarray, student_emb: jnp.ndarray, eps: float = 1e-8
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """The three blocks of the EGA graph over the stacked rows [x_t; x_s].
 
   Args:
@@ -60,9 +62,13 @@ def ega_graph_blocks(teacher_emb: jnp.ndarray, student_emb: jnp.ndarray,
   return teacher_edges, student_edges, node_matrix
 
 
-def ega_loss(teacher_emb: jnp.ndarray, student_emb: jnp.ndarray,
-             node_weight: float = 0.8, edge_weight: float = 0.24,
-             eps: float = 1e-8) -> jnp.ndarray:
+def ega_loss(
+  teacher_emb: jnp.ndarray,
+  student_emb: jnp.ndarray,
+  node_weight: float = 0.8,
+  edge_weight: float = 0.24,
+  eps: float = 1e-8,
+) -> jnp.ndarray:
   """Embedding Graph Alignment loss (note: teacher first).
 
     L_edge = ||E_t - E_s||_F,  L_node = ||N - I||_F,

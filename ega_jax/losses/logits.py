@@ -6,8 +6,9 @@ import jax.numpy as jnp
 from ega_jax.losses._common import _batch_mean_kl, _check_2d_pair
 
 
-def kd_loss(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray,
-            temperature: float = 4.0) -> jnp.ndarray:
+def kd_loss(
+  student_logits: jnp.ndarray, teacher_logits: jnp.ndarray, temperature: float = 4.0
+) -> jnp.ndarray:
   """Hinton KD: T^2 * mean_b sum_c p_t log(p_t / p_s), p = softmax(logits / T).
 
   Matches RepDistiller's `DistillKL` (`F.kl_div(log p_s, p_t, sum) * T^2 / B`).

@@ -25,23 +25,25 @@ GRAPH_METHODS = ("rkd", "irg", "ega", "pkt", "nce", "ccl")
 
 # Every hyper-parameter key `distill_loss` (and the CRD code) understands, with
 # the released / reference defaults. Read-only; copy with dict(...) to edit.
-DEFAULT_HPARAMS: Mapping[str, Any] = types.MappingProxyType({
-    "node_weight": 0.8,             # ega: weight of ||N - I||_F
-    "edge_weight": 0.24,            # ega: weight of ||E_t - E_s||_F
-    "pearson_eps": 1e-8,            # ega: variance floor in the Pearson graph
-    "kd_temperature": 4.0,          # kd
-    "rkd_distance_weight": 25.0,    # rkd: w_d
-    "rkd_angle_weight": 50.0,       # rkd: w_a
-    "pkt_eps": 1e-7,                # pkt
-    "nce_temperature": 0.1,         # nce and ccl
-    "irg_vertex_weight": 0.1,       # irg
-    "irg_edge_weight": 5.0,         # irg
-    "irg_squared_distance": True,   # irg: squared Euclidean edges
-    "crd_temperature": 0.07,        # crd (used by crd_loss, not distill_loss)
-    "crd_momentum": 0.5,            # crd
-    "crd_num_negatives": 16384,     # crd: K
-    "crd_feature_dim": 128,         # crd: projection width
-})
+DEFAULT_HPARAMS: Mapping[str, Any] = types.MappingProxyType(
+  {
+    "node_weight": 0.8,  # ega: weight of ||N - I||_F
+    "edge_weight": 0.24,  # ega: weight of ||E_t - E_s||_F
+    "pearson_eps": 1e-8,  # ega: variance floor in the Pearson graph
+    "kd_temperature": 4.0,  # kd
+    "rkd_distance_weight": 25.0,  # rkd: w_d
+    "rkd_angle_weight": 50.0,  # rkd: w_a
+    "pkt_eps": 1e-7,  # pkt
+    "nce_temperature": 0.1,  # nce and ccl
+    "irg_vertex_weight": 0.1,  # irg
+    "irg_edge_weight": 5.0,  # irg
+    "irg_squared_distance": True,  # irg: squared Euclidean edges
+    "crd_temperature": 0.07,  # crd (used by crd_loss, not distill_loss)
+    "crd_momentum": 0.5,  # crd
+    "crd_num_negatives": 16384,  # crd: K
+    "crd_feature_dim": 128,  # crd: projection width
+  }
+)
 
 
 def _resolve_hparams(hparams: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -50,7 +52,8 @@ def _resolve_hparams(hparams: Mapping[str, Any] | None) -> dict[str, Any]:
   unknown = sorted(set(given) - set(DEFAULT_HPARAMS))
   if unknown:
     raise ValueError(
-        f"Unknown distillation hparams {unknown}; valid keys are {sorted(DEFAULT_HPARAMS)}.")
+      f"Unknown distillation hparams {unknown}; valid keys are {sorted(DEFAULT_HPARAMS)}."
+    )
   resolved = dict(DEFAULT_HPARAMS)
   resolved.update(given)
   for key in ("kd_temperature", "nce_temperature", "crd_temperature"):
@@ -60,11 +63,16 @@ def _resolve_hparams(hparams: Mapping[str, Any] | None) -> dict[str, Any]:
   return resolved
 
 
-def distill_loss(method: str, *, student_emb: jnp.ndarray | None = None,
-                 teacher_emb: jnp.ndarray | None = None, labels: jnp.ndarray | None = None,
-                 student_logits: jnp.ndarray | None = None,
-                 teacher_logits: jnp.ndarray | None = None,
-                 hparams: Mapping[str, Any] | None = None) -> jnp.ndarray:
+def distill_loss(
+  method: str,
+  *,
+  student_emb: jnp.ndarray | None = None,
+  teacher_emb: jnp.ndarray | None = None,
+  labels: jnp.ndarray | None = None,
+  student_logits: jnp.ndarray | None = None,
+  teacher_logits: jnp.ndarray | None = None,
+  hparams: Mapping[str, Any] | None = None,
+) -> jnp.ndarray:
   """The distillation term L_distill of `method` on the global batch.
 
   Args:
@@ -80,22 +88,29 @@ def distill_loss(method: str, *, student_emb: jnp.ndarray | None = None,
   """
   if method not in DISTILL_METHODS:
     raise ValueError(
-        f"Unknown distillation method {method!r}; valid methods are {list(DISTILL_METHODS)}.")
+      f"Unknown distillation method {method!r}; valid methods are {list(DISTILL_METHODS)}."
+    )
   if method == "crd":
     raise ValueError(
-        "distill_loss('crd') is not available because CRD keeps a memory bank: call "
-        "crd_loss(student_proj, teacher_proj, indices, contrast_indices, memory) instead.")
+      "distill_loss('crd') is not available because CRD keeps a memory bank: call "
+      "crd_loss(student_proj, teacher_proj, indices, contrast_indices, memory) instead."
+    )
   hp = _resolve_hparams(hparams)
   if method == "none":
     return jnp.zeros((), jnp.float32)
 
   needed = {
-      "kd": ("student_logits", "teacher_logits"),
-      "ccl": ("student_emb", "teacher_emb", "labels", "student_logits", "teacher_logits"),
-      "nce": ("student_emb", "teacher_emb", "labels"),
+    "kd": ("student_logits", "teacher_logits"),
+    "ccl": ("student_emb", "teacher_emb", "labels", "student_logits", "teacher_logits"),
+    "nce": ("student_emb", "teacher_emb", "labels"),
   }.get(method, ("student_emb", "teacher_emb"))
-  given = dict(student_emb=student_emb, teacher_emb=teacher_emb, labels=labels,
-               student_logits=student_logits, teacher_logits=teacher_logits)
+  given = dict(
+    student_emb=student_emb,
+    teacher_emb=teacher_emb,
+    labels=labels,
+    student_logits=student_logits,
+    teacher_logits=teacher_logits,
+  )
   missing = [name for name in needed if given[name] is None]
   if missing:
     raise ValueError(f"distill_loss({method!r}) needs {list(needed)}; missing {missing}.")
@@ -111,10 +126,16 @@ def distill_loss(method: str, *, student_emb: jnp.ndarray | None = None,
   if method == "nce":
     return nce_loss(student_emb, teacher_emb, labels, hp["nce_temperature"])
   if method == "ccl":
-    return ccl_loss(student_emb, teacher_emb, labels, student_logits, teacher_logits,
-                    hp["nce_temperature"])
+    return ccl_loss(
+      student_emb, teacher_emb, labels, student_logits, teacher_logits, hp["nce_temperature"]
+    )
   if method == "irg":
-    return irg_loss(student_emb, teacher_emb, hp["irg_vertex_weight"], hp["irg_edge_weight"],
-                    bool(hp["irg_squared_distance"]))
+    return irg_loss(
+      student_emb,
+      teacher_emb,
+      hp["irg_vertex_weight"],
+      hp["irg_edge_weight"],
+      bool(hp["irg_squared_distance"]),
+    )
   # method == "ega"
   return ega_loss(teacher_emb, student_emb, hp["node_weight"], hp["edge_weight"], hp["pearson_eps"])

@@ -3,8 +3,14 @@
 import jax
 import jax.numpy as jnp
 
-from ega_jax.losses._common import (_HIGHEST, _check_2d_pair, _l2_normalize, _pairwise_distances,
-                                    _safe_sqrt, _smooth_l1)
+from ega_jax.losses._common import (
+  _HIGHEST,
+  _check_2d_pair,
+  _l2_normalize,
+  _pairwise_distances,
+  _safe_sqrt,
+  _smooth_l1,
+)
 
 
 def _rkd_normalised_distances(x: jnp.ndarray) -> jnp.ndarray:
@@ -23,8 +29,12 @@ def _rkd_angles(x: jnp.ndarray) -> jnp.ndarray:
   return jnp.einsum("ijd,ikd->ijk", directions, directions, precision=_HIGHEST)
 
 
-def rkd_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray,
-             distance_weight: float = 25.0, angle_weight: float = 50.0) -> jnp.ndarray:
+def rkd_loss(
+  student_emb: jnp.ndarray,
+  teacher_emb: jnp.ndarray,
+  distance_weight: float = 25.0,
+  angle_weight: float = 50.0,
+) -> jnp.ndarray:
   """Relational KD (Park et al., CVPR 2019), as RepDistiller's `RKDLoss`.
 
   Distance term: d_ij = sqrt(max(|x_i - x_j|^2, 1e-12)) with d_ii = 0, each
@@ -49,8 +59,9 @@ def rkd_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray,
   """
   _check_2d_pair("student_emb", student_emb, "teacher_emb", teacher_emb, same_width=False)
   teacher_emb = jax.lax.stop_gradient(teacher_emb)
-  distance_term = _smooth_l1(_rkd_normalised_distances(student_emb),
-                             _rkd_normalised_distances(teacher_emb))
+  distance_term = _smooth_l1(
+    _rkd_normalised_distances(student_emb), _rkd_normalised_distances(teacher_emb)
+  )
   angle_term = _smooth_l1(_rkd_angles(student_emb), _rkd_angles(teacher_emb))
   return distance_weight * distance_term + angle_weight * angle_term
 
@@ -85,7 +96,6 @@ def pkt_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray, eps: float = 1e
   return jnp.mean(p_teacher * jnp.log((p_teacher + eps) / (p_student + eps)))
 
 
-
 def _max_normalised_distances(x: jnp.ndarray, squared: bool) -> jnp.ndarray:
   """(B, D) -> (B, B) pairwise distances (zero diagonal) divided by their max."""
   distances = _pairwise_distances(x, squared=squared)
@@ -94,9 +104,13 @@ def _max_normalised_distances(x: jnp.ndarray, squared: bool) -> jnp.ndarray:
   return distances / jnp.where(largest > 0, largest, 1.0)
 
 
-def irg_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray,
-             vertex_weight: float = 0.1, edge_weight: float = 5.0,
-             squared_distance: bool = True) -> jnp.ndarray:
+def irg_loss(
+  student_emb: jnp.ndarray,
+  teacher_emb: jnp.ndarray,
+  vertex_weight: float = 0.1,
+  edge_weight: float = 5.0,
+  squared_distance: bool = True,
+) -> jnp.ndarray:
   """Instance Relationship Graph (Liu et al., CVPR 2019) on the final embeddings.
 
   The graph of one layer: vertices are the instances' embeddings, edges the
@@ -128,6 +142,10 @@ def irg_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray,
   """
   _check_2d_pair("student_emb", student_emb, "teacher_emb", teacher_emb)
   vertex_term = jnp.mean(jnp.square(student_emb - teacher_emb))
-  edge_term = jnp.mean(jnp.square(_max_normalised_distances(student_emb, squared_distance)
-                                  - _max_normalised_distances(teacher_emb, squared_distance)))
+  edge_term = jnp.mean(
+    jnp.square(
+      _max_normalised_distances(student_emb, squared_distance)
+      - _max_normalised_distances(teacher_emb, squared_distance)
+    )
+  )
   return vertex_weight * vertex_term + edge_weight * edge_term

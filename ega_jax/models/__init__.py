@@ -4,11 +4,11 @@ from ega_jax.models.students import STUDENT_NAMES, create_student, student_featu
 from ega_jax.models.teachers import TEACHER_SPECS, TeacherSpec, create_teacher, load_teacher
 
 __all__ = [
-    "STUDENT_NAMES",
-    "create_student",
-    "student_feature_dim",
-    "TEACHER_SPECS",
-    "TeacherSpec",
-    "create_teacher",
-    "load_teacher",
+  "STUDENT_NAMES",
+  "create_student",
+  "student_feature_dim",
+  "TEACHER_SPECS",
+  "TeacherSpec",
+  "create_teacher",
+  "load_teacher",
 ]

@@ -43,8 +43,13 @@ def _tap_windows(x: jax.Array, k: int, stride: int, padding: int) -> list[jax.Ar
   out_h = output_size(x.shape[1], k, stride, padding)
   out_w = output_size(x.shape[2], k, stride, padding)
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  return [padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
-          for i in range(k) for j in range(k)]
+  return [
+    padded[
+      :, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride, :
+    ]
+    for i in range(k)
+    for j in range(k)
+  ]
 
 
 def _depthwise(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -73,7 +78,7 @@ def _grouped_pointwise(x: jax.Array, kernel: jax.Array, stride: int, groups: int
   out_features = kernel.shape[-1]
   grouped_x = x.reshape(batch, height, width, groups, channels // groups)
   grouped_kernel = kernel[0, 0].reshape(channels // groups, groups, out_features // groups)
-  out = jnp.einsum('bhwgc,cgo->bhwgo', grouped_x, grouped_kernel)
+  out = jnp.einsum("bhwgc,cgo->bhwgo", grouped_x, grouped_kernel)
   return out.reshape(batch, height, width, out_features)
 
 
@@ -81,19 +86,26 @@ def _patch_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) ->
   """x (B, H, W, C), kernel (k, k, C, O) -> (B, H', W', O) as one matmul of gathered patches."""
   k = kernel.shape[0]
   patches = jnp.stack(_tap_windows(x, k, stride, padding), axis=3)  # (B, H', W', k*k, C)
-  return jnp.einsum('bhwpc,pco->bhwo', patches, kernel.reshape(k * k, x.shape[-1], -1))
+  return jnp.einsum("bhwpc,pco->bhwo", patches, kernel.reshape(k * k, x.shape[-1], -1))
 
 
-def lax_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
-             groups: int = 1) -> jax.Array:
+def lax_conv(
+  x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0, groups: int = 1
+) -> jax.Array:
   """`conv_nhwc`'s function through XLA's own convolution (what `nn.Conv` runs)."""
   return lax.conv_general_dilated(
-      x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+    x,
+    kernel,
+    (stride, stride),
+    ((padding, padding), (padding, padding)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=groups,
+  )
 
 
-def conv_nhwc(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
-              groups: int = 1) -> jax.Array:
+def conv_nhwc(
+  x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0, groups: int = 1
+) -> jax.Array:
   """PyTorch's conv2d (square kernel, symmetric zero padding) on NHWC / HWIO arrays.
 
   Args:
@@ -109,11 +121,14 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int 
   k = kernel.shape[0]
   channels, out_features = x.shape[-1], kernel.shape[-1]
   if kernel.shape[1] != k or kernel.shape[2] * groups != channels or out_features % groups:
-    raise ValueError(f'conv kernel shape {kernel.shape} does not fit {channels} input channels '
-                     f'in {groups} groups; expected (k, k, {channels // max(groups, 1)}, O) with '
-                     f'O divisible by {groups}.')
-  out_pixels = (output_size(x.shape[1], k, stride, padding) *
-                output_size(x.shape[2], k, stride, padding))
+    raise ValueError(
+      f"conv kernel shape {kernel.shape} does not fit {channels} input channels "
+      f"in {groups} groups; expected (k, k, {channels // max(groups, 1)}, O) with "
+      f"O divisible by {groups}."
+    )
+  out_pixels = output_size(x.shape[1], k, stride, padding) * output_size(
+    x.shape[2], k, stride, padding
+  )
   if groups > 1 and groups == channels == out_features:
     return _depthwise(x, kernel, stride, padding)
   if groups > 1 and k == 1 and padding == 0:
@@ -129,6 +144,7 @@ class TorchConv(nn.Module):
   Parameters are `nn.Conv`'s: 'kernel' (k, k, C / groups, features) and, with `use_bias`,
   'bias' (features,), both in `param_dtype`; inputs and parameters are cast to `dtype`.
   """
+
   features: int
   kernel_size: int
   stride: int = 1
@@ -145,14 +161,24 @@ class TorchConv(nn.Module):
     """x: (B, H, W, C) -> (B, H', W', features)."""
     channels = x.shape[-1]
     if channels % self.groups or self.features % self.groups:
-      raise ValueError(f'TorchConv {self.name}: groups={self.groups} must divide the '
-                       f'{channels} input channels and the {self.features} output features.')
-    kernel = self.param('kernel', self.kernel_init,
-                        (self.kernel_size, self.kernel_size, channels // self.groups,
-                         self.features), self.param_dtype)
-    out = conv_nhwc(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
-                    padding=self.padding, groups=self.groups)
+      raise ValueError(
+        f"TorchConv {self.name}: groups={self.groups} must divide the "
+        f"{channels} input channels and the {self.features} output features."
+      )
+    kernel = self.param(
+      "kernel",
+      self.kernel_init,
+      (self.kernel_size, self.kernel_size, channels // self.groups, self.features),
+      self.param_dtype,
+    )
+    out = conv_nhwc(
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+      stride=self.stride,
+      padding=self.padding,
+      groups=self.groups,
+    )
     if self.use_bias:
-      bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
       out = out + bias.astype(self.dtype)
     return out

@@ -46,11 +46,11 @@ class TorchLinear(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """(B, D_in) -> (B, features)."""
     return nn.Dense(
-        self.features,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=torch_linear_kernel_init(),
-        bias_init=torch_linear_bias_init(x.shape[-1]),
+      self.features,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=torch_linear_kernel_init(),
+      bias_init=torch_linear_bias_init(x.shape[-1]),
     )(x)
 
 

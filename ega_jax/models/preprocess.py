@@ -27,14 +27,20 @@ def teacher_inputs(images_uint8: jnp.ndarray, image_size: int, mean, std) -> jnp
   images = images_uint8.astype(jnp.float32) / 255.0
   batch, height, width, channels = images.shape
   if (height, width) != (image_size, image_size):
-    images = jax.image.resize(
-        images, (batch, image_size, image_size, channels), method="bicubic")
+    images = jax.image.resize(images, (batch, image_size, image_size, channels), method="bicubic")
     images = jnp.clip(images, 0.0, 1.0)
   return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def teacher_embedding(teacher: nn.Module, variables, images_uint8: jnp.ndarray,
-                      image_size: int, mean, std, dtype=jnp.float32) -> jnp.ndarray:
+def teacher_embedding(
+  teacher: nn.Module,
+  variables,
+  images_uint8: jnp.ndarray,
+  image_size: int,
+  mean,
+  std,
+  dtype=jnp.float32,
+) -> jnp.ndarray:
   """The frozen backbone on raw views: (B, h, w, 3) uint8 -> (B, D) float32.
 
   `teacher_inputs` (resize, clip, normalise) on device, then the teacher in

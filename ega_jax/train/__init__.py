@@ -1,15 +1,15 @@
 """Distillation training, one concept per module.
 
-  state.py          TrainState, the models bundle, optimisers and schedule, initial state,
-                    placement on the ('data',) mesh
-  steps.py          the per-device train step (forward, distillation term, non-finite guard)
-  eval_steps.py     the per-device evaluation and embedding steps
-  run.py            build_run(): models, state, CRD tables and the jit(shard_map) steps, built once
-  setup.py          the teacher, the loaders, the teacher cache, hparams for TensorBoard
-  loop.py           train_and_evaluate(): the training loop
-  checkpointing.py  one orbax CheckpointManager (latest k + best), workdir checks, restore
-  preemption.py     SIGTERM/SIGINT as a flag, used as a `with` block
-  metric_writers.py metrics.jsonl (a clu MetricWriter) and the writer factory
+state.py          TrainState, the models bundle, optimisers and schedule, initial state,
+                  placement on the ('data',) mesh
+steps.py          the per-device train step (forward, distillation term, non-finite guard)
+eval_steps.py     the per-device evaluation and embedding steps
+run.py            build_run(): models, state, CRD tables and the jit(shard_map) steps, built once
+setup.py          the teacher, the loaders, the teacher cache, hparams for TensorBoard
+loop.py           train_and_evaluate(): the training loop
+checkpointing.py  one orbax CheckpointManager (latest k + best), workdir checks, restore
+preemption.py     SIGTERM/SIGINT as a flag, used as a `with` block
+metric_writers.py metrics.jsonl (a clu MetricWriter) and the writer factory
 """
 
 __all__ = ["train_and_evaluate"]

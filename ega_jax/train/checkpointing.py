@@ -39,37 +39,54 @@ def _best_metric(metrics) -> float:
 
 def create_checkpoint_manager(workdir, keep_checkpoints: int) -> ocp.CheckpointManager:
   """Latest `keep_checkpoints` + the best by eval/top1, in workdir/checkpoints."""
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+    [
       ocp.checkpoint_managers.LatestN(n=keep_checkpoints),
-      ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
-                                    keep_checkpoints_without_metrics=False),
-  ])
+      ocp.checkpoint_managers.BestN(
+        get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False
+      ),
+    ]
+  )
   return ocp.CheckpointManager(
-      workdir / "checkpoints",
-      options=ocp.CheckpointManagerOptions(
-          preservation_policy=policy, best_fn=_best_metric, best_mode="max", create=True,
-          enable_async_checkpointing=False))
+    workdir / "checkpoints",
+    options=ocp.CheckpointManagerOptions(
+      preservation_policy=policy,
+      best_fn=_best_metric,
+      best_mode="max",
+      create=True,
+      enable_async_checkpointing=False,
+    ),
+  )
 
 
 def save(manager, step: int, state, data_iterator, meta: dict, eval_top1: float | None):
   """Saves state, meta and the data position; `eval_top1` ranks it for the best."""
   metrics = None if eval_top1 is None else {BEST_METRIC: float(eval_top1)}
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-      data=grain.checkpoint.CheckpointSave(data_iterator)), metrics=metrics, force=True)
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      meta=ocp.args.JsonSave(meta),
+      data=grain.checkpoint.CheckpointSave(data_iterator),
+    ),
+    metrics=metrics,
+    force=True,
+  )
 
 
 def restore_latest(manager, state, data_iterator):
   """(state, meta) of the newest checkpoint; `data_iterator` is moved to its position."""
   abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
   restored = manager.restore(
-      manager.latest_step(),
-      args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          meta=ocp.args.JsonRestore(),
-          data=grain.checkpoint.CheckpointRestore(data_iterator),
-      ))
+    manager.latest_step(),
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      meta=ocp.args.JsonRestore(),
+      data=grain.checkpoint.CheckpointRestore(data_iterator),
+    ),
+  )
   return restored["state"], restored["meta"]
 
 
@@ -82,8 +99,9 @@ def check_workdir(workdir, signature: dict, overwrite: bool) -> None:
   directory = workdir / "checkpoints"
   if not directory.is_dir():
     return
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False, read_only=True)) as manager:
+  with ocp.CheckpointManager(
+    directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True)
+  ) as manager:
     step = manager.latest_step()
     if step is None:
       return
@@ -93,12 +111,12 @@ def check_workdir(workdir, signature: dict, overwrite: bool) -> None:
     return
   if not overwrite:
     raise config_lib.ConfigError(
-        f"workdir {str(workdir)!r} holds checkpoints of another run ({saved_signature}) than "
-        f"this one ({signature}); use a new --workdir or set "
-        "--config.overwrite_workdir=True to delete them.")
+      f"workdir {str(workdir)!r} holds checkpoints of another run ({saved_signature}) than "
+      f"this one ({signature}); use a new --workdir or set "
+      "--config.overwrite_workdir=True to delete them."
+    )
   if jax.process_index() == 0:
-    logging.warning("Deleting the checkpoints of another run in %s (overwrite_workdir).",
-                    workdir)
+    logging.warning("Deleting the checkpoints of another run in %s (overwrite_workdir).", workdir)
     for name in RUN_OUTPUTS:
       path = workdir / name
       if path.is_dir():

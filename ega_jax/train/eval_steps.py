@@ -14,10 +14,13 @@ def _eval_student(state: TrainState, images_uint8, models: DistillModels):
   """Eval-mode student embedding and logits: (b, feature_dim), (b, classes) float32."""
   student_images = preprocess.normalize_images(images_uint8, models.data_mean, models.data_std)
   _, student_features = models.student.apply(
-      {"params": state.student_params["backbone"], "batch_stats": state.student_batch_stats},
-      student_images.astype(models.dtype), train=False)
+    {"params": state.student_params["backbone"], "batch_stats": state.student_batch_stats},
+    student_images.astype(models.dtype),
+    train=False,
+  )
   embedding, logits = models.student_head.apply(
-      {"params": state.student_params["head"]}, student_features["penultimate"])
+    {"params": state.student_params["head"]}, student_features["penultimate"]
+  )
   return embedding.astype(jnp.float32), logits.astype(jnp.float32)
 
 
@@ -32,12 +35,14 @@ def _eval_teacher(state: TrainState, teacher_variables, batch, models: DistillMo
   else:
     teacher_feature = live_teacher_embedding(models, teacher_variables, batch["image"])
   embedding, logits = models.teacher_head.apply(
-      {"params": state.teacher_head_params}, teacher_feature.astype(jnp.float32))
+    {"params": state.teacher_head_params}, teacher_feature.astype(jnp.float32)
+  )
   return embedding.astype(jnp.float32), logits.astype(jnp.float32)
 
 
-def eval_step(state: TrainState, teacher_variables, batch, *, models: DistillModels,
-              with_teacher: bool = True):
+def eval_step(
+  state: TrainState, teacher_variables, batch, *, models: DistillModels, with_teacher: bool = True
+):
   """Counts correct predictions on this device's slice of a padded eval batch.
 
   Args:
@@ -59,11 +64,11 @@ def eval_step(state: TrainState, teacher_variables, batch, *, models: DistillMod
     teacher_logits = jnp.zeros_like(student_logits)
   num_classes = student_logits.shape[-1]
   sums = {
-      "count": jnp.sum(mask),
-      "top1": jnp.sum(correct_topk(student_logits, labels, 1) * mask),
-      "top5": jnp.sum(correct_topk(student_logits, labels, min(5, num_classes)) * mask),
-      "teacher_top1": jnp.sum(correct_topk(teacher_logits, labels, 1) * mask),
-      "ce": cross_entropy_sum(student_logits, labels, mask),
+    "count": jnp.sum(mask),
+    "top1": jnp.sum(correct_topk(student_logits, labels, 1) * mask),
+    "top5": jnp.sum(correct_topk(student_logits, labels, min(5, num_classes)) * mask),
+    "teacher_top1": jnp.sum(correct_topk(teacher_logits, labels, 1) * mask),
+    "ce": cross_entropy_sum(student_logits, labels, mask),
   }
   return jax.tree.map(lambda x: jax.lax.psum(x, AXIS), sums)
 
@@ -79,5 +84,8 @@ def embedding_step(state: TrainState, teacher_variables, batch, *, models: Disti
   teacher_emb, _ = _eval_teacher(state, teacher_variables, batch, models)
   gathered = (all_gather(teacher_emb), all_gather(student_emb), all_gather(batch["label"]))
   # Identical on every device; pmean records that for the replication check.
-  return (jax.lax.pmean(gathered[0], AXIS), jax.lax.pmean(gathered[1], AXIS),
-          jax.lax.pmax(gathered[2], AXIS))
+  return (
+    jax.lax.pmean(gathered[0], AXIS),
+    jax.lax.pmean(gathered[1], AXIS),
+    jax.lax.pmax(gathered[2], AXIS),
+  )

@@ -45,8 +45,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_lib.validate_config(config, mesh.size)
   workdir = checkpointing.workdir_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  logging.info("Devices: %d (%s), processes: %d, mesh: %s", mesh.size,
-               mesh.devices.flat[0].platform, jax.process_count(), dict(mesh.shape))
+  logging.info(
+    "Devices: %d (%s), processes: %d, mesh: %s",
+    mesh.size,
+    mesh.devices.flat[0].platform,
+    jax.process_count(),
+    dict(mesh.shape),
+  )
 
   teacher_module, teacher_host_variables, teacher_meta = setup.load_teacher(config)
   info = data_lib.get_dataset_info(config.dataset.name)
@@ -54,15 +59,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with setup.as_user_error(f"config.dataset.name={config.dataset.name!r}"):
     train_loader, eval_loader = setup.create_loaders(config, train_cache, eval_cache)
   num_train = setup.num_train_examples(config, info)
-  with setup.as_user_error(f"config.student.arch={config.student.arch!r} on "
-                      f"{info.image_size}x{info.image_size} {config.dataset.name} images"):
+  with setup.as_user_error(
+    f"config.student.arch={config.student.arch!r} on "
+    f"{info.image_size}x{info.image_size} {config.dataset.name} images"
+  ):
     run = run_lib.build_run(
-        config, mesh, teacher_module=teacher_module, teacher_variables=teacher_host_variables,
-        teacher_meta=teacher_meta, num_classes=info.num_classes, num_train_examples=num_train,
-        image_shape=(info.image_size, info.image_size, 3),
-        crd_train_labels=setup.crd_labels(config),
-        # With every teacher embedding cached the teacher never runs on device.
-        place_teacher=not (train_cache and eval_cache))
+      config,
+      mesh,
+      teacher_module=teacher_module,
+      teacher_variables=teacher_host_variables,
+      teacher_meta=teacher_meta,
+      num_classes=info.num_classes,
+      num_train_examples=num_train,
+      image_shape=(info.image_size, info.image_size, 3),
+      crd_train_labels=setup.crd_labels(config),
+      # With every teacher embedding cached the teacher never runs on device.
+      place_teacher=not (train_cache and eval_cache),
+    )
   num_steps = state_lib.total_train_steps(config, num_train)
   spe = state_lib.steps_per_epoch(config, num_train)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else spe
@@ -70,9 +83,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # grain's prefetch records each batch's iterator state with it, so a
   # checkpoint holds the position of the batches consumed, not prefetched.
-  batches = iter(grain.experimental.ThreadPrefetchIterDataset(
+  batches = iter(
+    grain.experimental.ThreadPrefetchIterDataset(
       train_loader.map(lambda local: state_lib.global_batch_from_local(mesh, local)),
-      prefetch_buffer_size=DEVICE_PREFETCH))
+      prefetch_buffer_size=DEVICE_PREFETCH,
+    )
+  )
   signature = config_lib.run_signature(config)
   checkpointing.check_workdir(workdir, signature, config.overwrite_workdir)
   setup.sync_processes("ega_jax workdir checked")
@@ -88,24 +104,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from clu import parameter_overview, periodic_actions
 
   report_progress = periodic_actions.ReportProgress(
-      num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps)
-  picture_batch = (state_lib.global_batch_from_local(mesh, next(iter(eval_loader)))
-                   if config.graph_pictures else None)
+    num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps
+  )
+  picture_batch = (
+    state_lib.global_batch_from_local(mesh, next(iter(eval_loader)))
+    if config.graph_pictures
+    else None
+  )
   step = int(jax.device_get(state.step))
   if step == 0:
     writer.write_hparams(setup.flat_hparams(config))
     if jax.process_index() == 0:
       parameter_overview.log_parameter_overview(
-          jax.device_get(state.student_params), msg="Student parameters")
-  logging.info("Training %s -> %s with %s on %s: %d steps (%d per epoch), global batch %d.",
-               config.teacher.arch, config.student.arch, config.distill.method,
-               config.dataset.name, num_steps, spe, config.batch_size)
+        jax.device_get(state.student_params), msg="Student parameters"
+      )
+  logging.info(
+    "Training %s -> %s with %s on %s: %d steps (%d per epoch), global batch %d.",
+    config.teacher.arch,
+    config.student.arch,
+    config.distill.method,
+    config.dataset.name,
+    num_steps,
+    spe,
+    config.batch_size,
+  )
 
   history, last_eval, preempted = [], {}, False
   with preemption_lib.PreemptionRequested() as preemption:
     while step < num_steps:
-      state, metrics = run.train_step(state, run.teacher_variables, next(batches),
-                                      run.crd_tables)
+      state, metrics = run.train_step(state, run.teacher_variables, next(batches), run.crd_tables)
       step += 1
       history.append(metrics)
       report_progress(step)
@@ -119,14 +146,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           last_eval = _evaluate(run, state, eval_loader)
         is_best = _record_eval(writer, config, meta, step, last_eval)
         if picture_batch is not None:
-          _write_graph_picture(writer, workdir, run, state, picture_batch, step,
-                               config.graph_picture_batch)
+          _write_graph_picture(
+            writer, workdir, run, state, picture_batch, step, config.graph_picture_batch
+          )
         eval_top1 = last_eval["eval/top1"]
         if is_best:
           checkpointing.save(manager, step, state, batches, dict(meta), eval_top1)
       preempted = preemption.requested(step, config.log_every_steps)
-      if (_due(step, checkpoint_every, num_steps) or preempted) and (
-          manager.latest_step() != step):
+      if (_due(step, checkpoint_every, num_steps) or preempted) and (manager.latest_step() != step):
         checkpointing.save(manager, step, state, batches, dict(meta), eval_top1)
       writer.flush()
       if preempted:
@@ -134,13 +161,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager.wait_until_finished()
 
   if preempted:
-    message = (f"Stopped by {preemption.signal_name or 'a peer process'} after step {step} of "
-               f"{num_steps}; checkpoint saved in {workdir / 'checkpoints'}. "
-               "Run the same command again to resume.")
+    message = (
+      f"Stopped by {preemption.signal_name or 'a peer process'} after step {step} of "
+      f"{num_steps}; checkpoint saved in {workdir / 'checkpoints'}. "
+      "Run the same command again to resume."
+    )
     logging.warning(message)
     writer.close()
-    return {"preempted": True, "steps": step, "message": message,
-            "wall_time_s": time.time() - start_time}
+    return {
+      "preempted": True,
+      "steps": step,
+      "message": message,
+      "wall_time_s": time.time() - start_time,
+    }
   if not last_eval:
     # Nothing left to train (a finished workdir): still report its accuracy.
     last_eval = _evaluate(run, state, eval_loader)
@@ -177,8 +210,15 @@ def _write_train_metrics(writer, config, run, state, step, num_steps, history) -
   scalars["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
   scalars["train/learning_rate"] = float(run.learning_rate(step - 1))
   writer.write_scalars(step, scalars)
-  logging.info("step %d/%d: loss %.4f ce %.4f distill %.4f top1 %.2f%%", step, num_steps,
-               summary["loss"], summary["ce"], summary["distill"], scalars["train/top1"])
+  logging.info(
+    "step %d/%d: loss %.4f ce %.4f distill %.4f top1 %.2f%%",
+    step,
+    num_steps,
+    summary["loss"],
+    summary["ce"],
+    summary["distill"],
+    scalars["train/top1"],
+  )
 
 
 def _stop_if_nonfinite(config, state, step, history, manager, workdir) -> None:
@@ -192,27 +232,29 @@ def _stop_if_nonfinite(config, state, step, history, manager, workdir) -> None:
   position = bad_step - 1 - (step - len(history))
   bad = jax.device_get(history[position] if 0 <= position < len(history) else history[-1])
   raise config_lib.NonFiniteError(
-      f"Non-finite loss or gradient at step {bad_step} (loss {float(bad['loss'])}, "
-      f"ce {float(bad['ce'])}, distill {float(bad['distill'])}, kd "
-      f"{float(bad['kd'])}); its update was not applied and training stopped. Last "
-      f"good checkpoint: step {manager.latest_step()} in {workdir / 'checkpoints'}.")
+    f"Non-finite loss or gradient at step {bad_step} (loss {float(bad['loss'])}, "
+    f"ce {float(bad['ce'])}, distill {float(bad['distill'])}, kd "
+    f"{float(bad['kd'])}); its update was not applied and training stopped. Last "
+    f"good checkpoint: step {manager.latest_step()} in {workdir / 'checkpoints'}."
+  )
 
 
 def _evaluate(run, state, eval_loader) -> dict[str, float]:
   """Runs the padded, masked evaluation over the whole eval split."""
   totals = None
   for local_batch in eval_loader:
-    sums = run.eval_step(state, run.teacher_variables,
-                         state_lib.global_batch_from_local(run.mesh, local_batch))
+    sums = run.eval_step(
+      state, run.teacher_variables, state_lib.global_batch_from_local(run.mesh, local_batch)
+    )
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = max(float(totals["count"]), 1.0)
   return {
-      "eval/top1": 100.0 * float(totals["top1"]) / count,
-      "eval/top5": 100.0 * float(totals["top5"]) / count,
-      "eval/teacher_top1": 100.0 * float(totals["teacher_top1"]) / count,
-      "eval/ce": float(totals["ce"]) / count,
-      "eval/count": count,
+    "eval/top1": 100.0 * float(totals["top1"]) / count,
+    "eval/top5": 100.0 * float(totals["top5"]) / count,
+    "eval/teacher_top1": 100.0 * float(totals["teacher_top1"]) / count,
+    "eval/ce": float(totals["ce"]) / count,
+    "eval/count": count,
   }
 
 
@@ -227,9 +269,14 @@ def _record_eval(writer, config, meta, step, last_eval) -> bool:
   if not config_lib.uses_teacher(config):
     del scalars["eval/teacher_top1"]
   writer.write_scalars(step, scalars)
-  logging.info("eval at step %d: top1 %.2f%% top5 %.2f%% teacher %.2f%% (best %.2f%%)",
-               step, last_eval["eval/top1"], last_eval["eval/top5"],
-               last_eval["eval/teacher_top1"], meta["best_top1"])
+  logging.info(
+    "eval at step %d: top1 %.2f%% top5 %.2f%% teacher %.2f%% (best %.2f%%)",
+    step,
+    last_eval["eval/top1"],
+    last_eval["eval/top5"],
+    last_eval["eval/teacher_top1"],
+    meta["best_top1"],
+  )
   return is_best
 
 
@@ -238,13 +285,19 @@ def _write_graph_picture(writer, workdir, run, state, picture_batch, step, num_r
   from ega_jax import viz
 
   teacher_emb, student_emb, labels = jax.device_get(
-      run.embed_step(state, run.teacher_variables, picture_batch))
+    run.embed_step(state, run.teacher_variables, picture_batch)
+  )
   teacher_emb, student_emb, labels = (
-      teacher_emb[:num_rows], student_emb[:num_rows], labels[:num_rows])
+    teacher_emb[:num_rows],
+    student_emb[:num_rows],
+    labels[:num_rows],
+  )
   teacher_graph, student_graph, node_matrix = jax.device_get(
-      losses.ega_graph_blocks(jnp.asarray(teacher_emb), jnp.asarray(student_emb)))
-  image = viz.plot_ega_graphs(teacher_graph, student_graph, node_matrix, labels, path=None,
-                              title=f"step {step}")
+    losses.ega_graph_blocks(jnp.asarray(teacher_emb), jnp.asarray(student_emb))
+  )
+  image = viz.plot_ega_graphs(
+    teacher_graph, student_graph, node_matrix, labels, path=None, title=f"step {step}"
+  )
   if jax.process_index() == 0:
     import matplotlib.image
 
@@ -256,12 +309,15 @@ def _write_graph_picture(writer, workdir, run, state, picture_batch, step, num_r
 
 def _summary(config, meta, last_eval, state, step, start_time) -> dict:
   return {
-      "best_top1": meta["best_top1"],
-      "best_step": meta["best_step"],
-      "last_top1": meta["last_top1"],
-      "teacher_top1": (last_eval.get("eval/teacher_top1", float("nan"))
-                       if config_lib.uses_teacher(config) else float("nan")),
-      "steps": step,
-      "skipped_steps": int(jax.device_get(state.skipped_steps)),
-      "wall_time_s": time.time() - start_time,
+    "best_top1": meta["best_top1"],
+    "best_step": meta["best_step"],
+    "last_top1": meta["last_top1"],
+    "teacher_top1": (
+      last_eval.get("eval/teacher_top1", float("nan"))
+      if config_lib.uses_teacher(config)
+      else float("nan")
+    ),
+    "steps": step,
+    "skipped_steps": int(jax.device_get(state.skipped_steps)),
+    "wall_time_s": time.time() - start_time,
   }

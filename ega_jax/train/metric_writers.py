@@ -66,7 +66,9 @@ def create_metric_writer(workdir):
 
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(str(workdir), just_logging=True)
-  return metric_writers.MultiWriter([
+  return metric_writers.MultiWriter(
+    [
       metric_writers.create_default_writer(str(workdir), asynchronous=False),
       JsonlWriter(workdir / "metrics.jsonl"),
-  ])
+    ]
+  )

@@ -47,10 +47,21 @@ class Run:
   embed_step: Callable
 
 
-def build_run(config, mesh: Mesh, *, teacher_module, teacher_variables, teacher_meta,
-              num_classes: int, num_train_examples: int, image_shape: tuple[int, int, int],
-              crd_train_labels: np.ndarray | None = None, place_teacher: bool = True,
-              donate_state: bool = True, init_rng: jax.Array | None = None) -> Run:
+def build_run(
+  config,
+  mesh: Mesh,
+  *,
+  teacher_module,
+  teacher_variables,
+  teacher_meta,
+  num_classes: int,
+  num_train_examples: int,
+  image_shape: tuple[int, int, int],
+  crd_train_labels: np.ndarray | None = None,
+  place_teacher: bool = True,
+  donate_state: bool = True,
+  init_rng: jax.Array | None = None,
+) -> Run:
   """Models, optimisers, the initial state on the mesh, CRD tables and the steps.
 
   Args:
@@ -70,8 +81,15 @@ def build_run(config, mesh: Mesh, *, teacher_module, teacher_variables, teacher_
   student_tx, teacher_head_tx = state_lib.create_optimizers(config, num_train_examples)
   seed_key = jax.random.PRNGKey(config.seed)
   host_state = state_lib.create_train_state(
-      config, models, teacher_variables, seed_key if init_rng is None else init_rng,
-      image_shape, num_train_examples, student_tx, teacher_head_tx)
+    config,
+    models,
+    teacher_variables,
+    seed_key if init_rng is None else init_rng,
+    image_shape,
+    num_train_examples,
+    student_tx,
+    teacher_head_tx,
+  )
   if init_rng is not None:
     host_state = host_state.replace(rng=seed_key)
   crd_tables = {}
@@ -80,24 +98,31 @@ def build_run(config, mesh: Mesh, *, teacher_module, teacher_variables, teacher_
       raise ValueError("build_run: distill.method='crd' needs crd_train_labels.")
     crd_tables = state_lib.replicate(losses.build_crd_class_tables(crd_train_labels), mesh)
   train_step, eval_step, embed_step = compile_steps(
-      mesh, models, config, student_tx, teacher_head_tx, donate_state=donate_state)
+    mesh, models, config, student_tx, teacher_head_tx, donate_state=donate_state
+  )
   return Run(
-      mesh=mesh,
-      models=models,
-      student_tx=student_tx,
-      teacher_head_tx=teacher_head_tx,
-      learning_rate=state_lib.student_learning_rate_schedule(config, num_train_examples),
-      state=state_lib.replicate(host_state, mesh),
-      teacher_variables=state_lib.replicate(teacher_variables if place_teacher else {}, mesh),
-      crd_tables=crd_tables,
-      train_step=train_step,
-      eval_step=eval_step,
-      embed_step=embed_step,
+    mesh=mesh,
+    models=models,
+    student_tx=student_tx,
+    teacher_head_tx=teacher_head_tx,
+    learning_rate=state_lib.student_learning_rate_schedule(config, num_train_examples),
+    state=state_lib.replicate(host_state, mesh),
+    teacher_variables=state_lib.replicate(teacher_variables if place_teacher else {}, mesh),
+    crd_tables=crd_tables,
+    train_step=train_step,
+    eval_step=eval_step,
+    embed_step=embed_step,
   )
 
 
-def compile_steps(mesh: Mesh, models: state_lib.DistillModels, config, student_tx, teacher_head_tx,
-                  donate_state: bool = True):
+def compile_steps(
+  mesh: Mesh,
+  models: state_lib.DistillModels,
+  config,
+  student_tx,
+  teacher_head_tx,
+  donate_state: bool = True,
+):
   """jit(shard_map(...)) versions of the steps over the 1-D data mesh.
 
   `donate_state=False` (the donation ablation only) keeps the input state's
@@ -106,18 +131,37 @@ def compile_steps(mesh: Mesh, models: state_lib.DistillModels, config, student_t
   replicated = P()
   sharded = P(state_lib.AXIS)
   train = functools.partial(
-      steps_lib.train_step, models=models, config=config, student_tx=student_tx,
-      teacher_head_tx=teacher_head_tx, hparams=config_lib.distill_hparams(config))
+    steps_lib.train_step,
+    models=models,
+    config=config,
+    student_tx=student_tx,
+    teacher_head_tx=teacher_head_tx,
+    hparams=config_lib.distill_hparams(config),
+  )
   train = jax.jit(
-      jax.shard_map(train, mesh=mesh,
-                    in_specs=(replicated, replicated, sharded, replicated),
-                    out_specs=(replicated, replicated)),
-      donate_argnums=(0,) if donate_state else ())
+    jax.shard_map(
+      train,
+      mesh=mesh,
+      in_specs=(replicated, replicated, sharded, replicated),
+      out_specs=(replicated, replicated),
+    ),
+    donate_argnums=(0,) if donate_state else (),
+  )
   with_teacher = config_lib.uses_teacher(config)
-  evaluate = jax.jit(jax.shard_map(
-      functools.partial(eval_steps.eval_step, models=models, with_teacher=with_teacher), mesh=mesh,
-      in_specs=(replicated, replicated, sharded), out_specs=replicated))
-  embed = jax.jit(jax.shard_map(
-      functools.partial(eval_steps.embedding_step, models=models), mesh=mesh,
-      in_specs=(replicated, replicated, sharded), out_specs=replicated))
+  evaluate = jax.jit(
+    jax.shard_map(
+      functools.partial(eval_steps.eval_step, models=models, with_teacher=with_teacher),
+      mesh=mesh,
+      in_specs=(replicated, replicated, sharded),
+      out_specs=replicated,
+    )
+  )
+  embed = jax.jit(
+    jax.shard_map(
+      functools.partial(eval_steps.embedding_step, models=models),
+      mesh=mesh,
+      in_specs=(replicated, replicated, sharded),
+      out_specs=replicated,
+    )
+  )
   return train, evaluate, embed

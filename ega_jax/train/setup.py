@@ -19,14 +19,16 @@ def load_teacher(config):
     module, variables, meta = models_lib.load_teacher(config.teacher.checkpoint)
   except (FileNotFoundError, ValueError, OSError) as error:
     raise config_lib.UserInputError(
-        f"config.teacher.checkpoint={config.teacher.checkpoint!r} cannot be loaded: "
-        f"{config_lib.one_line(error)}") from error
+      f"config.teacher.checkpoint={config.teacher.checkpoint!r} cannot be loaded: "
+      f"{config_lib.one_line(error)}"
+    ) from error
   if meta.get("arch") != config.teacher.arch:
     raise config_lib.ConfigError(
-        f"config.teacher.arch={config.teacher.arch!r} does not match "
-        f"{os.path.join(config.teacher.checkpoint, 'teacher.json')}, which holds "
-        f"arch {meta.get('arch')!r}; set config.teacher.arch to it or "
-        "convert the right checkpoint.")
+      f"config.teacher.arch={config.teacher.arch!r} does not match "
+      f"{os.path.join(config.teacher.checkpoint, 'teacher.json')}, which holds "
+      f"arch {meta.get('arch')!r}; set config.teacher.arch to it or "
+      "convert the right checkpoint."
+    )
   return module, variables, meta
 
 
@@ -46,15 +48,26 @@ def create_loaders(config, train_cache: str | None, eval_cache: str | None):
   their batches carry cached teacher embeddings."""
   process_index, process_count = jax.process_index(), jax.process_count()
   train_loader = data_lib.create_train_loader(
-      config.dataset.name, config.dataset.data_dir, global_batch_size=config.batch_size,
-      seed=config.seed, process_index=process_index, process_count=process_count,
-      teacher_view=config.teacher_view, worker_count=config.dataset.worker_count,
-      max_examples=config.dataset.max_train_examples, teacher_cache_dir=train_cache)
+    config.dataset.name,
+    config.dataset.data_dir,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    process_index=process_index,
+    process_count=process_count,
+    teacher_view=config.teacher_view,
+    worker_count=config.dataset.worker_count,
+    max_examples=config.dataset.max_train_examples,
+    teacher_cache_dir=train_cache,
+  )
   eval_loader = data_lib.create_eval_loader(
-      config.dataset.name, config.dataset.data_dir,
-      global_batch_size=config.eval_batch_size, process_index=process_index,
-      process_count=process_count, max_examples=config.dataset.max_eval_examples,
-      teacher_cache_dir=eval_cache)
+    config.dataset.name,
+    config.dataset.data_dir,
+    global_batch_size=config.eval_batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    max_examples=config.dataset.max_eval_examples,
+    teacher_cache_dir=eval_cache,
+  )
   return train_loader, eval_loader
 
 
@@ -67,8 +80,9 @@ def num_train_examples(config, info) -> int:
 def crd_labels(config):
   if config.distill.method != "crd":
     return None
-  return data_lib.train_labels(config.dataset.name, config.dataset.data_dir,
-                               config.dataset.max_train_examples)
+  return data_lib.train_labels(
+    config.dataset.name, config.dataset.data_dir, config.dataset.max_train_examples
+  )
 
 
 def teacher_cache_splits(config, teacher_meta) -> tuple[str | None, str | None]:
@@ -86,22 +100,30 @@ def teacher_cache_splits(config, teacher_meta) -> tuple[str | None, str | None]:
   try:
     manifest = teacher_cache.read_manifest(directory)
     teacher_cache.check_matches(
-        manifest, directory=directory, teacher_meta=teacher_meta,
-        dataset=config.dataset.name,
-        padding=augment.crop_padding(data_lib.get_dataset_info(config.dataset.name).image_size))
+      manifest,
+      directory=directory,
+      teacher_meta=teacher_meta,
+      dataset=config.dataset.name,
+      padding=augment.crop_padding(data_lib.get_dataset_info(config.dataset.name).image_size),
+    )
   except (FileNotFoundError, ValueError) as error:
     raise config_lib.ConfigError(
-        f"config.teacher.cache={directory!r}: {config_lib.one_line(error)}") from error
+      f"config.teacher.cache={directory!r}: {config_lib.one_line(error)}"
+    ) from error
   splits = manifest.get("splits", {})
   if not splits.get("train", {}).get("complete"):
     raise config_lib.ConfigError(
-        f"config.teacher.cache={directory!r} has no complete train split; run "
-        "python -m launch.cache_teacher again to finish it.")
+      f"config.teacher.cache={directory!r} has no complete train split; run "
+      "python -m launch.cache_teacher again to finish it."
+    )
   eval_cache = directory if splits.get("eval", {}).get("complete") else None
-  logging.info("Teacher embeddings for training from the cache %s (%d views per image%s); "
-               "evaluation uses %s.", directory, splits["train"]["num_views"],
-               ", all of them" if splits["train"]["all_views"] else "",
-               "its centre views" if eval_cache else "the live teacher")
+  logging.info(
+    "Teacher embeddings for training from the cache %s (%d views per image%s); evaluation uses %s.",
+    directory,
+    splits["train"]["num_views"],
+    ", all of them" if splits["train"]["all_views"] else "",
+    "its centre views" if eval_cache else "the live teacher",
+  )
   return directory, eval_cache
 
 

@@ -69,24 +69,25 @@ def build_models(config, teacher_module, teacher_meta, num_classes: int) -> Dist
   dtype = config_lib.DTYPES[config.dtype]
   info = data_lib.get_dataset_info(config.dataset.name)
   student = models_lib.create_student(
-      config.student.arch, num_classes, bn_axis_name=AXIS, dtype=dtype)
+    config.student.arch, num_classes, bn_axis_name=AXIS, dtype=dtype
+  )
   if dtype != jnp.float32 and hasattr(teacher_module, "dtype"):
     teacher_module = teacher_module.clone(dtype=dtype)
   crd_projection = None
   if config.distill.method == "crd":
     crd_projection = heads.ContrastiveProjection(config.distill.crd_feature_dim, dtype=dtype)
   return DistillModels(
-      student=student,
-      student_head=heads.EmbeddingClassifierHead(config.feature_dim, num_classes, dtype=dtype),
-      teacher=teacher_module,
-      teacher_head=heads.EmbeddingClassifierHead(config.feature_dim, num_classes, dtype=dtype),
-      crd_projection=crd_projection,
-      teacher_image_size=int(teacher_meta["image_size"]),
-      teacher_mean=tuple(float(v) for v in teacher_meta["mean"]),
-      teacher_std=tuple(float(v) for v in teacher_meta["std"]),
-      data_mean=tuple(info.mean),
-      data_std=tuple(info.std),
-      dtype=dtype,
+    student=student,
+    student_head=heads.EmbeddingClassifierHead(config.feature_dim, num_classes, dtype=dtype),
+    teacher=teacher_module,
+    teacher_head=heads.EmbeddingClassifierHead(config.feature_dim, num_classes, dtype=dtype),
+    crd_projection=crd_projection,
+    teacher_image_size=int(teacher_meta["image_size"]),
+    teacher_mean=tuple(float(v) for v in teacher_meta["mean"]),
+    teacher_std=tuple(float(v) for v in teacher_meta["std"]),
+    data_mean=tuple(info.mean),
+    data_std=tuple(info.std),
+    dtype=dtype,
   )
 
 
@@ -121,20 +122,22 @@ def student_learning_rate_schedule(config, num_train_examples: int) -> optax.Sch
 def sgd_with_weight_decay(learning_rate, momentum: float, weight_decay: float):
   """PyTorch's SGD: g += wd * p; buf = momentum * buf + g; p -= lr * buf."""
   return optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      optax.sgd(learning_rate, momentum=momentum),
+    optax.add_decayed_weights(weight_decay),
+    optax.sgd(learning_rate, momentum=momentum),
   )
 
 
 def create_optimizers(config, num_train_examples: int):
   """(student optimiser, teacher-head optimiser)."""
   student_tx = sgd_with_weight_decay(
-      student_learning_rate_schedule(config, num_train_examples),
-      config.momentum, config.weight_decay)
+    student_learning_rate_schedule(config, num_train_examples), config.momentum, config.weight_decay
+  )
   # The teacher head's learning rate is never decayed (as released).
   teacher_head_tx = sgd_with_weight_decay(
-      config.teacher_head_learning_rate, config.teacher_head_momentum,
-      config.teacher_head_weight_decay)
+    config.teacher_head_learning_rate,
+    config.teacher_head_momentum,
+    config.teacher_head_weight_decay,
+  )
   return student_tx, teacher_head_tx
 
 
@@ -142,9 +145,16 @@ def create_optimizers(config, num_train_examples: int):
 # Initialisation.
 
 
-def init_train_state(config, models: DistillModels, teacher_variables, rng,
-                     image_shape, num_train_examples: int, student_tx, teacher_head_tx
-                     ) -> TrainState:
+def init_train_state(
+  config,
+  models: DistillModels,
+  teacher_variables,
+  rng,
+  image_shape,
+  num_train_examples: int,
+  student_tx,
+  teacher_head_tx,
+) -> TrainState:
   """Initialises the student, the heads, both optimisers and the CRD memory.
 
   Args:
@@ -159,16 +169,21 @@ def init_train_state(config, models: DistillModels, teacher_variables, rng,
   student_no_axis = models.student.clone(bn_axis_name=None)
   student_variables = student_no_axis.init(init_rng, dummy, train=False)
   _, student_features = jax.eval_shape(
-      lambda v, x: student_no_axis.apply(v, x, train=False), student_variables, dummy)
+    lambda v, x: student_no_axis.apply(v, x, train=False), student_variables, dummy
+  )
   head_params = models.student_head.init(
-      head_rng, jnp.zeros(student_features["penultimate"].shape, jnp.float32))["params"]
+    head_rng, jnp.zeros(student_features["penultimate"].shape, jnp.float32)
+  )["params"]
 
-  teacher_dummy = jnp.zeros((1, models.teacher_image_size, models.teacher_image_size, 3),
-                            jnp.float32)
+  teacher_dummy = jnp.zeros(
+    (1, models.teacher_image_size, models.teacher_image_size, 3), jnp.float32
+  )
   teacher_feature = jax.eval_shape(
-      lambda v, x: models.teacher.apply(v, x), teacher_variables, teacher_dummy)
+    lambda v, x: models.teacher.apply(v, x), teacher_variables, teacher_dummy
+  )
   teacher_head_params = models.teacher_head.init(
-      teacher_head_rng, jnp.zeros(teacher_feature.shape, jnp.float32))["params"]
+    teacher_head_rng, jnp.zeros(teacher_feature.shape, jnp.float32)
+  )["params"]
 
   student_params = {"backbone": student_variables["params"], "head": head_params}
   crd_memory = {}
@@ -177,32 +192,47 @@ def init_train_state(config, models: DistillModels, teacher_variables, rng,
     embedding = jnp.zeros((1, config.feature_dim), jnp.float32)
     student_params["crd_student"] = models.crd_projection.init(s_rng, embedding)["params"]
     student_params["crd_teacher"] = models.crd_projection.init(t_rng, embedding)["params"]
-    crd_memory = losses.init_crd_memory(
-        mem_rng, num_train_examples, config.distill.crd_feature_dim)
+    crd_memory = losses.init_crd_memory(mem_rng, num_train_examples, config.distill.crd_feature_dim)
 
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      student_params=student_params,
-      student_batch_stats=student_variables.get("batch_stats", {}),
-      student_opt_state=student_tx.init(student_params),
-      teacher_head_params=teacher_head_params,
-      teacher_head_opt_state=teacher_head_tx.init(teacher_head_params),
-      crd_memory=crd_memory,
-      rng=state_rng,
-      skipped_steps=jnp.zeros((), jnp.int32),
-      first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    step=jnp.zeros((), jnp.int32),
+    student_params=student_params,
+    student_batch_stats=student_variables.get("batch_stats", {}),
+    student_opt_state=student_tx.init(student_params),
+    teacher_head_params=teacher_head_params,
+    teacher_head_opt_state=teacher_head_tx.init(teacher_head_params),
+    crd_memory=crd_memory,
+    rng=state_rng,
+    skipped_steps=jnp.zeros((), jnp.int32),
+    first_nonfinite_step=jnp.full((), -1, jnp.int32),
   )
 
 
-def create_train_state(config, models: DistillModels, teacher_variables, rng, image_shape,
-                       num_train_examples: int, student_tx, teacher_head_tx) -> TrainState:
+def create_train_state(
+  config,
+  models: DistillModels,
+  teacher_variables,
+  rng,
+  image_shape,
+  num_train_examples: int,
+  student_tx,
+  teacher_head_tx,
+) -> TrainState:
   """`init_train_state` compiled as one program (op by op it took ~15 s on a
   2-core CPU); the teacher's variables only lend their shapes."""
-  teacher_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                teacher_variables)
-  return jax.jit(lambda key: init_train_state(
-      config, models, teacher_shapes, key, image_shape, num_train_examples, student_tx,
-      teacher_head_tx))(rng)
+  teacher_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), teacher_variables)
+  return jax.jit(
+    lambda key: init_train_state(
+      config,
+      models,
+      teacher_shapes,
+      key,
+      image_shape,
+      num_train_examples,
+      student_tx,
+      teacher_head_tx,
+    )
+  )(rng)
 
 
 # ---------------------------------------------------------------------------
@@ -228,5 +258,7 @@ def replicate(tree, mesh: Mesh):
 def global_batch_from_local(mesh: Mesh, local_batch) -> dict[str, jax.Array]:
   """This process's rows -> global arrays sharded over the data axis."""
   sharding = NamedSharding(mesh, P(AXIS))
-  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for key, value in local_batch.items()}
+  return {
+    key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    for key, value in local_batch.items()
+  }

@@ -37,7 +37,8 @@ def cross_entropy_sum(logits, labels, mask=None):
   # At least float32 (bfloat16 logits are promoted); float64 stays float64 so
   # the float64 parity tests are not cut to float32 here.
   per_example = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), labels)
+    logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), labels
+  )
   if mask is not None:
     per_example = per_example * mask
   return jnp.sum(per_example)
@@ -54,15 +55,24 @@ def all_gather(x):
 
 
 def _tree_all_finite(tree) -> jnp.ndarray:
-  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
-            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(leaf))
+    for leaf in jax.tree.leaves(tree)
+    if jnp.issubdtype(leaf.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def live_teacher_embedding(models: DistillModels, variables, images_uint8) -> jnp.ndarray:
   return preprocess.teacher_embedding(
-      models.teacher, variables, images_uint8, models.teacher_image_size,
-      models.teacher_mean, models.teacher_std, models.dtype)
+    models.teacher,
+    variables,
+    images_uint8,
+    models.teacher_image_size,
+    models.teacher_mean,
+    models.teacher_std,
+    models.dtype,
+  )
 
 
 def _teacher_feature(models: DistillModels, config, teacher_variables, batch) -> jnp.ndarray:
@@ -73,8 +83,18 @@ def _teacher_feature(models: DistillModels, config, teacher_variables, batch) ->
   return jax.lax.stop_gradient(live_teacher_embedding(models, teacher_variables, source))
 
 
-def _distillation_term(models: DistillModels, config, hparams, state: TrainState,
-                       student_params, batch, crd_tables, global_labels, embeddings, step_rng):
+def _distillation_term(
+  models: DistillModels,
+  config,
+  hparams,
+  state: TrainState,
+  student_params,
+  batch,
+  crd_tables,
+  global_labels,
+  embeddings,
+  step_rng,
+):
   """L_distill on the global batch and the new CRD memory.
 
   Args:
@@ -87,38 +107,67 @@ def _distillation_term(models: DistillModels, config, hparams, state: TrainState
     return jnp.zeros((), jnp.float32), state.crd_memory
   if method == "crd":
     student_proj = models.crd_projection.apply(
-        {"params": student_params["crd_student"]}, embeddings["student_emb"])
+      {"params": student_params["crd_student"]}, embeddings["student_emb"]
+    )
     teacher_proj = models.crd_projection.apply(
-        {"params": student_params["crd_teacher"]}, embeddings["teacher_emb"])
+      {"params": student_params["crd_teacher"]}, embeddings["teacher_emb"]
+    )
     global_indices = all_gather(batch["index"])
     contrast_indices = losses.sample_crd_negatives(
-        jax.random.fold_in(step_rng, 1), global_labels, global_indices,
-        crd_tables, config.distill.crd_num_negatives)
+      jax.random.fold_in(step_rng, 1),
+      global_labels,
+      global_indices,
+      crd_tables,
+      config.distill.crd_num_negatives,
+    )
     return losses.crd_loss(
-        all_gather(student_proj.astype(jnp.float32)),
-        all_gather(teacher_proj.astype(jnp.float32)),
-        global_indices, contrast_indices, state.crd_memory,
-        temperature=config.distill.crd_temperature, momentum=config.distill.crd_momentum)
+      all_gather(student_proj.astype(jnp.float32)),
+      all_gather(teacher_proj.astype(jnp.float32)),
+      global_indices,
+      contrast_indices,
+      state.crd_memory,
+      temperature=config.distill.crd_temperature,
+      momentum=config.distill.crd_momentum,
+    )
   distill = losses.distill_loss(
-      method, student_emb=embeddings["global_student_emb"],
-      teacher_emb=embeddings["global_teacher_emb"], labels=global_labels,
-      student_logits=embeddings["global_student_logits"],
-      teacher_logits=embeddings["global_teacher_logits"], hparams=hparams)
+    method,
+    student_emb=embeddings["global_student_emb"],
+    teacher_emb=embeddings["global_teacher_emb"],
+    labels=global_labels,
+    student_logits=embeddings["global_student_logits"],
+    teacher_logits=embeddings["global_teacher_logits"],
+    hparams=hparams,
+  )
   return distill, state.crd_memory
 
 
-def _objective(student_params, teacher_head_params, *, state: TrainState, models: DistillModels,
-               config, hparams, batch, crd_tables, teacher_feature, step_rng):
+def _objective(
+  student_params,
+  teacher_head_params,
+  *,
+  state: TrainState,
+  models: DistillModels,
+  config,
+  hparams,
+  batch,
+  crd_tables,
+  teacher_feature,
+  step_rng,
+):
   """This device's share of the total loss, and what the step needs besides it."""
   labels = batch["label"]
   global_labels = all_gather(labels)
   global_batch = global_labels.shape[0]
   student_images = preprocess.normalize_images(batch["image"], models.data_mean, models.data_std)
   (_, student_features), new_model_state = models.student.apply(
-      {"params": student_params["backbone"], "batch_stats": state.student_batch_stats},
-      student_images.astype(models.dtype), train=True, mutable=["batch_stats"])
+    {"params": student_params["backbone"], "batch_stats": state.student_batch_stats},
+    student_images.astype(models.dtype),
+    train=True,
+    mutable=["batch_stats"],
+  )
   student_emb, student_logits = models.student_head.apply(
-      {"params": student_params["head"]}, student_features["penultimate"])
+    {"params": student_params["head"]}, student_features["penultimate"]
+  )
   # Losses run in float32 whatever the computation dtype (bfloat16 included);
   # the float64 test worker keeps float64.
   loss_dtype = jnp.promote_types(models.dtype, jnp.float32)
@@ -129,11 +178,16 @@ def _objective(student_params, teacher_head_params, *, state: TrainState, models
   ce_student = cross_entropy_sum(student_logits, labels) / global_batch
   ce_teacher = jnp.zeros((), jnp.float32)
   teacher_correct = jnp.zeros((), jnp.float32)
-  embeddings = {"student_emb": student_emb, "teacher_emb": None, "global_teacher_emb": None,
-                "global_teacher_logits": None}
+  embeddings = {
+    "student_emb": student_emb,
+    "teacher_emb": None,
+    "global_teacher_emb": None,
+    "global_teacher_logits": None,
+  }
   if teacher_feature is not None:
     teacher_emb, teacher_logits = models.teacher_head.apply(
-        {"params": teacher_head_params}, teacher_feature)
+      {"params": teacher_head_params}, teacher_feature
+    )
     teacher_emb = teacher_emb.astype(loss_dtype)
     teacher_logits = teacher_logits.astype(loss_dtype)
     ce_teacher = cross_entropy_sum(teacher_logits, labels) / global_batch
@@ -150,25 +204,35 @@ def _objective(student_params, teacher_head_params, *, state: TrainState, models
   d = config.distill
   kd = jnp.zeros((), jnp.float32)
   if d.alpha:
-    kd = losses.kd_loss(embeddings["global_student_logits"],
-                        embeddings["global_teacher_logits"], d.kd_temperature)
+    kd = losses.kd_loss(
+      embeddings["global_student_logits"], embeddings["global_teacher_logits"], d.kd_temperature
+    )
   distill, new_crd_memory = _distillation_term(
-      models, config, hparams, state, student_params, batch, crd_tables, global_labels,
-      embeddings, step_rng)
+    models,
+    config,
+    hparams,
+    state,
+    student_params,
+    batch,
+    crd_tables,
+    global_labels,
+    embeddings,
+    step_rng,
+  )
   if config.debug_nan_at_step > 0:
     # Fault injection for tests of the non-finite guard.
     distill = distill * jnp.where(state.step + 1 == config.debug_nan_at_step, jnp.nan, 1.0)
   global_terms = d.alpha * kd + d.beta * distill
   total = d.gamma * ce_student + global_terms / jax.lax.axis_size(AXIS) + ce_teacher
   aux = {
-      "batch_stats": new_model_state["batch_stats"],
-      "crd_memory": new_crd_memory,
-      "ce": ce_student,
-      "teacher_ce": ce_teacher,
-      "kd": kd,
-      "distill": distill,
-      "correct": jnp.sum(correct_topk(student_logits, labels, 1)),
-      "teacher_correct": teacher_correct,
+    "batch_stats": new_model_state["batch_stats"],
+    "crd_memory": new_crd_memory,
+    "ce": ce_student,
+    "teacher_ce": ce_teacher,
+    "kd": kd,
+    "distill": distill,
+    "correct": jnp.sum(correct_topk(student_logits, labels, 1)),
+    "teacher_correct": teacher_correct,
   }
   return total, aux
 
@@ -177,17 +241,26 @@ def _keep_old_unless_finite(finite, candidate: TrainState, state: TrainState) ->
   """The candidate state where the step was finite, else the old one, plus the counters."""
   guarded = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
   return guarded.replace(
-      step=state.step + 1,
-      skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
-      first_nonfinite_step=jnp.where(
-          (state.first_nonfinite_step < 0) & ~finite, state.step + 1,
-          state.first_nonfinite_step).astype(jnp.int32),
+    step=state.step + 1,
+    skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
+    first_nonfinite_step=jnp.where(
+      (state.first_nonfinite_step < 0) & ~finite, state.step + 1, state.first_nonfinite_step
+    ).astype(jnp.int32),
   )
 
 
-def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
-               models: DistillModels, config, student_tx, teacher_head_tx,
-               hparams: Mapping[str, float]):
+def train_step(
+  state: TrainState,
+  teacher_variables,
+  batch,
+  crd_tables,
+  *,
+  models: DistillModels,
+  config,
+  student_tx,
+  teacher_head_tx,
+  hparams: Mapping[str, float],
+):
   """One SGD step on this device's slice of the global batch.
 
   Args:
@@ -205,12 +278,20 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
   # Cross-entropy alone needs no teacher: neither its forward pass nor its
   # head runs (the head stays as initialised and its accuracy is not reported).
   with_teacher = config_lib.uses_teacher(config)
-  teacher_feature = (_teacher_feature(models, config, teacher_variables, batch)
-                     if with_teacher else None)
+  teacher_feature = (
+    _teacher_feature(models, config, teacher_variables, batch) if with_teacher else None
+  )
   objective = functools.partial(
-      _objective, state=state, models=models, config=config, hparams=hparams,
-      batch=batch, crd_tables=crd_tables, teacher_feature=teacher_feature,
-      step_rng=jax.random.fold_in(state.rng, state.step))
+    _objective,
+    state=state,
+    models=models,
+    config=config,
+    hparams=hparams,
+    batch=batch,
+    crd_tables=crd_tables,
+    teacher_feature=teacher_feature,
+    step_rng=jax.random.fold_in(state.rng, state.step),
+  )
   grad_fn = jax.grad(objective, argnums=(0, 1) if with_teacher else 0, has_aux=True)
   grads, aux = grad_fn(state.student_params, state.teacher_head_params)
   student_grads, teacher_head_grads = grads if with_teacher else (grads, ())
@@ -225,30 +306,37 @@ def train_step(state: TrainState, teacher_variables, batch, crd_tables, *,
   loss = d.gamma * ce + d.alpha * kd + d.beta * distill
 
   student_updates, new_student_opt = student_tx.update(
-      student_grads, state.student_opt_state, state.student_params)
+    student_grads, state.student_opt_state, state.student_params
+  )
   candidate = state.replace(
-      student_params=optax.apply_updates(state.student_params, student_updates),
-      student_opt_state=new_student_opt,
-      student_batch_stats=jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), aux["batch_stats"]),
-      crd_memory=jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), aux["crd_memory"]))
+    student_params=optax.apply_updates(state.student_params, student_updates),
+    student_opt_state=new_student_opt,
+    student_batch_stats=jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), aux["batch_stats"]),
+    crd_memory=jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), aux["crd_memory"]),
+  )
   if with_teacher:
     teacher_updates, new_teacher_opt = teacher_head_tx.update(
-        teacher_head_grads, state.teacher_head_opt_state, state.teacher_head_params)
+      teacher_head_grads, state.teacher_head_opt_state, state.teacher_head_params
+    )
     candidate = candidate.replace(
-        teacher_head_params=optax.apply_updates(state.teacher_head_params, teacher_updates),
-        teacher_head_opt_state=new_teacher_opt)
+      teacher_head_params=optax.apply_updates(state.teacher_head_params, teacher_updates),
+      teacher_head_opt_state=new_teacher_opt,
+    )
 
-  finite = jnp.isfinite(loss) & jnp.isfinite(teacher_ce) & _tree_all_finite(
-      (student_grads, teacher_head_grads))
+  finite = (
+    jnp.isfinite(loss)
+    & jnp.isfinite(teacher_ce)
+    & _tree_all_finite((student_grads, teacher_head_grads))
+  )
   global_batch = batch["label"].shape[0] * jax.lax.axis_size(AXIS)
   metrics = {
-      "loss": loss,
-      "ce": ce,
-      "distill": distill,
-      "kd": kd,
-      "teacher_ce": teacher_ce,
-      "top1": jax.lax.psum(aux["correct"], AXIS) / global_batch,
-      "teacher_top1": jax.lax.psum(aux["teacher_correct"], AXIS) / global_batch,
-      "finite": finite.astype(jnp.float32),
+    "loss": loss,
+    "ce": ce,
+    "distill": distill,
+    "kd": kd,
+    "teacher_ce": teacher_ce,
+    "top1": jax.lax.psum(aux["correct"], AXIS) / global_batch,
+    "teacher_top1": jax.lax.psum(aux["teacher_correct"], AXIS) / global_batch,
+    "finite": finite.astype(jnp.float32),
   }
   return _keep_old_unless_finite(finite, candidate, state), metrics

@@ -40,8 +40,13 @@ DATASET = "cifar100"  # 32x32 like the released CIFAR-100 pipeline
 FEATURE_DIM = 32
 TEACHER_ARCH = "resnet18"  # only lends its embedding width (512): features come in the batch
 # Flax leaf name -> PyTorch parameter/buffer name.
-LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias",
-              "mean": "running_mean", "var": "running_var"}
+LEAF_NAMES = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
 # ega_jax's head modules -> the released StudNet/TeacNet attribute names.
 HEAD_NAMES = {"embed": "fit_dim_Net", "classifier": "cl_Net"}
 
@@ -110,30 +115,39 @@ def build_case_run(arch: str, alpha: float, num_classes: int, batch_size: int, i
   teacher = models_lib.create_teacher(TEACHER_ARCH)
   # Only the shapes are used: the teacher never runs with 'teacher_feature' in the batch.
   teacher_shapes = jax.eval_shape(
-      lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32)))
+    lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+  )
   meta = {"image_size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
   # The drawn weights are all replaced; 'unsafe_rbg' initialisers compile
   # several times faster on CPU than threefry's.
   return config, run_lib.build_run(
-      config, state_lib.data_mesh(jax.devices()[:1]), teacher_module=teacher,
-      teacher_variables=teacher_shapes, teacher_meta=meta, num_classes=num_classes,
-      num_train_examples=50_000, image_shape=image_shape, place_teacher=False,
-      init_rng=jax.random.key(0, impl="unsafe_rbg"))
+    config,
+    state_lib.data_mesh(jax.devices()[:1]),
+    teacher_module=teacher,
+    teacher_variables=teacher_shapes,
+    teacher_meta=meta,
+    num_classes=num_classes,
+    num_train_examples=50_000,
+    image_shape=image_shape,
+    place_teacher=False,
+    init_rng=jax.random.key(0, impl="unsafe_rbg"),
+  )
 
 
 def run_case(case_path: str, out_path: str) -> None:
   case = dict(np.load(case_path))
   images, labels, features = case["image"], case["label"], case["teacher_feature"]
   num_steps, batch_size = labels.shape
-  weights = {key[len("init/"):]: value for key, value in case.items() if key.startswith("init/")}
-  config, run = build_case_run(str(case["arch"]), float(case["alpha"]), int(case["num_classes"]),
-                               batch_size, images.shape[2:])
+  weights = {key[len("init/") :]: value for key, value in case.items() if key.startswith("init/")}
+  config, run = build_case_run(
+    str(case["arch"]), float(case["alpha"]), int(case["num_classes"]), batch_size, images.shape[2:]
+  )
 
   used = set()
   host_state = jax.device_get(run.state)
   student_params = {
-      "backbone": load_tree(host_state.student_params["backbone"], "student", weights, used),
-      "head": load_tree(host_state.student_params["head"], "student_head", weights, used),
+    "backbone": load_tree(host_state.student_params["backbone"], "student", weights, used),
+    "head": load_tree(host_state.student_params["head"], "student_head", weights, used),
   }
   teacher_head_params = load_tree(host_state.teacher_head_params, "teacher_head", weights, used)
   batch_stats = load_tree(host_state.student_batch_stats, "student", weights, used)
@@ -143,22 +157,27 @@ def run_case(case_path: str, out_path: str) -> None:
   # Fresh optimiser states of the float64 parameters: zero momentum, as torch's
   # SGD before its first step.
   state = host_state.replace(
-      student_params=student_params,
-      student_batch_stats=batch_stats,
-      student_opt_state=run.student_tx.init(student_params),
-      teacher_head_params=teacher_head_params,
-      teacher_head_opt_state=run.teacher_head_tx.init(teacher_head_params))
+    student_params=student_params,
+    student_batch_stats=batch_stats,
+    student_opt_state=run.student_tx.init(student_params),
+    teacher_head_params=teacher_head_params,
+    teacher_head_opt_state=run.teacher_head_tx.init(teacher_head_params),
+  )
   state = state_lib.replicate(state, run.mesh)
 
   info = data_lib.get_dataset_info(config.dataset.name)
   normalize = jax.jit(lambda x: preprocess.normalize_images(x, info.mean, info.std))
   metrics, normalized = [], []
   for step in range(num_steps):
-    batch = {"image": images[step], "label": labels[step].astype(np.int32),
-             "index": np.arange(batch_size, dtype=np.int32),
-             "teacher_feature": features[step]}
+    batch = {
+      "image": images[step],
+      "label": labels[step].astype(np.int32),
+      "index": np.arange(batch_size, dtype=np.int32),
+      "teacher_feature": features[step],
+    }
     state, step_metrics = run.train_step(
-        state, {}, state_lib.global_batch_from_local(run.mesh, batch), run.crd_tables)
+      state, {}, state_lib.global_batch_from_local(run.mesh, batch), run.crd_tables
+    )
     metrics.append(jax.device_get(step_metrics))
     normalized.append(np.asarray(normalize(images[step])))
 

@@ -12,7 +12,11 @@ import os
 import sys
 
 NUM_DEVICES, METHODS, STEPS, OUT_PREFIX = (
-    int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4])
+  int(sys.argv[1]),
+  sys.argv[2].split(","),
+  int(sys.argv[3]),
+  sys.argv[4],
+)
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
 
 import jax  # noqa: E402
@@ -72,27 +76,39 @@ def run(METHOD, OUT):
   rng = np.random.RandomState(0)
   train_labels = rng.randint(0, NUM_CLASSES, size=NUM_TRAIN).astype(np.int32)
   run = run_lib.build_run(
-      config, mesh, teacher_module=teacher, teacher_variables=teacher_variables,
-      teacher_meta=meta, num_classes=NUM_CLASSES, num_train_examples=NUM_TRAIN,
-      image_shape=(28, 28, 3), crd_train_labels=train_labels)
+    config,
+    mesh,
+    teacher_module=teacher,
+    teacher_variables=teacher_variables,
+    teacher_meta=meta,
+    num_classes=NUM_CLASSES,
+    num_train_examples=NUM_TRAIN,
+    image_shape=(28, 28, 3),
+    crd_train_labels=train_labels,
+  )
   state, teacher_variables, crd_tables = run.state, run.teacher_variables, run.crd_tables
 
   results = {}
   for step in range(STEPS):
     index = rng.choice(NUM_TRAIN, GLOBAL_BATCH, replace=False).astype(np.int32)
     batch = {
-        "image": distinct_images(rng),
-        "teacher_image": distinct_images(rng),
-        "label": train_labels[index],
-        "index": index,
+      "image": distinct_images(rng),
+      "teacher_image": distinct_images(rng),
+      "label": train_labels[index],
+      "index": index,
     }
     state, metrics = run.train_step(
-        state, teacher_variables, state_lib.global_batch_from_local(mesh, batch), crd_tables)
+      state, teacher_variables, state_lib.global_batch_from_local(mesh, batch), crd_tables
+    )
     for key, value in jax.device_get(metrics).items():
       results[f"metric/{step}/{key}"] = np.asarray(value)
-  final = jax.device_get({"student": state.student_params,
-                          "batch_stats": state.student_batch_stats,
-                          "teacher_head": state.teacher_head_params})
+  final = jax.device_get(
+    {
+      "student": state.student_params,
+      "batch_stats": state.student_batch_stats,
+      "teacher_head": state.teacher_head_params,
+    }
+  )
   for path, leaf in jax.tree_util.tree_leaves_with_path(final):
     results["param/" + jax.tree_util.keystr(path)] = np.asarray(leaf)
   np.savez(OUT, **results)

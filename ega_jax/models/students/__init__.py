@@ -40,27 +40,30 @@ _CIFAR_RESNET_X4_WIDTHS = (32, 64, 128, 256)
 # name -> (constructor taking num_classes, bn_axis_name and dtype,
 #          width of features['penultimate'])
 _STUDENTS: dict[str, tuple[Callable[..., nn.Module], int]] = {
-    **{
-        f'resnet{depth}': (functools.partial(
-            CifarResNet, depth=depth, stage_widths=_CIFAR_RESNET_WIDTHS), 64)
-        for depth in (8, 14, 20, 32, 44, 56, 110)
-    },
-    'resnet8x4': (functools.partial(
-        CifarResNet, depth=8, stage_widths=_CIFAR_RESNET_X4_WIDTHS), 256),
-    'resnet32x4': (functools.partial(
-        CifarResNet, depth=32, stage_widths=_CIFAR_RESNET_X4_WIDTHS), 256),
-    'ResNet50': (ResNet50, 2048),
-    'wrn_16_1': (functools.partial(WideResNet, depth=16, widen_factor=1), 64),
-    'wrn_16_2': (functools.partial(WideResNet, depth=16, widen_factor=2), 128),
-    'wrn_40_1': (functools.partial(WideResNet, depth=40, widen_factor=1), 64),
-    'wrn_40_2': (functools.partial(WideResNet, depth=40, widen_factor=2), 128),
-    **{
-        name: (functools.partial(VGG, block_widths=block_widths), 512)
-        for name, block_widths in VGG_BLOCK_WIDTHS.items()
-    },
-    'MobileNetV2': (MobileNetV2, 1280),
-    'ShuffleV1': (ShuffleNetV1, 960),
-    'ShuffleV2': (ShuffleNetV2, 1024),
+  **{
+    f"resnet{depth}": (
+      functools.partial(CifarResNet, depth=depth, stage_widths=_CIFAR_RESNET_WIDTHS),
+      64,
+    )
+    for depth in (8, 14, 20, 32, 44, 56, 110)
+  },
+  "resnet8x4": (functools.partial(CifarResNet, depth=8, stage_widths=_CIFAR_RESNET_X4_WIDTHS), 256),
+  "resnet32x4": (
+    functools.partial(CifarResNet, depth=32, stage_widths=_CIFAR_RESNET_X4_WIDTHS),
+    256,
+  ),
+  "ResNet50": (ResNet50, 2048),
+  "wrn_16_1": (functools.partial(WideResNet, depth=16, widen_factor=1), 64),
+  "wrn_16_2": (functools.partial(WideResNet, depth=16, widen_factor=2), 128),
+  "wrn_40_1": (functools.partial(WideResNet, depth=40, widen_factor=1), 64),
+  "wrn_40_2": (functools.partial(WideResNet, depth=40, widen_factor=2), 128),
+  **{
+    name: (functools.partial(VGG, block_widths=block_widths), 512)
+    for name, block_widths in VGG_BLOCK_WIDTHS.items()
+  },
+  "MobileNetV2": (MobileNetV2, 1280),
+  "ShuffleV1": (ShuffleNetV1, 960),
+  "ShuffleV2": (ShuffleNetV2, 1024),
 }
 
 STUDENT_NAMES: tuple[str, ...] = tuple(_STUDENTS)
@@ -68,15 +71,12 @@ STUDENT_NAMES: tuple[str, ...] = tuple(_STUDENTS)
 
 def _check_name(name: str) -> None:
   if name not in _STUDENTS:
-    raise ValueError(f'Unknown student {name!r}; valid names are: '
-                     f'{", ".join(STUDENT_NAMES)}.')
+    raise ValueError(f"Unknown student {name!r}; valid names are: {', '.join(STUDENT_NAMES)}.")
 
 
-def create_student(name: str,
-                   num_classes: int,
-                   *,
-                   bn_axis_name: str | None = None,
-                   dtype=jnp.float32) -> nn.Module:
+def create_student(
+  name: str, num_classes: int, *, bn_axis_name: str | None = None, dtype=jnp.float32
+) -> nn.Module:
   """Builds a RepDistiller CIFAR student.
 
   Args:
@@ -93,13 +93,14 @@ def create_student(name: str,
     'stages': (NHWC maps, ...)})`` with D = student_feature_dim(name).
   """
   _check_name(name)
-  if (isinstance(num_classes, bool) or
-      not isinstance(num_classes, numbers.Integral) or num_classes < 1):
-    raise ValueError(
-        f'num_classes must be a positive integer; got {num_classes!r}.')
+  if (
+    isinstance(num_classes, bool)
+    or not isinstance(num_classes, numbers.Integral)
+    or num_classes < 1
+  ):
+    raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}.")
   constructor, _ = _STUDENTS[name]
-  return constructor(num_classes=int(num_classes), bn_axis_name=bn_axis_name,
-                     dtype=dtype)
+  return constructor(num_classes=int(num_classes), bn_axis_name=bn_axis_name, dtype=dtype)
 
 
 def student_feature_dim(name: str) -> int:
@@ -111,4 +112,4 @@ def student_feature_dim(name: str) -> int:
   return _STUDENTS[name][1]
 
 
-__all__ = ['STUDENT_NAMES', 'create_student', 'student_feature_dim']
+__all__ = ["STUDENT_NAMES", "create_student", "student_feature_dim"]

@@ -26,14 +26,12 @@ BATCH_NORM_EPSILON = 1e-5
 # normal_(0, sqrt(2 / (k * k * out_channels))) of RepDistiller's WRN, VGG and
 # MobileNetV2: fan_out counts output channels times the kernel window (PyTorch
 # does not divide by groups there, and neither does flax), untruncated normal.
-kaiming_normal_fan_out = nn.initializers.variance_scaling(
-    2.0, 'fan_out', 'normal')
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # PyTorch's default Conv2d/Linear weight init, kaiming_uniform_(a=sqrt(5)),
 # is U(-1/sqrt(fan_in), 1/sqrt(fan_in)); a uniform of that bound has variance
 # 1 / (3 * fan_in). fan_in for a grouped conv is (in / groups) * k * k in both.
-torch_default_kernel_init = nn.initializers.variance_scaling(
-    1.0 / 3.0, 'fan_in', 'uniform')
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 # RepDistiller's VGG and MobileNetV2 classifiers: normal_(0, 0.01).
 classifier_normal_init = nn.initializers.normal(stddev=0.01)
@@ -52,16 +50,18 @@ def torch_default_bias_init(fan_in: int):
   return init
 
 
-def conv2d(features: int,
-           kernel_size: int,
-           *,
-           name: str,
-           dtype: Dtype,
-           stride: int = 1,
-           groups: int = 1,
-           use_bias: bool = False,
-           kernel_init=kaiming_normal_fan_out,
-           bias_init=nn.initializers.zeros) -> TorchConv:
+def conv2d(
+  features: int,
+  kernel_size: int,
+  *,
+  name: str,
+  dtype: Dtype,
+  stride: int = 1,
+  groups: int = 1,
+  use_bias: bool = False,
+  kernel_init=kaiming_normal_fan_out,
+  bias_init=nn.initializers.zeros,
+) -> TorchConv:
   """A square conv padded like PyTorch's ``padding=kernel_size // 2``.
 
   Explicit symmetric padding matters for strided convs: flax's 'SAME' pads
@@ -70,21 +70,21 @@ def conv2d(features: int,
   and tiny-map convs in forms XLA:CPU runs several times faster (models/conv.py).
   """
   return TorchConv(
-      features,
-      kernel_size,
-      stride=stride,
-      padding=kernel_size // 2,
-      groups=groups,
-      use_bias=use_bias,
-      kernel_init=kernel_init,
-      bias_init=bias_init,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      name=name)
+    features,
+    kernel_size,
+    stride=stride,
+    padding=kernel_size // 2,
+    groups=groups,
+    use_bias=use_bias,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
-def batch_norm(*, name: str, train: bool, axis_name: str | None,
-               dtype: Dtype) -> nn.BatchNorm:
+def batch_norm(*, name: str, train: bool, axis_name: str | None, dtype: Dtype) -> nn.BatchNorm:
   """BatchNorm with PyTorch's momentum/epsilon, optionally cross-replica.
 
   In train mode the batch statistics are averaged over the named mesh axis
@@ -95,33 +95,37 @@ def batch_norm(*, name: str, train: bool, axis_name: str | None,
   the unbiased one; the two differ by n / (n - 1) with n = batch * H * W).
   """
   return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=BATCH_NORM_MOMENTUM,
-      epsilon=BATCH_NORM_EPSILON,
-      axis_name=axis_name,
-      use_fast_variance=False,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      name=name)
+    use_running_average=not train,
+    momentum=BATCH_NORM_MOMENTUM,
+    epsilon=BATCH_NORM_EPSILON,
+    axis_name=axis_name,
+    use_fast_variance=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
-def dense(features: int,
-          *,
-          fan_in: int,
-          name: str,
-          dtype: Dtype,
-          kernel_init=torch_default_kernel_init,
-          bias_init=None) -> nn.Dense:
+def dense(
+  features: int,
+  *,
+  fan_in: int,
+  name: str,
+  dtype: Dtype,
+  kernel_init=torch_default_kernel_init,
+  bias_init=None,
+) -> nn.Dense:
   """A linear layer; the bias defaults to PyTorch's fan-in uniform init."""
   if bias_init is None:
     bias_init = torch_default_bias_init(fan_in)
   return nn.Dense(
-      features,
-      kernel_init=kernel_init,
-      bias_init=bias_init,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      name=name)
+    features,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
@@ -156,15 +160,15 @@ def global_average_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=(1, 2))
 
 
-def check_images(images: jax.Array, model_name: str,
-                 min_size: int = 1) -> None:
+def check_images(images: jax.Array, model_name: str, min_size: int = 1) -> None:
   """Raises ValueError unless images is (B, H, W, 3) with H, W >= min_size."""
   shape = tuple(images.shape)
   if len(shape) != 4 or shape[-1] != 3:
     raise ValueError(
-        f'{model_name} expects images of shape (batch, height, width, 3) '
-        f'(NHWC, RGB); got shape {shape}.')
+      f"{model_name} expects images of shape (batch, height, width, 3) "
+      f"(NHWC, RGB); got shape {shape}."
+    )
   if min(shape[1], shape[2]) < min_size:
     raise ValueError(
-        f'{model_name} needs images at least {min_size}x{min_size}; got '
-        f'{shape[1]}x{shape[2]}.')
+      f"{model_name} needs images at least {min_size}x{min_size}; got {shape[1]}x{shape[2]}."
+    )

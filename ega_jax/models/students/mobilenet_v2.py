@@ -16,13 +16,13 @@ from ega_jax.models.students import layers
 # (expansion, output channels before width scaling, blocks, first stride); an
 # expansion of None means "the network's T".
 _INVERTED_RESIDUAL_SETTING = (
-    (1, 16, 1, 1),
-    (None, 24, 2, 1),
-    (None, 32, 3, 2),
-    (None, 64, 4, 2),
-    (None, 96, 3, 1),
-    (None, 160, 3, 2),
-    (None, 320, 1, 1),
+  (1, 16, 1, 1),
+  (None, 24, 2, 1),
+  (None, 32, 3, 2),
+  (None, 64, 4, 2),
+  (None, 96, 3, 1),
+  (None, 160, 3, 2),
+  (None, 320, 1, 1),
 )
 
 # RepDistiller's feat list: the stem, then the outputs of stages 1, 2, 4, 6.
@@ -31,6 +31,7 @@ _STAGES_IN_FEATURES = (1, 2, 4, 6)
 
 class InvertedResidual(nn.Module):
   """1x1 expand-BN-ReLU, 3x3 depthwise-BN-ReLU, 1x1 project-BN (+ identity)."""
+
   out_channels: int
   stride: int
   expansion: int
@@ -42,16 +43,15 @@ class InvertedResidual(nn.Module):
     """(B, H, W, C_in) -> (B, H / stride, W / stride, out_channels)."""
     conv = functools.partial(layers.conv2d, dtype=self.dtype)
     norm = functools.partial(
-        layers.batch_norm, train=train, axis_name=self.bn_axis_name,
-        dtype=self.dtype)
+      layers.batch_norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype
+    )
     in_channels = x.shape[-1]
     hidden = in_channels * self.expansion
     # Names are the indices in RepDistiller's `conv` nn.Sequential.
-    out = nn.relu(norm(name='conv.1')(conv(hidden, 1, name='conv.0')(x)))
-    out = conv(hidden, 3, stride=self.stride, groups=hidden,
-               name='conv.3')(out)
-    out = nn.relu(norm(name='conv.4')(out))
-    out = norm(name='conv.7')(conv(self.out_channels, 1, name='conv.6')(out))
+    out = nn.relu(norm(name="conv.1")(conv(hidden, 1, name="conv.0")(x)))
+    out = conv(hidden, 3, stride=self.stride, groups=hidden, name="conv.3")(out)
+    out = nn.relu(norm(name="conv.4")(out))
+    out = norm(name="conv.7")(conv(self.out_channels, 1, name="conv.6")(out))
     if self.stride == 1 and in_channels == self.out_channels:
       out = x + out
     return out
@@ -67,6 +67,7 @@ class MobileNetV2(nn.Module):
     bn_axis_name: mesh axis over which train-mode BatchNorm averages.
     dtype: computation dtype (params stay float32).
   """
+
   num_classes: int
   expansion: int = 6
   width_multiplier: float = 0.5
@@ -90,31 +91,35 @@ class MobileNetV2(nn.Module):
     layers.check_images(images, type(self).__name__)
     conv = functools.partial(layers.conv2d, dtype=self.dtype)
     norm = functools.partial(
-        layers.batch_norm, train=train, axis_name=self.bn_axis_name,
-        dtype=self.dtype)
+      layers.batch_norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype
+    )
     x = jnp.asarray(images, self.dtype)
     stem_width = int(32 * self.width_multiplier)
-    x = nn.relu(norm(name='conv1.1')(conv(stem_width, 3, stride=2,
-                                          name='conv1.0')(x)))
+    x = nn.relu(norm(name="conv1.1")(conv(stem_width, 3, stride=2, name="conv1.0")(x)))
     stages = [x]
-    for stage_index, (expansion, channels, num_blocks, first_stride) in (
-        enumerate(_INVERTED_RESIDUAL_SETTING)):
+    for stage_index, (expansion, channels, num_blocks, first_stride) in enumerate(
+      _INVERTED_RESIDUAL_SETTING
+    ):
       for block_index in range(num_blocks):
         x = InvertedResidual(
-            int(channels * self.width_multiplier),
-            stride=first_stride if block_index == 0 else 1,
-            expansion=self.expansion if expansion is None else expansion,
-            bn_axis_name=self.bn_axis_name,
-            dtype=self.dtype,
-            name=f'blocks.{stage_index}.{block_index}')(x, train)
+          int(channels * self.width_multiplier),
+          stride=first_stride if block_index == 0 else 1,
+          expansion=self.expansion if expansion is None else expansion,
+          bn_axis_name=self.bn_axis_name,
+          dtype=self.dtype,
+          name=f"blocks.{stage_index}.{block_index}",
+        )(x, train)
       if stage_index in _STAGES_IN_FEATURES:
         stages.append(x)
-    last_width = (int(1280 * self.width_multiplier)
-                  if self.width_multiplier > 1.0 else 1280)
-    x = nn.relu(norm(name='conv2.1')(conv(last_width, 1, name='conv2.0')(x)))
+    last_width = int(1280 * self.width_multiplier) if self.width_multiplier > 1.0 else 1280
+    x = nn.relu(norm(name="conv2.1")(conv(last_width, 1, name="conv2.0")(x)))
     penultimate = layers.global_average_pool(x)
-    logits = layers.dense(self.num_classes, fan_in=last_width,
-                          kernel_init=layers.classifier_normal_init,
-                          bias_init=nn.initializers.zeros, dtype=self.dtype,
-                          name='classifier.0')(penultimate)
-    return logits, {'penultimate': penultimate, 'stages': tuple(stages)}
+    logits = layers.dense(
+      self.num_classes,
+      fan_in=last_width,
+      kernel_init=layers.classifier_normal_init,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      name="classifier.0",
+    )(penultimate)
+    return logits, {"penultimate": penultimate, "stages": tuple(stages)}

@@ -17,8 +17,7 @@ from ega_jax.models.students import layers
 _STEM_WIDTH = 24
 
 # RepDistiller leaves the ShuffleNet convs at PyTorch's default init.
-_conv2d = functools.partial(
-    layers.conv2d, kernel_init=layers.torch_default_kernel_init)
+_conv2d = functools.partial(layers.conv2d, kernel_init=layers.torch_default_kernel_init)
 
 
 class ShuffleV1Unit(nn.Module):
@@ -28,6 +27,7 @@ class ShuffleV1Unit(nn.Module):
   concatenated after the residual branch, so the unit outputs
   ``branch_channels + C_in`` channels; with stride 1 it is added.
   """
+
   branch_channels: int
   stride: int
   groups: int
@@ -39,24 +39,24 @@ class ShuffleV1Unit(nn.Module):
     """(B, H, W, C_in) -> (B, H / stride, W / stride, C_out)."""
     conv = functools.partial(_conv2d, dtype=self.dtype)
     norm = functools.partial(
-        layers.batch_norm, train=train, axis_name=self.bn_axis_name,
-        dtype=self.dtype)
+      layers.batch_norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype
+    )
     bottleneck = self.branch_channels // 4
     # The 24-channel stem is too narrow to split into groups (the ShuffleNet
     # paper's choice for the first pointwise conv; RepDistiller tests
     # in_planes == 24).
     first_groups = 1 if x.shape[-1] == _STEM_WIDTH else self.groups
-    out = conv(bottleneck, 1, groups=first_groups, name='conv1')(x)
-    out = nn.relu(norm(name='bn1')(out))
+    out = conv(bottleneck, 1, groups=first_groups, name="conv1")(x)
+    out = nn.relu(norm(name="bn1")(out))
     out = layers.channel_shuffle(out, first_groups)
-    out = conv(bottleneck, 3, stride=self.stride, groups=bottleneck,
-               name='conv2')(out)
-    out = nn.relu(norm(name='bn2')(out))
-    out = conv(self.branch_channels, 1, groups=self.groups, name='conv3')(out)
-    out = norm(name='bn3')(out)
+    out = conv(bottleneck, 3, stride=self.stride, groups=bottleneck, name="conv2")(out)
+    out = nn.relu(norm(name="bn2")(out))
+    out = conv(self.branch_channels, 1, groups=self.groups, name="conv3")(out)
+    out = norm(name="bn3")(out)
     if self.stride == 2:
-      shortcut = nn.avg_pool(x, (3, 3), strides=(2, 2),
-                             padding=((1, 1), (1, 1)), count_include_pad=True)
+      shortcut = nn.avg_pool(
+        x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), count_include_pad=True
+      )
       return nn.relu(jnp.concatenate([out, shortcut], axis=-1))
     return nn.relu(out + x)
 
@@ -72,6 +72,7 @@ class ShuffleNetV1(nn.Module):
     bn_axis_name: mesh axis over which train-mode BatchNorm averages.
     dtype: computation dtype (params stay float32).
   """
+
   num_classes: int
   stage_widths: Sequence[int] = (240, 480, 960)
   blocks_per_stage: Sequence[int] = (4, 8, 4)
@@ -94,30 +95,32 @@ class ShuffleNetV1(nn.Module):
     """
     layers.check_images(images, type(self).__name__)
     x = jnp.asarray(images, self.dtype)
-    x = _conv2d(_STEM_WIDTH, 1, dtype=self.dtype, name='conv1')(x)
-    x = layers.batch_norm(name='bn1', train=train, axis_name=self.bn_axis_name,
-                          dtype=self.dtype)(x)
+    x = _conv2d(_STEM_WIDTH, 1, dtype=self.dtype, name="conv1")(x)
+    x = layers.batch_norm(name="bn1", train=train, axis_name=self.bn_axis_name, dtype=self.dtype)(x)
     x = nn.relu(x)
     stages = [x]
     for stage_index, (width, num_blocks) in enumerate(
-        zip(self.stage_widths, self.blocks_per_stage), start=1):
+      zip(self.stage_widths, self.blocks_per_stage), start=1
+    ):
       for block_index in range(num_blocks):
         downsample = block_index == 0
         # The stride-2 unit concatenates its input, so its branch makes only
         # the missing channels.
         branch_channels = width - x.shape[-1] if downsample else width
         x = ShuffleV1Unit(
-            branch_channels,
-            stride=2 if downsample else 1,
-            groups=self.groups,
-            bn_axis_name=self.bn_axis_name,
-            dtype=self.dtype,
-            name=f'layer{stage_index}.{block_index}')(x, train)
+          branch_channels,
+          stride=2 if downsample else 1,
+          groups=self.groups,
+          bn_axis_name=self.bn_axis_name,
+          dtype=self.dtype,
+          name=f"layer{stage_index}.{block_index}",
+        )(x, train)
       stages.append(x)
     penultimate = layers.global_average_pool(x)
-    logits = layers.dense(self.num_classes, fan_in=self.stage_widths[-1],
-                          dtype=self.dtype, name='linear')(penultimate)
-    return logits, {'penultimate': penultimate, 'stages': tuple(stages)}
+    logits = layers.dense(
+      self.num_classes, fan_in=self.stage_widths[-1], dtype=self.dtype, name="linear"
+    )(penultimate)
+    return logits, {"penultimate": penultimate, "stages": tuple(stages)}
 
 
 class ShuffleV2DownUnit(nn.Module):
@@ -126,6 +129,7 @@ class ShuffleV2DownUnit(nn.Module):
   Left: 3x3/2 depthwise-BN, 1x1-BN-ReLU. Right: 1x1-BN-ReLU, 3x3/2
   depthwise-BN, 1x1-BN-ReLU. Each branch makes out_channels / 2.
   """
+
   out_channels: int
   bn_axis_name: str | None = None
   dtype: layers.Dtype = jnp.float32
@@ -135,22 +139,18 @@ class ShuffleV2DownUnit(nn.Module):
     """(B, H, W, C_in) -> (B, H / 2, W / 2, out_channels)."""
     conv = functools.partial(_conv2d, dtype=self.dtype)
     norm = functools.partial(
-        layers.batch_norm, train=train, axis_name=self.bn_axis_name,
-        dtype=self.dtype)
+      layers.batch_norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype
+    )
     in_channels = x.shape[-1]
     branch_channels = self.out_channels // 2
-    left = norm(name='bn1')(conv(in_channels, 3, stride=2, groups=in_channels,
-                                 name='conv1')(x))
-    left = nn.relu(norm(name='bn2')(conv(branch_channels, 1,
-                                         name='conv2')(left)))
-    right = nn.relu(norm(name='bn3')(conv(branch_channels, 1,
-                                          name='conv3')(x)))
-    right = norm(name='bn4')(conv(branch_channels, 3, stride=2,
-                                  groups=branch_channels, name='conv4')(right))
-    right = nn.relu(norm(name='bn5')(conv(branch_channels, 1,
-                                          name='conv5')(right)))
-    return layers.channel_shuffle(
-        jnp.concatenate([left, right], axis=-1), 2)
+    left = norm(name="bn1")(conv(in_channels, 3, stride=2, groups=in_channels, name="conv1")(x))
+    left = nn.relu(norm(name="bn2")(conv(branch_channels, 1, name="conv2")(left)))
+    right = nn.relu(norm(name="bn3")(conv(branch_channels, 1, name="conv3")(x)))
+    right = norm(name="bn4")(
+      conv(branch_channels, 3, stride=2, groups=branch_channels, name="conv4")(right)
+    )
+    right = nn.relu(norm(name="bn5")(conv(branch_channels, 1, name="conv5")(right)))
+    return layers.channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
 
 
 class ShuffleV2Unit(nn.Module):
@@ -160,6 +160,7 @@ class ShuffleV2Unit(nn.Module):
   3x3 depthwise-BN, 1x1-BN-ReLU; the halves are concatenated (untouched half
   first) and shuffled with 2 groups.
   """
+
   bn_axis_name: str | None = None
   dtype: layers.Dtype = jnp.float32
 
@@ -168,14 +169,14 @@ class ShuffleV2Unit(nn.Module):
     """(B, H, W, C) -> (B, H, W, C)."""
     conv = functools.partial(_conv2d, dtype=self.dtype)
     norm = functools.partial(
-        layers.batch_norm, train=train, axis_name=self.bn_axis_name,
-        dtype=self.dtype)
+      layers.batch_norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype
+    )
     split = x.shape[-1] // 2
     kept, transformed = x[..., :split], x[..., split:]
     width = transformed.shape[-1]
-    out = nn.relu(norm(name='bn1')(conv(width, 1, name='conv1')(transformed)))
-    out = norm(name='bn2')(conv(width, 3, groups=width, name='conv2')(out))
-    out = nn.relu(norm(name='bn3')(conv(width, 1, name='conv3')(out)))
+    out = nn.relu(norm(name="bn1")(conv(width, 1, name="conv1")(transformed)))
+    out = norm(name="bn2")(conv(width, 3, groups=width, name="conv2")(out))
+    out = nn.relu(norm(name="bn3")(conv(width, 1, name="conv3")(out)))
     return layers.channel_shuffle(jnp.concatenate([kept, out], axis=-1), 2)
 
 
@@ -191,6 +192,7 @@ class ShuffleNetV2(nn.Module):
     bn_axis_name: mesh axis over which train-mode BatchNorm averages.
     dtype: computation dtype (params stay float32).
   """
+
   num_classes: int
   stage_widths: Sequence[int] = (116, 232, 464)
   blocks_per_stage: Sequence[int] = (3, 7, 3)
@@ -213,24 +215,27 @@ class ShuffleNetV2(nn.Module):
     """
     layers.check_images(images, type(self).__name__)
     norm = functools.partial(
-        layers.batch_norm, train=train, axis_name=self.bn_axis_name,
-        dtype=self.dtype)
+      layers.batch_norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype
+    )
     x = jnp.asarray(images, self.dtype)
-    x = _conv2d(_STEM_WIDTH, 1, dtype=self.dtype, name='conv1')(x)
-    x = nn.relu(norm(name='bn1')(x))
+    x = _conv2d(_STEM_WIDTH, 1, dtype=self.dtype, name="conv1")(x)
+    x = nn.relu(norm(name="bn1")(x))
     stages = [x]
     for stage_index, (width, num_blocks) in enumerate(
-        zip(self.stage_widths, self.blocks_per_stage), start=1):
-      x = ShuffleV2DownUnit(width, bn_axis_name=self.bn_axis_name,
-                            dtype=self.dtype,
-                            name=f'layer{stage_index}.0')(x, train)
+      zip(self.stage_widths, self.blocks_per_stage), start=1
+    ):
+      x = ShuffleV2DownUnit(
+        width, bn_axis_name=self.bn_axis_name, dtype=self.dtype, name=f"layer{stage_index}.0"
+      )(x, train)
       for block_index in range(1, num_blocks + 1):
-        x = ShuffleV2Unit(bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                          name=f'layer{stage_index}.{block_index}')(x, train)
+        x = ShuffleV2Unit(
+          bn_axis_name=self.bn_axis_name, dtype=self.dtype, name=f"layer{stage_index}.{block_index}"
+        )(x, train)
       stages.append(x)
-    x = _conv2d(self.last_width, 1, dtype=self.dtype, name='conv2')(x)
-    x = nn.relu(norm(name='bn2')(x))
+    x = _conv2d(self.last_width, 1, dtype=self.dtype, name="conv2")(x)
+    x = nn.relu(norm(name="bn2")(x))
     penultimate = layers.global_average_pool(x)
-    logits = layers.dense(self.num_classes, fan_in=self.last_width,
-                          dtype=self.dtype, name='linear')(penultimate)
-    return logits, {'penultimate': penultimate, 'stages': tuple(stages)}
+    logits = layers.dense(
+      self.num_classes, fan_in=self.last_width, dtype=self.dtype, name="linear"
+    )(penultimate)
+    return logits, {"penultimate": penultimate, "stages": tuple(stages)}

@@ -15,13 +15,11 @@ from ega_jax.models.students import layers
 # Output channels of each conv, per block; RepDistiller's configs 'S', 'A',
 # 'B', 'D', 'E'.
 VGG_BLOCK_WIDTHS = {
-    'vgg8': ((64,), (128,), (256,), (512,), (512,)),
-    'vgg11': ((64,), (128,), (256, 256), (512, 512), (512, 512)),
-    'vgg13': ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
-    'vgg16': ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512),
-              (512, 512, 512)),
-    'vgg19': ((64, 64), (128, 128), (256, 256, 256, 256),
-              (512, 512, 512, 512), (512, 512, 512, 512)),
+  "vgg8": ((64,), (128,), (256,), (512,), (512,)),
+  "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+  "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+  "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+  "vgg19": ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512)),
 }
 
 # RepDistiller skips the max-pool between blocks 3 and 4 at 32x32, so block 4
@@ -33,7 +31,7 @@ POOL_BEFORE_LAST_BLOCK_MIN_SIZE = 64
 
 def _max_pool(x: jax.Array) -> jax.Array:
   # 2x2 stride 2 with floor, like PyTorch's MaxPool2d(2, 2).
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 
 class VGG(nn.Module):
@@ -45,6 +43,7 @@ class VGG(nn.Module):
     bn_axis_name: mesh axis over which train-mode BatchNorm averages.
     dtype: computation dtype (params stay float32).
   """
+
   num_classes: int
   block_widths: Sequence[Sequence[int]]
   bn_axis_name: str | None = None
@@ -72,21 +71,28 @@ class VGG(nn.Module):
     for block_index, widths in enumerate(self.block_widths):
       if block_index in (1, 2, 3):
         x = _max_pool(x)
-      elif (block_index == 4 and
-            height >= POOL_BEFORE_LAST_BLOCK_MIN_SIZE):
+      elif block_index == 4 and height >= POOL_BEFORE_LAST_BLOCK_MIN_SIZE:
         x = _max_pool(x)
       for conv_index, width in enumerate(widths):
         # Indices of RepDistiller's nn.Sequential [conv, BN, ReLU, conv, ...].
-        x = layers.conv2d(width, 3, use_bias=True, dtype=self.dtype,
-                          name=f'block{block_index}.{3 * conv_index}')(x)
+        x = layers.conv2d(
+          width, 3, use_bias=True, dtype=self.dtype, name=f"block{block_index}.{3 * conv_index}"
+        )(x)
         x = layers.batch_norm(
-            name=f'block{block_index}.{3 * conv_index + 1}', train=train,
-            axis_name=self.bn_axis_name, dtype=self.dtype)(x)
+          name=f"block{block_index}.{3 * conv_index + 1}",
+          train=train,
+          axis_name=self.bn_axis_name,
+          dtype=self.dtype,
+        )(x)
         x = nn.relu(x)
       stages.append(x)
     penultimate = layers.global_average_pool(x)
-    logits = layers.dense(self.num_classes, fan_in=penultimate.shape[-1],
-                          kernel_init=layers.classifier_normal_init,
-                          bias_init=nn.initializers.zeros, dtype=self.dtype,
-                          name='classifier')(penultimate)
-    return logits, {'penultimate': penultimate, 'stages': tuple(stages)}
+    logits = layers.dense(
+      self.num_classes,
+      fan_in=penultimate.shape[-1],
+      kernel_init=layers.classifier_normal_init,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      name="classifier",
+    )(penultimate)
+    return logits, {"penultimate": penultimate, "stages": tuple(stages)}

@@ -20,6 +20,7 @@ class WideBasicBlock(nn.Module):
   (BN-ReLU applied), as in RepDistiller; when it does not, the identity
   shortcut carries the raw input.
   """
+
   out_planes: int
   stride: int = 1
   bn_axis_name: str | None = None
@@ -30,19 +31,17 @@ class WideBasicBlock(nn.Module):
     """(B, H, W, C_in) -> (B, H / stride, W / stride, out_planes)."""
     conv = functools.partial(layers.conv2d, dtype=self.dtype)
     norm = functools.partial(
-        layers.batch_norm, train=train, axis_name=self.bn_axis_name,
-        dtype=self.dtype)
+      layers.batch_norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype
+    )
     same_width = x.shape[-1] == self.out_planes
-    preactivated = nn.relu(norm(name='bn1')(x))
-    out = conv(self.out_planes, 3, stride=self.stride,
-               name='conv1')(preactivated)
-    out = nn.relu(norm(name='bn2')(out))
-    out = conv(self.out_planes, 3, name='conv2')(out)
+    preactivated = nn.relu(norm(name="bn1")(x))
+    out = conv(self.out_planes, 3, stride=self.stride, name="conv1")(preactivated)
+    out = nn.relu(norm(name="bn2")(out))
+    out = conv(self.out_planes, 3, name="conv2")(out)
     if same_width:
       shortcut = x
     else:
-      shortcut = conv(self.out_planes, 1, stride=self.stride,
-                      name='convShortcut')(preactivated)
+      shortcut = conv(self.out_planes, 1, stride=self.stride, name="convShortcut")(preactivated)
     return shortcut + out
 
 
@@ -56,6 +55,7 @@ class WideResNet(nn.Module):
     bn_axis_name: mesh axis over which train-mode BatchNorm averages.
     dtype: computation dtype (params stay float32).
   """
+
   num_classes: int
   depth: int
   widen_factor: int
@@ -79,29 +79,32 @@ class WideResNet(nn.Module):
     """
     layers.check_images(images, type(self).__name__)
     if self.depth < 10 or (self.depth - 4) % 6:
-      raise ValueError(f'WideResNet depth must be 6n + 4 with n >= 1 (10, 16, '
-                       f'22, 28, 40, ...); got {self.depth}.')
+      raise ValueError(
+        f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...); got {self.depth}."
+      )
     blocks_per_stage = (self.depth - 4) // 6
-    widths = (16 * self.widen_factor, 32 * self.widen_factor,
-              64 * self.widen_factor)
+    widths = (16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)
     x = jnp.asarray(images, self.dtype)
-    x = layers.conv2d(16, 3, dtype=self.dtype, name='conv1')(x)
+    x = layers.conv2d(16, 3, dtype=self.dtype, name="conv1")(x)
     stages = [x]
-    for stage_index, (width, first_stride) in enumerate(
-        zip(widths, (1, 2, 2)), start=1):
+    for stage_index, (width, first_stride) in enumerate(zip(widths, (1, 2, 2)), start=1):
       for block_index in range(blocks_per_stage):
         x = WideBasicBlock(
-            width,
-            stride=first_stride if block_index == 0 else 1,
-            bn_axis_name=self.bn_axis_name,
-            dtype=self.dtype,
-            name=f'block{stage_index}.layer.{block_index}')(x, train)
+          width,
+          stride=first_stride if block_index == 0 else 1,
+          bn_axis_name=self.bn_axis_name,
+          dtype=self.dtype,
+          name=f"block{stage_index}.layer.{block_index}",
+        )(x, train)
       stages.append(x)
-    x = layers.batch_norm(name='bn1', train=train, axis_name=self.bn_axis_name,
-                          dtype=self.dtype)(x)
+    x = layers.batch_norm(name="bn1", train=train, axis_name=self.bn_axis_name, dtype=self.dtype)(x)
     penultimate = layers.global_average_pool(nn.relu(x))
     # RepDistiller zeroes the fc bias and leaves PyTorch's default weight.
-    logits = layers.dense(self.num_classes, fan_in=widths[-1],
-                          bias_init=nn.initializers.zeros, dtype=self.dtype,
-                          name='fc')(penultimate)
-    return logits, {'penultimate': penultimate, 'stages': tuple(stages)}
+    logits = layers.dense(
+      self.num_classes,
+      fan_in=widths[-1],
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      name="fc",
+    )(penultimate)
+    return logits, {"penultimate": penultimate, "stages": tuple(stages)}

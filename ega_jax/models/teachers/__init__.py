@@ -14,11 +14,11 @@ from ega_jax.models.teachers.specs import TEACHER_SPECS, TeacherSpec, get_spec
 from ega_jax.models.teachers.storage import load_teacher, save_teacher
 
 __all__ = [
-    'TEACHER_SPECS',
-    'TeacherSpec',
-    'abstract_variables',
-    'create_teacher',
-    'get_spec',
-    'load_teacher',
-    'save_teacher',
+  "TEACHER_SPECS",
+  "TeacherSpec",
+  "abstract_variables",
+  "create_teacher",
+  "get_spec",
+  "load_teacher",
+  "save_teacher",
 ]

@@ -16,14 +16,15 @@ def check_image_size(arch: str, image_size: Any) -> int:
   """Returns image_size if `arch` can run at it, else raises ValueError saying why."""
   spec = specs.get_spec(arch)
   if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-    raise ValueError(f'image_size must be a positive integer, got {image_size!r}.')
+    raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
   if spec.family in (specs.CLIP_VIT, specs.TIMM_VIT):
-    patch_size = spec.config['patch_size']
+    patch_size = spec.config["patch_size"]
     if image_size % patch_size:
       raise ValueError(
-          f'image_size {image_size} is not a multiple of the {arch} patch size {patch_size}.')
+        f"image_size {image_size} is not a multiple of the {arch} patch size {patch_size}."
+      )
   if spec.family == specs.CLIP_RESNET and image_size % 32:
-    raise ValueError(f'image_size {image_size} is not a multiple of 32, which {arch} needs.')
+    raise ValueError(f"image_size {image_size} is not a multiple of 32, which {arch} needs.")
   return image_size
 
 
@@ -45,17 +46,29 @@ def create_teacher(arch: str, dtype: Any = jnp.float32, image_size: int | None =
   config = spec.config
   if spec.family == specs.CLIP_VIT:
     return VisionTransformer(
-        image_size=image_size, layer_norm_eps=1e-5, activation='quick_gelu', patch_bias=False,
-        pre_norm=True, dtype=dtype, **config)
+      image_size=image_size,
+      layer_norm_eps=1e-5,
+      activation="quick_gelu",
+      patch_bias=False,
+      pre_norm=True,
+      dtype=dtype,
+      **config,
+    )
   if spec.family == specs.TIMM_VIT:
     return VisionTransformer(
-        image_size=image_size, layer_norm_eps=1e-6, activation='gelu', patch_bias=True,
-        pre_norm=False, dtype=dtype, **config)
+      image_size=image_size,
+      layer_norm_eps=1e-6,
+      activation="gelu",
+      patch_bias=True,
+      pre_norm=False,
+      dtype=dtype,
+      **config,
+    )
   if spec.family == specs.CLIP_RESNET:
     return CLIPModifiedResNet(image_size=image_size, dtype=dtype, **config)
   if spec.family == specs.TORCHVISION_RESNET:
     return ResNet(dtype=dtype, **config)
-  raise AssertionError(f'TEACHER_SPECS[{arch!r}] has unhandled family {spec.family!r}.')
+  raise AssertionError(f"TEACHER_SPECS[{arch!r}] has unhandled family {spec.family!r}.")
 
 
 def abstract_variables(module: nn.Module, image_size: int) -> Any:

@@ -33,6 +33,7 @@ def frozen_batch_norm(dtype: Any, name: str):
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34)."""
+
   planes: int
   stride: int
   dtype: Any = jnp.float32
@@ -41,18 +42,19 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) -> (B, H / stride, W / stride, planes)."""
-    out = torch_conv(self.planes, 3, self.stride, 1, self.dtype, 'conv1')(x)
-    out = nn.relu(frozen_batch_norm(self.dtype, 'bn1')(out))
-    out = torch_conv(self.planes, 3, 1, 1, self.dtype, 'conv2')(out)
-    out = frozen_batch_norm(self.dtype, 'bn2')(out)
+    out = torch_conv(self.planes, 3, self.stride, 1, self.dtype, "conv1")(x)
+    out = nn.relu(frozen_batch_norm(self.dtype, "bn1")(out))
+    out = torch_conv(self.planes, 3, 1, 1, self.dtype, "conv2")(out)
+    out = frozen_batch_norm(self.dtype, "bn2")(out)
     if self.stride != 1 or x.shape[-1] != self.planes:
-      x = torch_conv(self.planes, 1, self.stride, 0, self.dtype, 'downsample_conv')(x)
-      x = frozen_batch_norm(self.dtype, 'downsample_bn')(x)
+      x = torch_conv(self.planes, 1, self.stride, 0, self.dtype, "downsample_conv")(x)
+      x = frozen_batch_norm(self.dtype, "downsample_bn")(x)
     return nn.relu(out + x)
 
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet-50/101/152)."""
+
   planes: int
   stride: int
   dtype: Any = jnp.float32
@@ -62,19 +64,19 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) -> (B, H / stride, W / stride, 4 * planes)."""
     out_features = self.planes * self.expansion
-    out = torch_conv(self.planes, 1, 1, 0, self.dtype, 'conv1')(x)
-    out = nn.relu(frozen_batch_norm(self.dtype, 'bn1')(out))
-    out = torch_conv(self.planes, 3, self.stride, 1, self.dtype, 'conv2')(out)
-    out = nn.relu(frozen_batch_norm(self.dtype, 'bn2')(out))
-    out = torch_conv(out_features, 1, 1, 0, self.dtype, 'conv3')(out)
-    out = frozen_batch_norm(self.dtype, 'bn3')(out)
+    out = torch_conv(self.planes, 1, 1, 0, self.dtype, "conv1")(x)
+    out = nn.relu(frozen_batch_norm(self.dtype, "bn1")(out))
+    out = torch_conv(self.planes, 3, self.stride, 1, self.dtype, "conv2")(out)
+    out = nn.relu(frozen_batch_norm(self.dtype, "bn2")(out))
+    out = torch_conv(out_features, 1, 1, 0, self.dtype, "conv3")(out)
+    out = frozen_batch_norm(self.dtype, "bn3")(out)
     if self.stride != 1 or x.shape[-1] != out_features:
-      x = torch_conv(out_features, 1, self.stride, 0, self.dtype, 'downsample_conv')(x)
-      x = frozen_batch_norm(self.dtype, 'downsample_bn')(x)
+      x = torch_conv(out_features, 1, self.stride, 0, self.dtype, "downsample_conv")(x)
+      x = frozen_batch_norm(self.dtype, "downsample_bn")(x)
     return nn.relu(out + x)
 
 
-BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class ResNet(nn.Module):
@@ -85,6 +87,7 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
     dtype: computation dtype; parameters and statistics stay float32.
   """
+
   block: str
   stage_sizes: Sequence[int]
   dtype: Any = jnp.float32
@@ -93,15 +96,15 @@ class ResNet(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     """images: (B, H, W, 3) normalised -> embedding (B, 512 or 2048) float32."""
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f'ResNet expects NHWC images (B, H, W, 3), got {tuple(images.shape)}.')
+      raise ValueError(f"ResNet expects NHWC images (B, H, W, 3), got {tuple(images.shape)}.")
     block_class = BLOCKS[self.block]
-    x = torch_conv(64, 7, 2, 3, self.dtype, 'conv1')(images.astype(self.dtype))
-    x = nn.relu(frozen_batch_norm(self.dtype, 'bn1')(x))
+    x = torch_conv(64, 7, 2, 3, self.dtype, "conv1")(images.astype(self.dtype))
+    x = nn.relu(frozen_batch_norm(self.dtype, "bn1")(x))
     # nn.max_pool pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         stride = 2 if stage > 0 and index == 0 else 1
-        x = block_class(64 * 2**stage, stride, self.dtype, name=f'layer{stage + 1}_{index}')(x)
+        x = block_class(64 * 2**stage, stride, self.dtype, name=f"layer{stage + 1}_{index}")(x)
     # Global average pooling (torchvision's AdaptiveAvgPool2d(1)), so any resolution works.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

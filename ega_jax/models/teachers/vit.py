@@ -26,15 +26,16 @@ def exact_gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
-ACTIVATIONS = {'quick_gelu': quick_gelu, 'gelu': exact_gelu}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": exact_gelu}
 
 
 def check_square_input(images: jax.Array, image_size: int, what: str) -> None:
   """Raises ValueError unless images is (B, image_size, image_size, 3)."""
   if images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
     raise ValueError(
-        f'{what} expects NHWC images of shape (B, {image_size}, {image_size}, 3), got '
-        f'{tuple(images.shape)}; resize to the teacher image_size first.')
+      f"{what} expects NHWC images of shape (B, {image_size}, {image_size}, 3), got "
+      f"{tuple(images.shape)}; resize to the teacher image_size first."
+    )
 
 
 class SelfAttention(nn.Module):
@@ -43,6 +44,7 @@ class SelfAttention(nn.Module):
   The fused kernel is (D, 3D) whose columns are [q | k | v], each split into heads of D / H
   consecutive features, which is how torch's MultiheadAttention and timm slice theirs.
   """
+
   num_heads: int
   dtype: Any = jnp.float32
 
@@ -51,18 +53,19 @@ class SelfAttention(nn.Module):
     """tokens: (B, L, D) -> (B, L, D)."""
     batch, length, width = tokens.shape
     head_dim = width // self.num_heads
-    qkv = nn.Dense(3 * width, dtype=self.dtype, name='qkv')(tokens)
+    qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(tokens)
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, L, H, Dh)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', query * head_dim**-0.5, key)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query * head_dim**-0.5, key)
     # Softmax in float32 so a bf16 computation dtype does not lose the attention distribution.
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    attended = jnp.einsum('bhqk,bkhd->bqhd', weights, value).reshape(batch, length, width)
-    return nn.Dense(width, dtype=self.dtype, name='out')(attended)
+    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, length, width)
+    return nn.Dense(width, dtype=self.dtype, name="out")(attended)
 
 
 class TransformerBlock(nn.Module):
   """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
   num_heads: int
   mlp_dim: int
   activation: str
@@ -74,12 +77,14 @@ class TransformerBlock(nn.Module):
     """tokens: (B, L, D) -> (B, L, D)."""
     width = tokens.shape[-1]
     layer_norm = lambda name: nn.LayerNorm(
-        epsilon=self.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name=name)
-    tokens = tokens + SelfAttention(self.num_heads, self.dtype, name='attention')(
-        layer_norm('norm1')(tokens))
-    hidden = nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc1')(layer_norm('norm2')(tokens))
+      epsilon=self.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name=name
+    )
+    tokens = tokens + SelfAttention(self.num_heads, self.dtype, name="attention")(
+      layer_norm("norm1")(tokens)
+    )
+    hidden = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(layer_norm("norm2")(tokens))
     hidden = ACTIVATIONS[self.activation](hidden)
-    return tokens + nn.Dense(width, dtype=self.dtype, name='fc2')(hidden)
+    return tokens + nn.Dense(width, dtype=self.dtype, name="fc2")(hidden)
 
 
 class VisionTransformer(nn.Module):
@@ -99,6 +104,7 @@ class VisionTransformer(nn.Module):
     mlp_ratio: MLP hidden size over D.
     dtype: computation dtype; parameters stay float32.
   """
+
   image_size: int
   patch_size: int
   width: int
@@ -115,35 +121,49 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     """images: (B, H, W, 3) normalised, H = W = image_size -> embedding (B, D_out) float32."""
-    check_square_input(images, self.image_size, 'This vision transformer')
+    check_square_input(images, self.image_size, "This vision transformer")
     if self.image_size % self.patch_size:
       raise ValueError(
-          f'image_size {self.image_size} is not a multiple of the patch size {self.patch_size}.')
+        f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}."
+      )
     patches = nn.Conv(
-        self.width, (self.patch_size, self.patch_size), strides=(self.patch_size,) * 2,
-        padding='VALID', use_bias=self.patch_bias, dtype=self.dtype, name='patch_embed')(
-            images.astype(self.dtype))
+      self.width,
+      (self.patch_size, self.patch_size),
+      strides=(self.patch_size,) * 2,
+      padding="VALID",
+      use_bias=self.patch_bias,
+      dtype=self.dtype,
+      name="patch_embed",
+    )(images.astype(self.dtype))
     batch = patches.shape[0]
     # Row-major flattening of the (grid, grid) patches, as torch's flatten(2) of NCHW does.
     patches = patches.reshape(batch, -1, self.width)
     num_tokens = patches.shape[1] + 1
-    class_token = self.param('class_token', nn.initializers.normal(0.02), (self.width,))
+    class_token = self.param("class_token", nn.initializers.normal(0.02), (self.width,))
     position_embedding = self.param(
-        'position_embedding', nn.initializers.normal(0.02), (num_tokens, self.width))
+      "position_embedding", nn.initializers.normal(0.02), (num_tokens, self.width)
+    )
     class_tokens = jnp.broadcast_to(class_token.astype(self.dtype), (batch, 1, self.width))
     tokens = jnp.concatenate([class_tokens, patches], axis=1)
     tokens = tokens + position_embedding.astype(self.dtype)
     layer_norm = lambda name: nn.LayerNorm(
-        epsilon=self.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name=name)
+      epsilon=self.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name=name
+    )
     if self.pre_norm:
-      tokens = layer_norm('pre_norm')(tokens)
+      tokens = layer_norm("pre_norm")(tokens)
     for index in range(self.depth):
       tokens = TransformerBlock(
-          self.num_heads, self.mlp_ratio * self.width, self.activation, self.layer_norm_eps,
-          self.dtype, name=f'block_{index}')(tokens)
-    embedding = layer_norm('final_norm')(tokens[:, 0])
+        self.num_heads,
+        self.mlp_ratio * self.width,
+        self.activation,
+        self.layer_norm_eps,
+        self.dtype,
+        name=f"block_{index}",
+      )(tokens)
+    embedding = layer_norm("final_norm")(tokens[:, 0])
     if self.output_dim is not None:
       projection = self.param(
-          'projection', nn.initializers.normal(self.width**-0.5), (self.width, self.output_dim))
+        "projection", nn.initializers.normal(self.width**-0.5), (self.width, self.output_dim)
+      )
       embedding = embedding @ projection.astype(self.dtype)
     return embedding.astype(jnp.float32)
