@@ -5,8 +5,8 @@ state.py          TrainState, the models bundle, optimisers and schedule, initia
 steps.py          the per-device train step (forward, distillation term, non-finite guard)
 eval_steps.py     the per-device evaluation and embedding steps
 run.py            build_run(): models, state, CRD tables and the jit(shard_map) steps, built once
-setup.py          the teacher, the loaders, the teacher cache, hparams for TensorBoard
-loop.py           train_and_evaluate(): the training loop
+setup.py          build(): the teacher, the teacher cache, the loaders and build_run
+loop.py           train_and_evaluate(): the loop, one screen, and its periodic work
 checkpointing.py  one orbax CheckpointManager (latest k + best), workdir checks, restore
 preemption.py     SIGTERM/SIGINT as a flag, used as a `with` block
 metric_writers.py metrics.jsonl (a clu MetricWriter) and the writer factory

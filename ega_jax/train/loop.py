@@ -19,11 +19,9 @@ import ml_collections
 import numpy as np
 
 from ega_jax import config as config_lib
-from ega_jax import data as data_lib
 from ega_jax import losses
 from ega_jax.train import checkpointing
 from ega_jax.train import preemption as preemption_lib
-from ega_jax.train import run as run_lib
 from ega_jax.train import setup
 from ega_jax.train import state as state_lib
 
@@ -45,90 +43,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_lib.validate_config(config, mesh.size)
   workdir = checkpointing.workdir_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  logging.info(
-    "Devices: %d (%s), processes: %d, mesh: %s",
-    mesh.size,
-    mesh.devices.flat[0].platform,
-    jax.process_count(),
-    dict(mesh.shape),
-  )
-
-  teacher_module, teacher_host_variables, teacher_meta = setup.load_teacher(config)
-  info = data_lib.get_dataset_info(config.dataset.name)
-  train_cache, eval_cache = setup.teacher_cache_splits(config, teacher_meta)
-  with setup.as_user_error(f"config.dataset.name={config.dataset.name!r}"):
-    train_loader, eval_loader = setup.create_loaders(config, train_cache, eval_cache)
-  num_train = setup.num_train_examples(config, info)
-  with setup.as_user_error(
-    f"config.student.arch={config.student.arch!r} on "
-    f"{info.image_size}x{info.image_size} {config.dataset.name} images"
-  ):
-    run = run_lib.build_run(
-      config,
-      mesh,
-      teacher_module=teacher_module,
-      teacher_variables=teacher_host_variables,
-      teacher_meta=teacher_meta,
-      num_classes=info.num_classes,
-      num_train_examples=num_train,
-      image_shape=(info.image_size, info.image_size, 3),
-      crd_train_labels=setup.crd_labels(config),
-      # With every teacher embedding cached the teacher never runs on device.
-      place_teacher=not (train_cache and eval_cache),
-    )
+  run, train_loader, eval_loader, num_train = setup.build(config, mesh)
   num_steps = state_lib.total_train_steps(config, num_train)
   spe = state_lib.steps_per_epoch(config, num_train)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else spe
   checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else spe
-
-  # grain's prefetch records each batch's iterator state with it, so a
-  # checkpoint holds the position of the batches consumed, not prefetched.
-  batches = iter(
-    grain.experimental.ThreadPrefetchIterDataset(
-      train_loader.map(lambda local: state_lib.global_batch_from_local(mesh, local)),
-      prefetch_buffer_size=DEVICE_PREFETCH,
-    )
-  )
-  signature = config_lib.run_signature(config)
-  checkpointing.check_workdir(workdir, signature, config.overwrite_workdir)
-  setup.sync_processes("ega_jax workdir checked")
-  manager = checkpointing.create_checkpoint_manager(workdir, config.keep_checkpoints)
-  meta = {"signature": signature, "best_top1": -1.0, "best_step": 0, "last_top1": -1.0}
-  state = run.state
-  if manager.latest_step() is not None:
-    state, saved_meta = checkpointing.restore_latest(manager, state, batches)
-    meta.update(saved_meta)
-    logging.info("Resumed from %s at step %d.", workdir, int(jax.device_get(state.step)))
-
+  batches = _device_batches(train_loader, mesh)
+  manager, state, meta = _open_checkpoints_and_resume(config, workdir, run.state, batches)
   writer = metric_writers.create_metric_writer(workdir)
-  from clu import parameter_overview, periodic_actions
-
-  report_progress = periodic_actions.ReportProgress(
-    num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps
-  )
+  report_progress = _start_reporting(config, writer, state, num_steps, spe)
   picture_batch = (
     state_lib.global_batch_from_local(mesh, next(iter(eval_loader)))
     if config.graph_pictures
     else None
   )
-  step = int(jax.device_get(state.step))
-  if step == 0:
-    writer.write_hparams(setup.flat_hparams(config))
-    if jax.process_index() == 0:
-      parameter_overview.log_parameter_overview(
-        jax.device_get(state.student_params), msg="Student parameters"
-      )
-  logging.info(
-    "Training %s -> %s with %s on %s: %d steps (%d per epoch), global batch %d.",
-    config.teacher.arch,
-    config.student.arch,
-    config.distill.method,
-    config.dataset.name,
-    num_steps,
-    spe,
-    config.batch_size,
-  )
 
+  step = int(jax.device_get(state.step))
   history, last_eval, preempted = [], {}, False
   with preemption_lib.PreemptionRequested() as preemption:
     while step < num_steps:
@@ -161,26 +91,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager.wait_until_finished()
 
   if preempted:
-    message = (
-      f"Stopped by {preemption.signal_name or 'a peer process'} after step {step} of "
-      f"{num_steps}; checkpoint saved in {workdir / 'checkpoints'}. "
-      "Run the same command again to resume."
-    )
-    logging.warning(message)
-    writer.close()
-    return {
-      "preempted": True,
-      "steps": step,
-      "message": message,
-      "wall_time_s": time.time() - start_time,
-    }
-  if not last_eval:
-    # Nothing left to train (a finished workdir): still report its accuracy.
-    last_eval = _evaluate(run, state, eval_loader)
-    meta["last_top1"] = last_eval["eval/top1"]
-  summary = _summary(config, meta, last_eval, state, step, start_time)
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = _stopped_by_signal(preemption.signal_name, step, num_steps, workdir, start_time)
+  else:
+    if not last_eval:
+      # Nothing left to train (a finished workdir): still report its accuracy.
+      last_eval = _evaluate(run, state, eval_loader)
+      meta["last_top1"] = last_eval["eval/top1"]
+    summary = _summary(config, meta, last_eval, state, step, start_time)
+    if jax.process_index() == 0:
+      (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   writer.close()
   return summary
 
@@ -188,6 +107,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _due(step: int, every: int, num_steps: int) -> bool:
   """Whether periodic work of period `every` runs after `step` (always after the last)."""
   return step % every == 0 or step == num_steps
+
+
+def _device_batches(train_loader, mesh):
+  """Global batches on the mesh, DEVICE_PREFETCH of them in flight ahead of the step.
+
+  grain's prefetch records each batch's iterator state with it, so a
+  checkpoint holds the position of the batches consumed, not prefetched.
+  """
+  return iter(
+    grain.experimental.ThreadPrefetchIterDataset(
+      train_loader.map(lambda local: state_lib.global_batch_from_local(mesh, local)),
+      prefetch_buffer_size=DEVICE_PREFETCH,
+    )
+  )
+
+
+def _open_checkpoints_and_resume(config, workdir, state, batches):
+  """(manager, state, meta): the workdir checked, then its newest checkpoint restored if any."""
+  signature = config_lib.run_signature(config)
+  checkpointing.check_workdir(workdir, signature, config.overwrite_workdir)
+  setup.sync_processes("ega_jax workdir checked")
+  manager = checkpointing.create_checkpoint_manager(workdir, config.keep_checkpoints)
+  meta = {"signature": signature, "best_top1": -1.0, "best_step": 0, "last_top1": -1.0}
+  if manager.latest_step() is not None:
+    state, saved_meta = checkpointing.restore_latest(manager, state, batches)
+    meta.update(saved_meta)
+    logging.info("Resumed from %s at step %d.", workdir, int(jax.device_get(state.step)))
+  return manager, state, meta
+
+
+def _start_reporting(config, writer, state, num_steps: int, steps_per_epoch: int):
+  """clu's ReportProgress (steps/s, ETA); hparams and the parameter overview on a fresh run."""
+  from clu import parameter_overview, periodic_actions
+
+  if int(jax.device_get(state.step)) == 0:
+    writer.write_hparams(setup.flat_hparams(config))
+    if jax.process_index() == 0:
+      parameter_overview.log_parameter_overview(
+        jax.device_get(state.student_params), msg="Student parameters"
+      )
+  logging.info(
+    "Training %s -> %s with %s on %s: %d steps (%d per epoch), global batch %d.",
+    config.teacher.arch,
+    config.student.arch,
+    config.distill.method,
+    config.dataset.name,
+    num_steps,
+    steps_per_epoch,
+    config.batch_size,
+  )
+  return periodic_actions.ReportProgress(
+    num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps
+  )
+
+
+def _stopped_by_signal(signal_name, step: int, num_steps: int, workdir, start_time) -> dict:
+  message = (
+    f"Stopped by {signal_name or 'a peer process'} after step {step} of "
+    f"{num_steps}; checkpoint saved in {workdir / 'checkpoints'}. "
+    "Run the same command again to resume."
+  )
+  logging.warning(message)
+  return {
+    "preempted": True,
+    "steps": step,
+    "message": message,
+    "wall_time_s": time.time() - start_time,
+  }
 
 
 # ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import jax
 from ega_jax import config as config_lib
 from ega_jax import data as data_lib
 from ega_jax import models as models_lib
+from ega_jax.train import run as run_lib
 
 
 def load_teacher(config):
@@ -152,3 +153,42 @@ def flat_hparams(config) -> dict:
 
   walk("", config.to_dict())
   return flat
+
+
+def build(config, mesh):
+  """(run, train loader, eval loader, number of train examples) for a validated config.
+
+  Loads the teacher, checks the teacher cache, opens the data and calls
+  build_run; a user mistake on the way becomes one UserInputError sentence.
+  """
+  logging.info(
+    "Devices: %d (%s), processes: %d, mesh: %s",
+    mesh.size,
+    mesh.devices.flat[0].platform,
+    jax.process_count(),
+    dict(mesh.shape),
+  )
+  teacher_module, teacher_host_variables, teacher_meta = load_teacher(config)
+  info = data_lib.get_dataset_info(config.dataset.name)
+  train_cache, eval_cache = teacher_cache_splits(config, teacher_meta)
+  with as_user_error(f"config.dataset.name={config.dataset.name!r}"):
+    train_loader, eval_loader = create_loaders(config, train_cache, eval_cache)
+  num_train = num_train_examples(config, info)
+  with as_user_error(
+    f"config.student.arch={config.student.arch!r} on "
+    f"{info.image_size}x{info.image_size} {config.dataset.name} images"
+  ):
+    run = run_lib.build_run(
+      config,
+      mesh,
+      teacher_module=teacher_module,
+      teacher_variables=teacher_host_variables,
+      teacher_meta=teacher_meta,
+      num_classes=info.num_classes,
+      num_train_examples=num_train,
+      image_shape=(info.image_size, info.image_size, 3),
+      crd_train_labels=crd_labels(config),
+      # With every teacher embedding cached the teacher never runs on device.
+      place_teacher=not (train_cache and eval_cache),
+    )
+  return run, train_loader, eval_loader, num_train
