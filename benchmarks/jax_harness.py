@@ -23,9 +23,9 @@ from benchmarks import timing
 from ega_jax import config as config_lib
 from ega_jax import data as data_lib
 from ega_jax import models as models_lib
-from ega_jax.models import preprocess
 from ega_jax.train import run as run_lib
 from ega_jax.train import state as state_lib
+from ega_jax.train import steps as steps_lib
 
 
 def random_teacher(arch: str, image_size: int | None, seed: int):
@@ -173,15 +173,7 @@ def _teacher_alone(
   models = run.models
 
   def teacher_forward(variables, images_uint8):
-    return preprocess.teacher_embedding(
-      models.teacher,
-      variables,
-      images_uint8,
-      models.teacher_image_size,
-      models.teacher_mean,
-      models.teacher_std,
-      models.dtype,
-    )
+    return steps_lib.live_teacher_embedding(models, variables, images_uint8)
 
   variables = jax.device_put(teacher_host_variables, device)
   source = jax.device_put(teacher_images[:per_device_batch], device)

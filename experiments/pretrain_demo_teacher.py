@@ -5,32 +5,19 @@ its own teacher the way real teachers are made: self-supervised, in PyTorch,
 saved as an ordinary checkpoint that `python -m launch.convert_teacher` then
 converts to Flax like any released ResNet.
 
-  * Backbone: `torchvision.models.resnet18` with torchvision's module names, so
-    the checkpoint looks like a real release. Its `fc` is replaced by the SimCLR
-    projection MLP `fc = Sequential(Linear(512, 512), ReLU, Linear(512, 128))`;
-    the converter ignores `fc.*` and keeps the 512-d avgpool feature.
-  * Data: Fashion-MNIST train images (no labels), upscaled to 32x32, grayscale
-    replicated to 3 channels, normalised with the dataset's own mean/std.
-  * Loss: NT-Xent on two augmented views per image (random resized crop,
-    horizontal flip, brightness/contrast jitter, random erasing), all done
-    batch-wise on tensors.
-  * Report: a linear probe (logistic regression on frozen avgpool features of a
-    few thousand train images, evaluated on the test set) measures what the
-    teacher learned without labels.
+Backbone: `torchvision.models.resnet18` (torchvision's names, like a real
+release) whose `fc` is the SimCLR projection MLP 512-512-128, which the
+converter ignores. Data: Fashion-MNIST train images without labels, upscaled to
+32x32, 3 channels. Loss: NT-Xent on two batch-wise augmented views. Report: a
+linear probe on frozen avgpool features, evaluated on the test set. The SimCLR
+pieces are in `experiments.simclr`; tensorflow is never imported here.
 
 Outputs `--output` (a plain `state_dict`) and `<output>.json` (preprocessing,
-epochs run, final loss, probe accuracy, seconds). A second run with the same
-settings finds both and exits at once ("cached").
-
-Budget: the defaults (20k images x 5 epochs, batch 256, NT-Xent temperature
-0.2) are sized for about 3 minutes on 2 idle CPU cores. `--time_budget_s`
-(225 s) bounds the whole run: on a slower or busy machine training stops early,
-leaving the probe the time it needs, and the JSON says so (`stopped_early`).
-
-The SimCLR pieces (augmentations, model, loss, linear probe) are in
-`experiments.simclr`. Nothing here imports tensorflow (torch must not share a
-process with tensorflow imported first); the idx reader's package,
-`ega_jax.data`, brings grain and jax along, imported after torch.
+epochs run, final loss, probe accuracy, seconds); a second run with the same
+settings finds both and exits at once ("cached"). The defaults (20k images x 5
+epochs, batch 256, temperature 0.2) take about 3 minutes on 2 idle cores;
+`--time_budget_s` (225 s) bounds the run, stopping training early on a slow or
+busy machine (the JSON says `stopped_early`).
 
 Usage:
   python -m experiments.pretrain_demo_teacher \

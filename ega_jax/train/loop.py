@@ -68,8 +68,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       report_progress(step)
       eval_top1 = None
       if _due(step, config.log_every_steps, num_steps):
-        _write_train_metrics(writer, config, run, state, step, num_steps, history)
-        _stop_if_nonfinite(config, state, step, history, manager, workdir)
+        means = _write_train_metrics(writer, config, run, state, step, num_steps, history)
+        _stop_if_nonfinite(config, means, state, step, history, manager, workdir)
         history = []
       if _due(step, eval_every, num_steps):
         with report_progress.timed("eval"):
@@ -186,8 +186,9 @@ def _mean_metrics(history: list[dict[str, jnp.ndarray]]) -> dict[str, float]:
   return {key: float(np.mean([h[key] for h in host])) for key in host[0]}
 
 
-def _write_train_metrics(writer, config, run, state, step, num_steps, history) -> None:
-  """Means of the train metrics since the last log (steps_per_sec comes from clu)."""
+def _write_train_metrics(writer, config, run, state, step, num_steps, history) -> dict:
+  """Writes and returns the means of the train metrics since the last log
+  (steps_per_sec comes from clu)."""
   summary = _mean_metrics(history)
   scalars = {f"train/{k}": v for k, v in summary.items() if k != "finite"}
   scalars["train/top1"] *= 100.0
@@ -206,14 +207,16 @@ def _write_train_metrics(writer, config, run, state, step, num_steps, history) -
     summary["distill"],
     scalars["train/top1"],
   )
+  return summary
 
 
-def _stop_if_nonfinite(config, state, step, history, manager, workdir) -> None:
-  """Under nonfinite_policy='stop', raises NonFiniteError naming the first bad step."""
-  if config.nonfinite_policy != "stop":
-    return
-  finite = jax.device_get([h["finite"] for h in history])
-  if min(float(f) for f in finite) >= 1.0:
+def _stop_if_nonfinite(config, means, state, step, history, manager, workdir) -> None:
+  """Under nonfinite_policy='stop', raises NonFiniteError naming the first bad step.
+
+  `means` are the logged means of `history`: a mean 'finite' below 1 means some
+  step of the window was not finite.
+  """
+  if config.nonfinite_policy != "stop" or means["finite"] >= 1.0:
     return
   bad_step = int(jax.device_get(state.first_nonfinite_step))
   position = bad_step - 1 - (step - len(history))
