@@ -23,6 +23,13 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: use only the first that many train / evaluation examples (quick runs).
   config.dataset.max_train_examples = -1
   config.dataset.max_eval_examples = -1
+  # Label-efficient mode: > 0 keeps only this many train labels (class-balanced,
+  # fixed by config.seed, recorded in the workdir's labelled.json); every image
+  # still reaches the student and the teacher. -1: every label is known.
+  config.dataset.num_labelled = -1
+  # With num_labelled > 0: the share of every batch drawn from the labelled
+  # images (the rest from all images). CE-only runs use the labelled images alone.
+  config.dataset.labelled_share = 0.5
 
   config.teacher = ml_collections.ConfigDict()
   config.teacher.arch = "clip_vit_b32"

@@ -140,6 +140,18 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"count ({num_devices}), because it is the global batch split evenly "
         "over all devices."
       )
+  num_labelled = config.dataset.get("num_labelled", -1)
+  if num_labelled != -1 and num_labelled <= 0:
+    raise ConfigError(
+      f"config.dataset.num_labelled={num_labelled} must be -1 (every label) or a positive "
+      "number of labelled train images."
+    )
+  share = config.dataset.get("labelled_share", 0.5)
+  if not 0 < share <= 1:
+    raise ConfigError(
+      f"config.dataset.labelled_share={share} must be in (0, 1]: the share of each batch "
+      "drawn from the labelled images."
+    )
   if config.distill.method in losses.GRAPH_METHODS and config.batch_size < 2:
     raise ConfigError(
       f"config.batch_size={config.batch_size} is too small for a graph loss "

@@ -44,12 +44,14 @@ from experiments import simclr  # noqa: E402
 
 DEFAULT_DATA_DIR = idx.DEBIAN_FASHION_MNIST_DIR
 DEFAULT_OUTPUT = "demo_out/teacher/simclr_resnet18_fmnist.pth"
+DEFAULT_STEPS = 800
+# Train images the quick probes during training are fitted on.
+QUICK_PROBE_TRAIN_EXAMPLES = 5000
 # Seconds kept for the probe's L-BFGS fit and the checkpoint writes.
-PROBE_FIT_RESERVE_S = 10.0
 
 # Settings that change the trained weights; the cache must match all of them.
 TRAINING_SETTING_NAMES = (
-  "epochs",
+  "steps",
   "num_train_examples",
   "batch_size",
   "lr",
@@ -89,11 +91,7 @@ def metadata_path(output):
 
 
 def is_cached(output, settings):
-  """Whether `output` and its JSON exist and were made with `settings`.
-
-  A run cut short by --time_budget_s only counts for the same budget; a run
-  that finished all its epochs counts whatever the budget.
-  """
+  """Whether `output` and its JSON exist and were made with `settings`."""
   if not (os.path.isfile(output) and os.path.isfile(metadata_path(output))):
     return False
   try:
@@ -104,10 +102,7 @@ def is_cached(output, settings):
   previous_settings = previous.get("settings", {})
   if any(previous_settings.get(name) != settings[name] for name in TRAINING_SETTING_NAMES):
     return False
-  return (
-    not previous.get("stopped_early", True)
-    or previous_settings.get("time_budget_s") == settings["time_budget_s"]
-  )
+  return True
 
 
 # ---------------------------------------------------------------- main
@@ -127,11 +122,13 @@ def parse_args(argv):
     "--data_dir", default=DEFAULT_DATA_DIR, help="folder with the Fashion-MNIST *-ubyte.gz files"
   )
   parser.add_argument("--output", default=DEFAULT_OUTPUT, help="state_dict .pth to write")
-  parser.add_argument("--epochs", type=int, default=5, help="passes over the subset")
+  parser.add_argument(
+    "--steps", type=int, default=DEFAULT_STEPS, help="training steps (the only stopping rule)"
+  )
   parser.add_argument(
     "--num_train_examples",
     type=int,
-    default=20000,
+    default=60000,
     help="size of the random train subset used for SimCLR",
   )
   parser.add_argument("--batch_size", type=int, default=256, help="images per step (2 views each)")
@@ -139,13 +136,6 @@ def parse_args(argv):
   parser.add_argument("--weight_decay", type=float, default=1e-4)
   parser.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument(
-    "--time_budget_s",
-    type=float,
-    default=225.0,
-    help="wall-clock budget of the whole run, probe included (imports "
-    "aside): training stops early to leave the probe its time",
-  )
   parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   parser.add_argument(
     "--device",
@@ -156,7 +146,7 @@ def parse_args(argv):
   parser.add_argument(
     "--probe_train_examples",
     type=int,
-    default=5000,
+    default=60000,
     help="labelled train images the linear probe is fitted on",
   )
   parser.add_argument(
@@ -166,6 +156,17 @@ def parse_args(argv):
     help="test images the probe is scored on (10000 = whole test set)",
   )
   parser.add_argument("--probe_steps", type=int, default=300, help="L-BFGS iterations of the probe")
+  parser.add_argument(
+    "--probe_every",
+    type=int,
+    default=0,
+    help="steps between quick probes during training (fitted on 5,000 train images; 0 = none)",
+  )
+  parser.add_argument(
+    "--keep_snapshots",
+    action="store_true",
+    help="also save <output>.step<N>.pth at every quick probe",
+  )
   args = parser.parse_args(argv)
   if not args.output.endswith(".pth"):
     raise ScriptError(f"--output must end in .pth, got {args.output!r}.")
@@ -174,7 +175,7 @@ def parse_args(argv):
     "batch_size",
     "lr",
     "temperature",
-    "time_budget_s",
+    "steps",
     "threads",
     "log_every",
     "probe_train_examples",
@@ -184,7 +185,7 @@ def parse_args(argv):
   for name in positive:
     if getattr(args, name) <= 0:
       raise ScriptError(f"--{name} must be positive, got {getattr(args, name)}.")
-  for name in ("epochs", "weight_decay"):
+  for name in ("probe_every", "weight_decay"):
     if getattr(args, name) < 0:
       raise ScriptError(f"--{name} must be >= 0, got {getattr(args, name)}.")
   if args.device.split(":")[0] not in ("cpu", "cuda", "mps"):
@@ -205,25 +206,47 @@ def parse_args(argv):
   return args
 
 
-def train_simclr(model, unit_images, mean, std, args, deadline, probe_images):
-  """Trains `model` in place with NT-Xent; returns (steps_run, final_loss, stopped_early).
+def run_probe(model, train_images, train_labels, test_images, test_labels, mean, std, args):
+  """Linear-probe test accuracy of the frozen avgpool features (see `simclr.linear_probe_accuracy`).
+
+  Args:
+    train_images, test_images: uint8 (N, 28, 28); train_labels, test_labels: int64 (N,).
+  """
+  train_features = simclr.extract_features(model, simclr.to_unit_tensor(train_images), mean, std)
+  test_features = simclr.extract_features(model, simclr.to_unit_tensor(test_images), mean, std)
+  accuracy = simclr.linear_probe_accuracy(
+    train_features,
+    torch.from_numpy(train_labels),
+    test_features,
+    torch.from_numpy(test_labels),
+    steps=args.probe_steps,
+  )
+  model.train()
+  return accuracy
+
+
+def train_simclr(model, unit_images, mean, std, args, probe=None):
+  """Trains `model` in place with NT-Xent for exactly `args.steps` steps.
+
+  The number of steps, never the wall clock, ends training, so one command
+  gives one teacher on a fast or a slow machine. Epochs are reshuffled passes
+  over `unit_images` (the last partial batch of each pass dropped).
 
   Args:
     model: from `build_simclr_resnet18`, on args.device.
-    unit_images: (N, 1, 32, 32) in [0, 1], the unlabelled training subset.
+    unit_images: (N, 1, 32, 32) in [0, 1], the unlabelled training images.
     mean, std: the normalisation (floats).
     args: the parsed flags.
-    deadline: time.time() by which the whole run, probe included, must end.
-    probe_images: how many images the linear probe will embed afterwards.
+    probe: None, or a function of the model returning the quick probe's
+      accuracy; called every `args.probe_every` steps.
 
   Returns:
-    steps_run; final_loss, the last step's loss (None when no step ran:
-    --epochs 0, a random-init baseline); stopped_early, whether the deadline
-    cut training short.
+    The training log: one dict per progress line (step, epoch, mean loss of
+    the window, seconds, and `probe` where one ran).
   """
   generator = torch.Generator().manual_seed(args.seed)
-  steps_per_epoch = len(unit_images) // args.batch_size  # Last partial batch dropped.
-  total_steps = steps_per_epoch * args.epochs
+  steps_per_epoch = len(unit_images) // args.batch_size
+  total_steps = args.steps
   warmup_steps = max(1, min(total_steps // 10, 100))
   optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
   # Linear warmup, then cosine decay to zero.
@@ -234,62 +257,59 @@ def train_simclr(model, unit_images, mean, std, args, deadline, probe_images):
     ),
   )
   model.train()
-  step, final_loss, stopped_early = 0, None, False
+  log = []
   start = time.time()
   window_start, window_loss, window_steps = start, 0.0, 0
-  for epoch in range(args.epochs):
-    order = torch.randperm(len(unit_images), generator=generator)
-    for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
-      batch = unit_images[order[batch_start : batch_start + args.batch_size]]
-      # Both views go through one forward pass: half the Python overhead, and
-      # BatchNorm sees the same statistics for both views.
-      views = simclr.normalize_to_rgb(
-        torch.cat([simclr.augment(batch, generator), simclr.augment(batch, generator)]), mean, std
+  order = None
+  for step in range(1, total_steps + 1):
+    position = (step - 1) % steps_per_epoch
+    if position == 0:
+      order = torch.randperm(len(unit_images), generator=generator)
+    batch = unit_images[order[position * args.batch_size : (position + 1) * args.batch_size]]
+    # Both views go through one forward pass: half the Python overhead, and
+    # BatchNorm sees the same statistics for both views.
+    views = simclr.normalize_to_rgb(
+      torch.cat([simclr.augment(batch, generator), simclr.augment(batch, generator)]), mean, std
+    )
+    projections = model(views)
+    loss = simclr.nt_xent_loss(
+      projections[: len(batch)], projections[len(batch) :], args.temperature
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    window_loss += loss.item()
+    window_steps += 1
+    probe_due = probe is not None and args.probe_every > 0 and step % args.probe_every == 0
+    if step % args.log_every == 0 or step == total_steps or probe_due:
+      elapsed = time.time() - start
+      images_per_s = window_steps * args.batch_size / (time.time() - window_start)
+      record = {
+        "step": step,
+        "epoch": round(step / steps_per_epoch, 3),
+        "loss": window_loss / window_steps,
+        "seconds": round(elapsed, 1),
+      }
+      line = (
+        f"step {step}/{total_steps} (epoch {record['epoch']:.2f}) loss {record['loss']:.4f} "
+        f"{images_per_s:.0f} images/s (2 views each) elapsed {format_seconds(elapsed)} "
+        f"ETA {format_seconds((total_steps - step) * elapsed / step)}"
       )
-      projections = model(views)
-      loss = simclr.nt_xent_loss(
-        projections[: len(batch)], projections[len(batch) :], args.temperature
-      )
-      optimizer.zero_grad(set_to_none=True)
-      loss.backward()
-      optimizer.step()
-      schedule.step()
-      step += 1
-      final_loss = loss.item()
-      window_loss += final_loss
-      window_steps += 1
-      now = time.time()
-      elapsed = now - start
-      if step % args.log_every == 0 or step == total_steps:
-        images_per_s = window_steps * args.batch_size / (time.time() - window_start)
-        eta = (total_steps - step) * elapsed / step
-        print(
-          f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} "
-          f"loss {window_loss / window_steps:.4f} {images_per_s:.0f} images/s "
-          f"(2 views each) elapsed {format_seconds(elapsed)} ETA {format_seconds(eta)}",
-          flush=True,
-        )
-        window_start, window_loss, window_steps = time.time(), 0.0, 0
-      # Time the probe will need: one forward pass over its images (about a
-      # third of a training view's work) at the speed measured so far, with
-      # 50% headroom, plus the L-BFGS fit and the writes.
-      views_per_s = 2 * step * args.batch_size / elapsed
-      probe_reserve_s = 1.5 * probe_images / (3 * views_per_s) + PROBE_FIT_RESERVE_S
-      if now + probe_reserve_s > deadline and step < total_steps:
-        print(
-          f"time budget of {args.time_budget_s:.0f}s: stopping after step "
-          f"{step}/{total_steps} to leave {probe_reserve_s:.0f}s for the probe",
-          flush=True,
-        )
-        stopped_early = True
-        return step, final_loss, stopped_early
-  return step, final_loss, stopped_early
+      if probe_due:
+        record["probe"] = probe(model)
+        line += f" quick probe {record['probe']:.4f}"
+        if args.keep_snapshots:
+          torch.save(model.state_dict(), f"{args.output[:-4]}.step{step}.pth")
+      print(line, flush=True)
+      log.append(record)
+      window_start, window_loss, window_steps = time.time(), 0.0, 0
+  return log
 
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   settings = {name: getattr(args, name) for name in TRAINING_SETTING_NAMES}
-  settings["time_budget_s"] = args.time_budget_s
   if is_cached(args.output, settings):
     print(f"cached: {args.output} was already trained with these settings")
     return 0
@@ -317,42 +337,32 @@ def main(argv=None):
     args.device
   )
   print(
-    f"SimCLR ResNet-18 on {len(ssl_images)} Fashion-MNIST images, {args.epochs} epochs, "
+    f"SimCLR ResNet-18 on {len(ssl_images)} Fashion-MNIST images, {args.steps} steps, "
     f"batch {args.batch_size}, {args.threads} threads on {args.device}; "
     f"mean {mean:.4f} std {std:.4f}",
     flush=True,
   )
 
   model = simclr.build_simclr_resnet18().to(args.device, memory_format=torch.channels_last)
-  train_start = time.time()
-  steps_run, final_loss, stopped_early = train_simclr(
-    model,
-    ssl_images,
-    mean,
-    std,
-    args,
-    deadline=start + args.time_budget_s,
-    probe_images=args.probe_train_examples + args.probe_test_examples,
+  # The probe is fitted on the last `probe_train_examples` of the permutation
+  # (labels used by the probe only) and scored on the test split.
+  probe_indices = subset[len(subset) - args.probe_train_examples :]
+  probe_sets = (
+    train_images[probe_indices],
+    train_labels[probe_indices],
+    test_images[: args.probe_test_examples],
+    test_labels[: args.probe_test_examples],
   )
+  quick = min(QUICK_PROBE_TRAIN_EXAMPLES, args.probe_train_examples)
+  quick_probe = lambda model: run_probe(
+    model, probe_sets[0][:quick], probe_sets[1][:quick], *probe_sets[2:], mean, std, args
+  )
+  train_start = time.time()
+  log = train_simclr(model, ssl_images, mean, std, args, probe=quick_probe)
   train_seconds = time.time() - train_start
-  steps_per_epoch = len(ssl_images) // args.batch_size
-  epochs_run = steps_run / steps_per_epoch
 
   probe_start = time.time()
-  probe_indices = subset[len(subset) - args.probe_train_examples :]
-  probe_train = simclr.extract_features(
-    model, simclr.to_unit_tensor(train_images[probe_indices]), mean, std
-  )
-  probe_test = simclr.extract_features(
-    model, simclr.to_unit_tensor(test_images[: args.probe_test_examples]), mean, std
-  )
-  accuracy = simclr.linear_probe_accuracy(
-    probe_train,
-    torch.from_numpy(train_labels[probe_indices]),
-    probe_test,
-    torch.from_numpy(test_labels[: args.probe_test_examples]),
-    steps=args.probe_steps,
-  )
+  accuracy = run_probe(model, *probe_sets, mean, std, args)
   print(
     f"linear probe: {accuracy:.4f} test accuracy ({args.probe_train_examples} train / "
     f"{args.probe_test_examples} test images, {time.time() - probe_start:.0f}s)",
@@ -373,14 +383,14 @@ def main(argv=None):
     "image_size": simclr.IMAGE_SIZE,
     "mean": [mean] * 3,
     "std": [std] * 3,
-    "epochs_run": epochs_run,
-    "steps_run": steps_run,
-    "stopped_early": stopped_early,
-    "final_loss": final_loss,
+    "steps_run": args.steps,
+    "epochs_run": args.steps / (len(ssl_images) // args.batch_size),
+    "final_loss": log[-1]["loss"],
     "linear_probe_accuracy": accuracy,
     "seconds": time.time() - start,
     "train_seconds": train_seconds,
     "settings": settings,
+    "training_log": log,
   }
   with open(metadata_path(args.output) + ".tmp", "w") as f:
     json.dump(metadata, f, indent=2)

@@ -19,6 +19,7 @@ import numpy as np
 
 from ega_jax.data import augment
 from ega_jax.data import info as info_lib
+from ega_jax.data import labelled as labelled_lib
 from ega_jax.data import sources
 from ega_jax.data import teacher_cache as teacher_cache_lib
 
@@ -89,6 +90,12 @@ class TrainExamples:
   step s // b. Views come from `augment.view_generator(seed, epoch,
   position)`. Hence the concatenation of all processes' batches of a step, in
   process order, is the single-process batch of that step.
+
+  With a labelled subset (`labelled`, sorted train indices) the global batch
+  of step t is instead L = `labelled_rows` rows from the endless labelled
+  stream (positions t*L ...) followed by B - L rows from the endless stream
+  of all images (positions t*(B-L) ...); see `ega_jax.data.labelled`. A row
+  whose image is not in the subset gets label -1.
   """
 
   def __init__(
@@ -102,8 +109,15 @@ class TrainExamples:
     padding: int,
     teacher_view: str,
     teacher_cache: teacher_cache_lib.CachedFeatures | None = None,
+    labelled: np.ndarray | None = None,
+    labelled_rows: int = 0,
   ):
     self.source = source
+    self.labelled = labelled
+    self.labelled_rows = labelled_rows
+    if labelled is not None:
+      self.is_labelled = np.zeros(len(source), bool)
+      self.is_labelled[labelled] = True
     self.teacher_cache = teacher_cache
     self.seed = seed
     self.num_records = len(source)
@@ -121,11 +135,36 @@ class TrainExamples:
     position = step_in_epoch * self.global_batch_size + self.process_index * self.batch_size + row
     return epoch, position
 
-  def __call__(self, slot: int) -> dict[str, np.ndarray]:
-    epoch, position = self.locate(slot)
-    record_key = epoch_permutation(self.seed, epoch, self.num_records)[position]
+  def _mixed_stream_example(self, slot: int) -> tuple[dict[str, np.ndarray], np.random.Generator]:
+    """(example with label -1 unless labelled, view generator) in label-efficient mode."""
+    step, row = divmod(int(slot), self.batch_size)
+    global_row = self.process_index * self.batch_size + row
+    if global_row < self.labelled_rows:
+      num_labelled = len(self.labelled)
+      epoch, position = divmod(step * self.labelled_rows + global_row, num_labelled)
+      order = labelled_lib.labelled_permutation(self.seed, epoch, num_labelled)
+      record_key = self.labelled[order[position]]
+      rng = labelled_lib.labelled_view_generator(self.seed, epoch, position)
+    else:
+      other_rows = self.global_batch_size - self.labelled_rows
+      epoch, position = divmod(
+        step * other_rows + global_row - self.labelled_rows, self.num_records
+      )
+      record_key = epoch_permutation(self.seed, epoch, self.num_records)[position]
+      rng = augment.view_generator(self.seed, epoch, position)
     example = self.source[int(record_key)]
-    rng = augment.view_generator(self.seed, epoch, position)
+    if not self.is_labelled[record_key]:
+      example = dict(example, label=np.int32(-1))
+    return example, rng
+
+  def __call__(self, slot: int) -> dict[str, np.ndarray]:
+    if self.labelled is not None:
+      example, rng = self._mixed_stream_example(slot)
+    else:
+      epoch, position = self.locate(slot)
+      record_key = epoch_permutation(self.seed, epoch, self.num_records)[position]
+      example = self.source[int(record_key)]
+      rng = augment.view_generator(self.seed, epoch, position)
     if self.teacher_cache is not None:
       return augment.student_view_cached_teacher(
         example, rng, self.padding, self.teacher_view, self.teacher_cache
@@ -147,6 +186,8 @@ def create_train_loader(
   read_options: grain.ReadOptions | None = None,
   max_examples: int | None = None,
   teacher_cache_dir: str | None = None,
+  labelled_indices: np.ndarray | None = None,
+  labelled_share: float = 1.0,
 ) -> grain.IterDataset:
   """Shuffled, augmented training batches for this process.
 
@@ -180,6 +221,11 @@ def create_train_loader(
     teacher_cache_dir: a directory written by python -m launch.cache_teacher; the
       batches then carry the teacher's cached embedding of its view
       ('teacher_feature') instead of the teacher image.
+    labelled_indices: None (every label known), or the sorted train indices
+      whose labels are known (`labelled.choose_labelled`): label-efficient
+      mode, with round(labelled_share * global_batch_size) rows of every
+      global batch drawn from them (see `TrainExamples`).
+    labelled_share: in (0, 1]; only read with labelled_indices.
 
   Returns:
     a `grain.IterDataset`; `iter()` gives a `grain.DatasetIterator` with
@@ -189,7 +235,7 @@ def create_train_loader(
       'image': uint8 (b, S, S, 3) student view (pad S//8, random crop, flip),
       'teacher_image': uint8 (b, S, S, 3) teacher view (without a cache),
       'teacher_feature': float16 (b, D) cached teacher embedding (with one),
-      'label': int32 (b,),
+      'label': int32 (b,), -1 for an unlabelled image,
       'index': int32 (b,) position of each example in the train split.
   """
   info = info_lib.get_dataset_info(name)
@@ -229,6 +275,16 @@ def create_train_loader(
         f"{padding}. Rebuild it with python -m launch.cache_teacher with the same "
         "config.dataset.max_train_examples."
       )
+  rows_from_labelled = 0
+  if labelled_indices is not None:
+    labelled_indices = np.asarray(labelled_indices, np.int64)
+    if labelled_indices.size == 0 or labelled_indices.max() >= len(source):
+      raise ValueError(
+        f"labelled_indices must be non-empty indices below {len(source)} (the train examples)."
+      )
+    if not 0 < labelled_share <= 1:
+      raise ValueError(f"labelled_share must be in (0, 1], got {labelled_share!r}.")
+    rows_from_labelled = labelled_lib.labelled_rows(global_batch_size, labelled_share)
   examples = TrainExamples(
     source,
     seed=seed,
@@ -238,6 +294,8 @@ def create_train_loader(
     padding=padding,
     teacher_view=teacher_view,
     teacher_cache=cache,
+    labelled=labelled_indices,
+    labelled_rows=rows_from_labelled,
   )
   slots_per_epoch = examples.steps_per_epoch * batch_size
   if num_epochs is None:
@@ -253,6 +311,15 @@ def create_train_loader(
   stream = batches.to_iter_dataset(read_options or default_train_read_options())
   if worker_count > 0:
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  if labelled_indices is not None:
+    logging.info(
+      "Label-efficient: %d labelled train images; rows [0, %d) of each global batch of %d "
+      "come from them, the rest from all %d images.",
+      len(labelled_indices),
+      rows_from_labelled,
+      global_batch_size,
+      len(source),
+    )
   logging.info(
     "%s train: process %d/%d reads rows [%d, %d) of each global batch of "
     "%d; %d steps per epoch over %d examples.",
@@ -293,8 +360,15 @@ class EvalLoader:
     process_count: int,
     read_options: grain.ReadOptions | None = None,
     teacher_cache: teacher_cache_lib.CachedFeatures | None = None,
+    labelled: np.ndarray | None = None,
+    labelled_rows: int = 0,
   ):
     self.source = source
+    self.labelled = labelled
+    self.labelled_rows = labelled_rows
+    if labelled is not None:
+      self.is_labelled = np.zeros(len(source), bool)
+      self.is_labelled[labelled] = True
     self.teacher_cache = teacher_cache
     self.batch_size = batch_size
     self.num_examples = len(source)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 from absl import logging
 import jax
+import numpy as np
 
 from ega_jax import config as config_lib
 from ega_jax import data as data_lib
@@ -44,9 +46,69 @@ def as_user_error(what: str):
     raise config_lib.UserInputError(f"{what}: {config_lib.one_line(error)}") from error
 
 
-def create_loaders(config, train_cache: str | None, eval_cache: str | None):
+def labelled_subset(config):
+  """None (every label known), or the sorted train indices whose labels a
+  label-efficient run uses (config.dataset.num_labelled > 0)."""
+  if config.dataset.num_labelled <= 0:
+    return None
+  from ega_jax.data import labelled
+
+  info = data_lib.get_dataset_info(config.dataset.name)
+  labels = data_lib.train_labels(
+    config.dataset.name, config.dataset.data_dir, config.dataset.max_train_examples
+  )
+  try:
+    return labelled.choose_labelled(
+      labels, config.dataset.num_labelled, config.seed, info.num_classes
+    )
+  except ValueError as error:
+    raise config_lib.ConfigError(f"config.dataset.num_labelled: {error}") from error
+
+
+def labelled_share(config) -> float:
+  """The share of each batch drawn from the labelled images.
+
+  A run without distillation uses nothing but labels, so it trains on the
+  labelled images alone (share 1): the CE-only baseline of a label-efficient
+  run. A distillation run uses config.dataset.labelled_share.
+  """
+  return config.dataset.labelled_share if config_lib.uses_teacher(config) else 1.0
+
+
+def record_labelled_subset(directory, config, indices) -> None:
+  """Writes `labelled.json` (the subset and its layout) into the workdir (process 0).
+
+  A resumed run recomputes the subset from the seed; a different one (another
+  seed or num_labelled in the same workdir) is refused.
+  """
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(directory, "labelled.json")
+  record = {
+    "num_labelled": len(indices),
+    "labelled_share": labelled_share(config),
+    "seed": config.seed,
+    "indices": [int(i) for i in indices],
+  }
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous.get("indices") != record["indices"]:
+      raise config_lib.ConfigError(
+        f"{path} records another labelled subset ({previous.get('num_labelled')} images, seed "
+        f"{previous.get('seed')}); config.dataset.num_labelled={config.dataset.num_labelled} "
+        f"with config.seed={config.seed} chooses a different one. Use a new workdir."
+      )
+    return
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f)
+  os.replace(path + ".tmp", path)
+
+
+def create_loaders(config, train_cache: str | None, eval_cache: str | None, labelled=None):
   """This process's train and eval loaders; `*_cache` (a cache directory) makes
-  their batches carry cached teacher embeddings."""
+  their batches carry cached teacher embeddings; `labelled` (train indices)
+  makes the train loader label-efficient."""
   process_index, process_count = jax.process_index(), jax.process_count()
   train_loader = data_lib.create_train_loader(
     config.dataset.name,
@@ -59,6 +121,8 @@ def create_loaders(config, train_cache: str | None, eval_cache: str | None):
     worker_count=config.dataset.worker_count,
     max_examples=config.dataset.max_train_examples,
     teacher_cache_dir=train_cache,
+    labelled_indices=labelled,
+    labelled_share=labelled_share(config),
   )
   eval_loader = data_lib.create_eval_loader(
     config.dataset.name,
@@ -78,12 +142,22 @@ def num_train_examples(config, info) -> int:
   return info.num_train
 
 
-def crd_labels(config):
+def crd_labels(config, labelled=None):
+  """CRD's class of every train image; with a labelled subset, unlabelled images
+  are classes of their own (`labelled.instance_labels`)."""
   if config.distill.method != "crd":
     return None
-  return data_lib.train_labels(
+  labels = data_lib.train_labels(
     config.dataset.name, config.dataset.data_dir, config.dataset.max_train_examples
   )
+  if labelled is None:
+    return labels
+  from ega_jax.data import labelled as labelled_lib
+
+  known = np.full(len(labels), -1, labels.dtype)
+  known[labelled] = labels[labelled]
+  num_classes = data_lib.get_dataset_info(config.dataset.name).num_classes
+  return labelled_lib.instance_labels(known, np.arange(len(labels)), num_classes)
 
 
 def teacher_cache_splits(config, teacher_meta) -> tuple[str | None, str | None]:
@@ -155,11 +229,12 @@ def flat_hparams(config) -> dict:
   return flat
 
 
-def build(config, mesh):
+def build(config, mesh, record_dir=None):
   """(run, train loader, eval loader, number of train examples) for a validated config.
 
   Loads the teacher, checks the teacher cache, opens the data and calls
   build_run; a user mistake on the way becomes one UserInputError sentence.
+  A label-efficient run records its labelled subset in `record_dir` (the workdir).
   """
   logging.info(
     "Devices: %d (%s), processes: %d, mesh: %s",
@@ -172,7 +247,10 @@ def build(config, mesh):
   info = data_lib.get_dataset_info(config.dataset.name)
   train_cache, eval_cache = teacher_cache_splits(config, teacher_meta)
   with as_user_error(f"config.dataset.name={config.dataset.name!r}"):
-    train_loader, eval_loader = create_loaders(config, train_cache, eval_cache)
+    labelled = labelled_subset(config)
+    train_loader, eval_loader = create_loaders(config, train_cache, eval_cache, labelled)
+  if labelled is not None and record_dir is not None:
+    record_labelled_subset(record_dir, config, labelled)
   num_train = num_train_examples(config, info)
   with as_user_error(
     f"config.student.arch={config.student.arch!r} on "
@@ -187,7 +265,7 @@ def build(config, mesh):
       num_classes=info.num_classes,
       num_train_examples=num_train,
       image_shape=(info.image_size, info.image_size, 3),
-      crd_train_labels=crd_labels(config),
+      crd_train_labels=crd_labels(config, labelled),
       # With every teacher embedding cached the teacher never runs on device.
       place_teacher=not (train_cache and eval_cache),
     )

@@ -28,6 +28,7 @@ import optax
 
 from ega_jax import config as config_lib
 from ega_jax import losses
+from ega_jax.data import labelled as labelled_lib
 from ega_jax.models import preprocess
 from ega_jax.train.state import AXIS, DistillModels, TrainState
 
@@ -155,9 +156,16 @@ def _objective(
   step_rng,
 ):
   """This device's share of the total loss, and what the step needs besides it."""
+  # Label -1 marks an unlabelled row (label-efficient mode): the
+  # cross-entropies and accuracies count labelled rows only, the distillation
+  # loss every row. With every label known this is the plain global mean.
   labels = batch["label"]
-  global_labels = all_gather(labels)
-  global_batch = global_labels.shape[0]
+  labelled = labels >= 0
+  known_labels = jnp.maximum(labels, 0)
+  num_labelled = jnp.maximum(jax.lax.psum(jnp.sum(labelled.astype(jnp.float32)), AXIS), 1.0)
+  global_labels = all_gather(
+    labelled_lib.instance_labels(labels, batch["index"], models.student_head.num_classes)
+  )
   student_images = preprocess.normalize_images(batch["image"], models.data_mean, models.data_std)
   (_, student_features), new_model_state = models.student.apply(
     {"params": student_params["backbone"], "batch_stats": state.student_batch_stats},
@@ -174,8 +182,9 @@ def _objective(
   student_emb = student_emb.astype(loss_dtype)
   student_logits = student_logits.astype(loss_dtype)
 
-  # Local terms: local sum / global batch (their sum over devices is the mean).
-  ce_student = cross_entropy_sum(student_logits, labels) / global_batch
+  # Local terms: local sum / global count (their sum over devices is the mean).
+  weights = labelled.astype(loss_dtype)
+  ce_student = cross_entropy_sum(student_logits, known_labels, weights) / num_labelled
   ce_teacher = jnp.zeros((), jnp.float32)
   teacher_correct = jnp.zeros((), jnp.float32)
   embeddings = {
@@ -190,7 +199,7 @@ def _objective(
     )
     teacher_emb = teacher_emb.astype(loss_dtype)
     teacher_logits = teacher_logits.astype(loss_dtype)
-    ce_teacher = cross_entropy_sum(teacher_logits, labels) / global_batch
+    ce_teacher = cross_entropy_sum(teacher_logits, known_labels, weights) / num_labelled
     teacher_correct = jnp.sum(correct_topk(teacher_logits, labels, 1))
     # Global terms: every device computes the same value from gathered rows.
     if not config.distill.train_teacher_head_jointly:
@@ -233,6 +242,7 @@ def _objective(
     "distill": distill,
     "correct": jnp.sum(correct_topk(student_logits, labels, 1)),
     "teacher_correct": teacher_correct,
+    "num_labelled": num_labelled,
   }
   return total, aux
 
@@ -267,7 +277,7 @@ def train_step(
     state: replicated TrainState.
     teacher_variables: replicated frozen teacher variables.
     batch: this device's slice: 'image', 'teacher_image' (b, H, W, 3) uint8,
-      'label' (b,) int32, 'index' (b,) int32; with a teacher-embedding cache
+      'label' (b,) int32 (-1: unlabelled), 'index' (b,) int32; with a teacher-embedding cache
       'teacher_feature' (b, D) float16 replaces 'teacher_image' and the
       teacher does not run.
     crd_tables: replicated class tables for CRD negatives (empty dict otherwise).
@@ -328,15 +338,14 @@ def train_step(
     & jnp.isfinite(teacher_ce)
     & _tree_all_finite((student_grads, teacher_head_grads))
   )
-  global_batch = batch["label"].shape[0] * jax.lax.axis_size(AXIS)
   metrics = {
     "loss": loss,
     "ce": ce,
     "distill": distill,
     "kd": kd,
     "teacher_ce": teacher_ce,
-    "top1": jax.lax.psum(aux["correct"], AXIS) / global_batch,
-    "teacher_top1": jax.lax.psum(aux["teacher_correct"], AXIS) / global_batch,
+    "top1": jax.lax.psum(aux["correct"], AXIS) / aux["num_labelled"],
+    "teacher_top1": jax.lax.psum(aux["teacher_correct"], AXIS) / aux["num_labelled"],
     "finite": finite.astype(jnp.float32),
   }
   return _keep_old_unless_finite(finite, candidate, state), metrics

@@ -5,7 +5,8 @@ when jax is first imported:
 
   python tests/workers/train_steps_worker.py NUM_DEVICES METHOD[,METHOD...] STEPS OUT_PREFIX
 
-writes OUT_PREFIX<method>.npz for each method.
+writes OUT_PREFIX<method>.npz for each method. METHOD@labelled runs METHOD in
+label-efficient mode: only even train indices keep their labels (-1 for the rest).
 """
 
 import os
@@ -30,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from ega_jax import config as config_lib  # noqa: E402
+from ega_jax.data import labelled  # noqa: E402
 from ega_jax import models as models_lib  # noqa: E402
 from ega_jax.train import run as run_lib  # noqa: E402
 from ega_jax.train import state as state_lib  # noqa: E402
@@ -55,6 +57,7 @@ def distinct_images(rng):
 
 
 def run(METHOD, OUT):
+  METHOD, _, variant = METHOD.partition("@")
   config = default.get_config()
   config.dataset.name = "fashion_mnist"
   config.student.arch = "resnet8"
@@ -75,6 +78,10 @@ def run(METHOD, OUT):
   mesh = state_lib.data_mesh()
   rng = np.random.RandomState(0)
   train_labels = rng.randint(0, NUM_CLASSES, size=NUM_TRAIN).astype(np.int32)
+  crd_labels = train_labels
+  if variant == "labelled":
+    train_labels = np.where(np.arange(NUM_TRAIN) % 2 == 0, train_labels, -1).astype(np.int32)
+    crd_labels = labelled.instance_labels(train_labels, np.arange(NUM_TRAIN), NUM_CLASSES)
   run = run_lib.build_run(
     config,
     mesh,
@@ -84,7 +91,7 @@ def run(METHOD, OUT):
     num_classes=NUM_CLASSES,
     num_train_examples=NUM_TRAIN,
     image_shape=(28, 28, 3),
-    crd_train_labels=train_labels,
+    crd_train_labels=crd_labels,
   )
   state, teacher_variables, crd_tables = run.state, run.teacher_variables, run.crd_tables
 
@@ -117,7 +124,7 @@ def run(METHOD, OUT):
 def main():
   assert jax.device_count() == NUM_DEVICES, jax.devices()
   for method in METHODS:
-    run(method, f"{OUT_PREFIX}{method}.npz")
+    run(method, f"{OUT_PREFIX}{method.replace('@', '_')}.npz")
 
 
 if __name__ == "__main__":
