@@ -1,25 +1,30 @@
 r"""The offline demo, end to end: `make demo` runs this.
 
 Stages (each shows its own progress; each is skipped when its output exists):
-  1. python -m experiments.pretrain_demo_teacher: a SimCLR ResNet-18 trained in
-     PyTorch on Fashion-MNIST without labels, saved as a plain .pth with a
-     projection MLP.
-  2. python -m launch.convert_teacher: that checkpoint -> Flax (the MLP is
-     dropped).
-  3. python -m ega_jax.main --config=configs/fashion_mnist.py: EGA distillation.
-  4. the same student trained with cross-entropy only (distill.method=none).
-Then one table: teacher linear probe, teacher-head accuracy, student top-1
-with EGA and with CE only, and the wall time of each stage.
+  1. the teacher: the SimCLR ResNet-18 checkpoint shipped in
+     experiments/demo_teacher/ (checked against its recorded sha256), or with
+     --retrain the same training rerun by python -m experiments.pretrain_demo_teacher;
+  2. python -m launch.convert_teacher: that checkpoint -> Flax (the projection
+     MLP is dropped);
+  3. python -m launch.cache_teacher: the teacher's embeddings of every train
+     image (a few crop/flip views each) and test image, computed once;
+  4. the headline, label-scarce setting (configs/fashion_mnist.py: a few
+     labels per class, every image unlabelled otherwise): the student with EGA,
+     then the same student with cross-entropy only on the labelled images;
+  5. the same two runs with every label.
+Then one table: teacher probe, teacher-head accuracy, student top-1 with EGA
+and with CE only in both settings, and the wall time of each stage.
 
-  python -m experiments.demo [--output_dir demo_out] [--fresh] [-- extra --config.* flags]
+  python -m experiments.demo [--output_dir demo_out] [--seed 0] [--retrain] [--fresh]
+      [-- extra --config.* flags for every training]
 
-Run it from the repository root (`make demo` does).
-
-This process imports neither torch nor tensorflow: every stage runs in its own
-subprocess (torch and tensorflow must not be imported in the wrong order).
+Run it from the repository root (`make demo` does). This process imports
+neither torch nor tensorflow: every stage runs in its own subprocess (torch and
+tensorflow must not be imported in the wrong order).
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +34,27 @@ import time
 
 # The repository root: every stage runs there, as `python -m <module>`.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "configs/fashion_mnist.py"
+FULL_LABELS_CONFIG = "configs/fashion_mnist.py"
+HEADLINE_CONFIG = "configs/fashion_mnist_few_labels.py"
+SHIPPED_TEACHER = os.path.join(REPO, "experiments", "demo_teacher", "simclr_resnet18_fmnist.pth")
+# Train views per image in the teacher cache (the student's crop/flip is free;
+# the teacher's view is one of these).
+CACHE_VIEWS = 1
+# Settings of the pretraining script that --retrain passes on, from the JSON
+# recorded next to the shipped checkpoint.
+RETRAIN_SETTINGS = (
+  "steps",
+  "num_train_examples",
+  "batch_size",
+  "lr",
+  "weight_decay",
+  "temperature",
+  "seed",
+  "probe_train_examples",
+  "probe_test_examples",
+  "probe_steps",
+  "save_dtype",
+)
 
 
 def run_stage(title: str, command: list[str]) -> float:
@@ -43,43 +68,67 @@ def run_stage(title: str, command: list[str]) -> float:
   return seconds
 
 
-def train_stage(title, workdir, teacher_dir, extra_flags):
-  summary_path = os.path.join(workdir, "summary.json")
-  command = [
-    sys.executable,
-    "-m",
-    "ega_jax.main",
-    f"--config={CONFIG}",
-    f"--workdir={workdir}",
-    f"--config.teacher.checkpoint={teacher_dir}",
-    *extra_flags,
-  ]
-  if os.path.exists(summary_path):
-    print(f"\n=== {title}: cached ({summary_path}); use --fresh to retrain", flush=True)
-    with open(summary_path) as f:
-      summary = json.load(f)
-    return summary, summary.get("wall_time_s", float("nan")), True
-  seconds = run_stage(title, command)
-  with open(summary_path) as f:
-    return json.load(f), seconds, False
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
-def prepare_teacher(output_dir: str) -> tuple[dict, str, dict[str, float]]:
-  """Stages 1-2: the SimCLR teacher (PyTorch) and its Flax conversion, each cached.
+def shipped_teacher() -> tuple[str, dict]:
+  """(path, report) of the shipped checkpoint, after checking its sha256."""
+  with open(SHIPPED_TEACHER + ".json") as f:
+    report = json.load(f)
+  found = file_sha256(SHIPPED_TEACHER)
+  if found != report["sha256"]:
+    sys.exit(
+      f"demo: {SHIPPED_TEACHER} has sha256 {found}, but its .json records {report['sha256']}; "
+      "the file is damaged (a git-lfs pointer or a partial checkout?). Restore it with "
+      "git checkout, or rerun with --retrain to train it again."
+    )
+  return SHIPPED_TEACHER, report
+
+
+def prepare_teacher(output_dir: str, retrain: bool) -> tuple[dict, str, str, dict[str, float]]:
+  """Stages 1-3: the teacher checkpoint, its Flax conversion and its embedding cache.
 
   Returns:
-    (the pretraining report, the converted teacher directory, wall time per stage).
+    (the teacher's report, the converted teacher directory, the cache
+    directory, wall time per stage).
   """
-  teacher_pth = os.path.join(output_dir, "teacher", "simclr_resnet18_fmnist.pth")
-  teacher_dir = os.path.join(output_dir, "teacher", "flax")
   wall = {}
-  wall["teacher pretraining (PyTorch SimCLR)"] = run_stage(
-    "1/4 pretrain the SimCLR teacher in PyTorch",
-    [sys.executable, "-m", "experiments.pretrain_demo_teacher", "--output", teacher_pth],
-  )
-  with open(teacher_pth + ".json") as f:
-    teacher_report = json.load(f)
+  teacher_root = os.path.join(output_dir, "teacher")
+  if retrain:
+    with open(SHIPPED_TEACHER + ".json") as f:
+      settings = json.load(f)["settings"]
+    teacher_pth = os.path.join(teacher_root, "simclr_resnet18_fmnist.pth")
+    flags = [f"--{name}={settings[name]}" for name in RETRAIN_SETTINGS]
+    wall["teacher pretraining (PyTorch SimCLR)"] = run_stage(
+      "1/5 retrain the SimCLR teacher in PyTorch (the shipped checkpoint's settings)",
+      [
+        sys.executable,
+        "-m",
+        "experiments.pretrain_demo_teacher",
+        "--output",
+        teacher_pth,
+        "--log_every=50",
+        *flags,
+      ],
+    )
+    with open(teacher_pth + ".json") as f:
+      report = json.load(f)
+  else:
+    start = time.time()
+    teacher_pth, report = shipped_teacher()
+    print(
+      f"\n=== 1/5 the SimCLR teacher: {os.path.relpath(teacher_pth, REPO)} "
+      f"(shipped, sha256 checked; --retrain trains it again)",
+      flush=True,
+    )
+    wall["teacher checkpoint (sha256 check)"] = time.time() - start
 
+  teacher_dir = os.path.join(teacher_root, "flax")
   teacher_json = os.path.join(teacher_dir, "teacher.json")
   convert_command = [
     sys.executable,
@@ -92,21 +141,94 @@ def prepare_teacher(output_dir: str) -> tuple[dict, str, dict[str, float]]:
     "--output",
     teacher_dir,
     "--image_size",
-    str(teacher_report["image_size"]),
+    str(report["image_size"]),
     "--mean",
-    *map(str, teacher_report["mean"]),
+    *map(str, report["mean"]),
     "--std",
-    *map(str, teacher_report["std"]),
+    *map(str, report["std"]),
   ]
-  if os.path.exists(teacher_json) and os.path.getmtime(teacher_json) >= os.path.getmtime(
-    teacher_pth
-  ):
-    print(f"\n=== 2/4 convert the teacher: cached ({teacher_dir})", flush=True)
+  converted_from = os.path.join(teacher_root, "converted_from.txt")
+  source_hash = file_sha256(teacher_pth)
+  if os.path.exists(teacher_json) and _read(converted_from) == source_hash:
+    print(f"\n=== 2/5 convert the teacher: cached ({teacher_dir})", flush=True)
     wall["conversion to Flax"] = 0.0
   else:
-    wall["conversion to Flax"] = run_stage("2/4 convert the teacher to Flax", convert_command)
+    shutil.rmtree(teacher_dir, ignore_errors=True)
+    shutil.rmtree(os.path.join(teacher_root, "cache"), ignore_errors=True)
+    wall["conversion to Flax"] = run_stage("2/5 convert the teacher to Flax", convert_command)
+    with open(converted_from, "w") as f:
+      f.write(source_hash)
 
-  return teacher_report, teacher_dir, wall
+  cache_dir = os.path.join(teacher_root, "cache")
+  # cache_teacher resumes or finds a finished cache by itself.
+  wall["teacher embedding cache"] = run_stage(
+    "3/5 cache the teacher's embeddings (every train and test image, once)",
+    [
+      sys.executable,
+      "-m",
+      "launch.cache_teacher",
+      f"--config={FULL_LABELS_CONFIG}",
+      f"--config.teacher.checkpoint={teacher_dir}",
+      f"--cache_dir={cache_dir}",
+      f"--views={CACHE_VIEWS}",
+    ],
+  )
+  return report, teacher_dir, cache_dir, wall
+
+
+def _read(path: str) -> str | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return f.read().strip()
+
+
+def train_stage(title, config, workdir, flags):
+  """Runs (or finds) one training; returns (summary, wall seconds)."""
+  summary_path = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary_path):
+    print(f"\n=== {title}: cached ({summary_path}); use --fresh to retrain", flush=True)
+    with open(summary_path) as f:
+      summary = json.load(f)
+    return summary, summary.get("wall_time_s", float("nan"))
+  command = [
+    sys.executable,
+    "-m",
+    "ega_jax.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *flags,
+  ]
+  seconds = run_stage(title, command)
+  with open(summary_path) as f:
+    return json.load(f), seconds
+
+
+def print_table(report, settings, wall):
+  probe = report.get("linear_probe_accuracy")
+  rows = [("teacher: linear probe on frozen SimCLR features (all labels)", f"{100 * probe:.2f}")]
+  for name, runs in settings:
+    ega, baseline = runs["ega"], runs["ce_only"]
+    rows += [
+      (f"{name}: teacher head (linear, CE on those labels)", f"{ega['teacher_top1']:.2f}"),
+      (
+        f"{name}: student with EGA, best / last",
+        f"{ega['best_top1']:.2f} / {ega['last_top1']:.2f}",
+      ),
+      (
+        f"{name}: student with CE only, best / last",
+        f"{baseline['best_top1']:.2f} / {baseline['last_top1']:.2f}",
+      ),
+    ]
+  width = max(len(name) for name, _ in rows)
+  print("\n" + "=" * (width + 16))
+  print("Fashion-MNIST test accuracy (%), 10,000 images")
+  for name, value in rows:
+    print(f"  {name:<{width}}  {value:>13}")
+  print("Wall time per stage (s)")
+  for name, seconds in wall.items():
+    print(f"  {name:<{width}}  {seconds:>13.1f}")
+  print("=" * (width + 16))
 
 
 def main(argv=None):
@@ -114,63 +236,70 @@ def main(argv=None):
     prog="python -m experiments.demo", description=__doc__.split("\n\n")[0]
   )
   parser.add_argument("--output_dir", default="demo_out")
+  parser.add_argument("--seed", type=int, default=0, help="config.seed of every training")
+  parser.add_argument(
+    "--retrain",
+    action="store_true",
+    help="train the teacher again (about an hour on 2 cores) instead of the shipped checkpoint",
+  )
   parser.add_argument(
     "--fresh", action="store_true", help="retrain the students (the teacher stays cached)"
   )
-  parser.add_argument("extra", nargs="*", help="extra --config.* flags for both trainings")
+  parser.add_argument("extra", nargs="*", help="extra --config.* flags for every training")
   args = parser.parse_args(argv)
 
   output_dir = (
     os.path.join(REPO, args.output_dir) if not os.path.isabs(args.output_dir) else args.output_dir
   )
-  runs = os.path.join(output_dir, "runs")
+  runs = os.path.join(output_dir, "runs" if args.seed == 0 else f"runs_seed{args.seed}")
   if args.fresh:
     shutil.rmtree(runs, ignore_errors=True)
   os.makedirs(runs, exist_ok=True)
-  wall = {}
 
-  teacher_report, teacher_dir, teacher_wall = prepare_teacher(output_dir)
-  wall.update(teacher_wall)
-
-  ega, wall["student with EGA"], _ = train_stage(
-    "3/4 distil the teacher into the student with EGA",
-    os.path.join(runs, "ega"),
-    teacher_dir,
-    ["--config.distill.method=ega", *args.extra],
-  )
-  baseline, wall["student with CE only"], _ = train_stage(
-    "4/4 train the same student with cross-entropy only",
-    os.path.join(runs, "ce_only"),
-    teacher_dir,
-    ["--config.distill.method=none", *args.extra],
-  )
-
-  probe = teacher_report.get("linear_probe_accuracy")
-  rows = [
-    (
-      "teacher: linear probe on frozen SimCLR features (PyTorch)",
-      f"{100 * probe:.2f}" if probe is not None and probe <= 1 else f"{probe}",
-    ),
-    ("teacher head (Flax, trained by CE next to the EGA student)", f"{ega['teacher_top1']:.2f}"),
-    ("student with EGA: best / last top-1", f"{ega['best_top1']:.2f} / {ega['last_top1']:.2f}"),
-    (
-      "student with CE only: best / last top-1",
-      f"{baseline['best_top1']:.2f} / {baseline['last_top1']:.2f}",
-    ),
+  report, teacher_dir, cache_dir, wall = prepare_teacher(output_dir, args.retrain)
+  common = [
+    f"--config.teacher.checkpoint={teacher_dir}",
+    f"--config.teacher.cache={cache_dir}",
+    f"--config.seed={args.seed}",
+    *args.extra,
   ]
-  width = max(len(name) for name, _ in rows)
-  print("\n" + "=" * (width + 16))
-  print("Fashion-MNIST test accuracy (%), 10,000 images")
-  for name, value in rows:
-    print(f"  {name:<{width}}  {value:>12}")
-  print("Wall time per stage (s)")
-  for name, seconds in wall.items():
-    print(f"  {name:<{width}}  {seconds:>12.1f}")
-  print(f"Graph pictures: {os.path.join(runs, 'ega', 'graphs')}")
-  print("=" * (width + 16))
-  with open(os.path.join(output_dir, "demo_summary.json"), "w") as f:
+  stages = (
+    ("headline", "4/5", "10 labels per class", HEADLINE_CONFIG),
+    ("full_labels", "5/5", "every label", FULL_LABELS_CONFIG),
+  )
+  results = {}
+  for key, number, name, config in stages:
+    results[key] = {}
+    for method, label in (("ega", "EGA"), ("none", "cross-entropy only")):
+      run_key = "ega" if method == "ega" else "ce_only"
+      summary, wall[f"{name}: student with {label}"] = train_stage(
+        f"{number} {name}: the student with {label}",
+        config,
+        os.path.join(runs, f"{key}_{run_key}"),
+        [f"--config.distill.method={method}", *common],
+      )
+      results[key][run_key] = summary
+
+  print_table(
+    report,
+    [("10 labels per class", results["headline"]), ("all 60,000 labels", results["full_labels"])],
+    wall,
+  )
+  print(f"Graph pictures: {os.path.join(runs, 'headline_ega', 'graphs')}")
+  summary_name = "demo_summary.json" if args.seed == 0 else f"demo_summary_seed{args.seed}.json"
+  with open(os.path.join(output_dir, summary_name), "w") as f:
     json.dump(
-      {"teacher": teacher_report, "ega": ega, "ce_only": baseline, "wall_s": wall}, f, indent=2
+      {
+        "teacher": {k: v for k, v in report.items() if k != "training_log"},
+        # The headline (label-scarce) setting keeps the top-level keys.
+        "ega": results["headline"]["ega"],
+        "ce_only": results["headline"]["ce_only"],
+        "full_labels": results["full_labels"],
+        "seed": args.seed,
+        "wall_s": wall,
+      },
+      f,
+      indent=2,
     )
 
 
