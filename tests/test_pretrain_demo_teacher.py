@@ -253,3 +253,35 @@ def test_tiny_run_writes_a_torchvision_checkpoint_and_is_cached(tmp_path):
   assert "cached" in second.stdout
   assert time.time() - start < 30  # Imports only; no data loaded, nothing trained.
   assert os.path.getmtime(output) == modified
+
+
+SHIPPED = os.path.join(REPO_ROOT, "experiments", "demo_teacher", "simclr_resnet18_fmnist.pth")
+
+
+def test_shipped_teacher_matches_its_record_and_loads_strictly():
+  with open(SHIPPED + ".json") as f:
+    record = json.load(f)
+  assert teacher_script.file_sha256(SHIPPED) == record["sha256"]
+  assert os.path.getsize(SHIPPED) <= 25 * 2**20
+  # Reproducible from its settings: a fixed number of steps, no time budget.
+  assert set(record["settings"]) == set(teacher_script.TRAINING_SETTING_NAMES)
+  from experiments import demo  # --retrain passes exactly these on (demo.py imports no torch).
+
+  assert demo.RETRAIN_SETTINGS == teacher_script.TRAINING_SETTING_NAMES
+  assert record["steps_run"] == record["settings"]["steps"]
+  assert record["training_log"][-1]["step"] == record["settings"]["steps"]
+  assert record["linear_probe_accuracy"] >= 0.85
+  model = simclr.build_simclr_resnet18()
+  state_dict = torch.load(SHIPPED, map_location="cpu", weights_only=True)
+  model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+
+
+def test_demo_refuses_a_damaged_teacher_file(tmp_path, monkeypatch):
+  from experiments import demo
+
+  damaged = tmp_path / "teacher.pth"
+  damaged.write_bytes(open(SHIPPED, "rb").read()[:1000])
+  (tmp_path / "teacher.pth.json").write_text(open(SHIPPED + ".json").read())
+  monkeypatch.setattr(demo, "SHIPPED_TEACHER", str(damaged))
+  with pytest.raises(SystemExit, match="sha256 .* the file is damaged"):
+    demo.shipped_teacher()
