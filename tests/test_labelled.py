@@ -95,6 +95,22 @@ def test_mixed_batches_do_not_depend_on_the_process_count(fashion_labels):
       np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
 
 
+@needs_fashion_mnist
+def test_mixed_stream_resumes_from_its_saved_position(fashion_labels):
+  subset = labelled.choose_labelled(fashion_labels, 20, seed=5, num_classes=10)
+  original = iter(_loader(subset))
+  for _ in range(3):
+    next(original)
+  state = original.get_state()
+  expected = [next(original) for _ in range(4)]
+  resumed = iter(_loader(subset))
+  resumed.set_state(state)
+  for batch in expected:
+    again = next(resumed)
+    for key in ("image", "label", "index"):
+      np.testing.assert_array_equal(again[key], batch[key])
+
+
 def _cross_entropy_reference(logits, labels, rows):
   logits = np.asarray(logits, np.float64)[rows]
   shifted = logits - logits.max(1, keepdims=True)

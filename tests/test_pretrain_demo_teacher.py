@@ -229,7 +229,7 @@ def test_tiny_run_writes_a_torchvision_checkpoint_and_is_cached(tmp_path):
   assert state_dict["fc.2.weight"].shape == (128, 512)
   assert state_dict["conv1.weight"].dtype == torch.float16
   # Trained, not a fresh init: the BatchNorm running statistics moved.
-  assert not torch.allclose(state_dict["bn1.running_mean"], torch.zeros(64))
+  assert not torch.allclose(state_dict["bn1.running_mean"].float(), torch.zeros(64))
 
   with open(output + ".json") as f:
     metadata = json.load(f)
