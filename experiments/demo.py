@@ -24,13 +24,14 @@ tensorflow must not be imported in the wrong order).
 """
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+
+from ega_jax.checksums import file_sha256
 
 # The repository root: every stage runs there, as `python -m <module>`.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,21 +41,6 @@ SHIPPED_TEACHER = os.path.join(REPO, "experiments", "demo_teacher", "simclr_resn
 # Train views per image in the teacher cache (the student's crop/flip is free;
 # the teacher's view is one of these).
 CACHE_VIEWS = 1
-# Settings of the pretraining script that --retrain passes on, from the JSON
-# recorded next to the shipped checkpoint.
-RETRAIN_SETTINGS = (
-  "steps",
-  "num_train_examples",
-  "batch_size",
-  "lr",
-  "weight_decay",
-  "temperature",
-  "seed",
-  "probe_train_examples",
-  "probe_test_examples",
-  "probe_steps",
-  "save_dtype",
-)
 
 
 def run_stage(title: str, command: list[str]) -> float:
@@ -66,14 +52,6 @@ def run_stage(title: str, command: list[str]) -> float:
   if result.returncode != 0:
     sys.exit(f"demo: stage '{title}' failed (exit code {result.returncode}); see its output above.")
   return seconds
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def shipped_teacher() -> tuple[str, dict]:
@@ -103,7 +81,8 @@ def prepare_teacher(output_dir: str, retrain: bool) -> tuple[dict, str, str, dic
     with open(SHIPPED_TEACHER + ".json") as f:
       settings = json.load(f)["settings"]
     teacher_pth = os.path.join(teacher_root, "simclr_resnet18_fmnist.pth")
-    flags = [f"--{name}={settings[name]}" for name in RETRAIN_SETTINGS]
+    # Every setting that changes the weights, as recorded with the shipped file.
+    flags = [f"--{name}={value}" for name, value in settings.items()]
     wall["teacher pretraining (PyTorch SimCLR)"] = run_stage(
       "1/5 retrain the SimCLR teacher in PyTorch (the shipped checkpoint's settings)",
       [

@@ -28,7 +28,6 @@ Usage:
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -43,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ega_jax.checksums import file_sha256  # noqa: E402
 from ega_jax.data import idx  # noqa: E402
 from experiments import simclr  # noqa: E402
 
@@ -116,14 +116,6 @@ PROBE_PROTOCOL = (
   "frozen avgpool features of the un-augmented images upscaled to 32x32: fitted on "
   "--probe_train_examples train images, scored on --probe_test_examples test images"
 )
-
-
-def file_sha256(path):
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def format_seconds(seconds):

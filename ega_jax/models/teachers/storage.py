@@ -8,7 +8,6 @@
 Only `ega_jax.convert` writes it; training reads it with `load_teacher`.
 """
 
-import hashlib
 import json
 import os
 from typing import Any
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ega_jax.checksums import file_sha256  # noqa: F401  (re-exported for ega_jax.convert)
 from ega_jax.models.teachers import specs
 from ega_jax.models.teachers.registry import abstract_variables, create_teacher
 
@@ -26,14 +26,6 @@ VARIABLES_FILE = "variables.msgpack"
 METADATA_FILE = "teacher.json"
 FORMAT_VERSION = 1
 REQUIRED_METADATA = ("arch", "embed_dim", "image_size", "mean", "std", "variables_sha256")
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as handle:
-    for chunk in iter(lambda: handle.read(1 << 22), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def flatten_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
