@@ -208,7 +208,7 @@ def test_cli_compares_with_pytorch(tmp_path):
     report["flops_per_step"] - teacher_flops, rel=0.05
   )
   economics = report["cache_economics"]
-  assert economics["num_views"] == 3 and economics["num_train"] == 25600
+  assert economics["num_views"] == 3 and economics["num_train"] == 60000  # The whole train split.
   assert report["cached_over_torch_images_per_sec"] == pytest.approx(
     cached["images_per_sec"] / torch_result["images_per_sec"]
   )
