@@ -29,7 +29,6 @@ Usage:
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -116,10 +115,6 @@ PROBE_PROTOCOL = (
   "frozen avgpool features of the un-augmented images upscaled to 32x32: fitted on "
   "--probe_train_examples train images, scored on --probe_test_examples test images"
 )
-
-
-def format_seconds(seconds):
-  return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
 
 
 def parse_args(argv):
@@ -242,88 +237,6 @@ def run_probe(model, train_images, train_labels, test_images, test_labels, mean,
   return accuracy
 
 
-def train_simclr(model, unit_images, mean, std, args, probe=None):
-  """Trains `model` in place with NT-Xent for exactly `args.steps` steps.
-
-  The number of steps, never the wall clock, ends training, so one command
-  gives one teacher on a fast or a slow machine. Epochs are reshuffled passes
-  over `unit_images` (the last partial batch of each pass dropped).
-
-  Args:
-    model: from `build_simclr_resnet18`, on args.device.
-    unit_images: (N, 1, 32, 32) in [0, 1], the unlabelled training images.
-    mean, std: the normalisation (floats).
-    args: the parsed flags.
-    probe: None, or a function of the model returning the quick probe's
-      accuracy; called every `args.probe_every` steps.
-
-  Returns:
-    The training log: one dict per progress line (step, epoch, mean loss of
-    the window, seconds, and `probe` where one ran).
-  """
-  generator = torch.Generator().manual_seed(args.seed)
-  steps_per_epoch = len(unit_images) // args.batch_size
-  total_steps = args.steps
-  warmup_steps = max(1, min(total_steps // 10, 100))
-  optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-  # Linear warmup, then cosine decay to zero.
-  schedule = torch.optim.lr_scheduler.LambdaLR(
-    optimizer,
-    lambda step: min(
-      (step + 1) / warmup_steps, 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))
-    ),
-  )
-  model.train()
-  log = []
-  start = time.time()
-  window_start, window_loss, window_steps = start, 0.0, 0
-  order = None
-  for step in range(1, total_steps + 1):
-    position = (step - 1) % steps_per_epoch
-    if position == 0:
-      order = torch.randperm(len(unit_images), generator=generator)
-    batch = unit_images[order[position * args.batch_size : (position + 1) * args.batch_size]]
-    # Both views go through one forward pass: half the Python overhead, and
-    # BatchNorm sees the same statistics for both views.
-    views = simclr.normalize_to_rgb(
-      torch.cat([simclr.augment(batch, generator), simclr.augment(batch, generator)]), mean, std
-    )
-    projections = model(views)
-    loss = simclr.nt_xent_loss(
-      projections[: len(batch)], projections[len(batch) :], args.temperature
-    )
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    schedule.step()
-    window_loss += loss.item()
-    window_steps += 1
-    probe_due = probe is not None and args.probe_every > 0 and step % args.probe_every == 0
-    if step % args.log_every == 0 or step == total_steps or probe_due:
-      elapsed = time.time() - start
-      images_per_s = window_steps * args.batch_size / (time.time() - window_start)
-      record = {
-        "step": step,
-        "epoch": round(step / steps_per_epoch, 3),
-        "loss": window_loss / window_steps,
-        "seconds": round(elapsed, 1),
-      }
-      line = (
-        f"step {step}/{total_steps} (epoch {record['epoch']:.2f}) loss {record['loss']:.4f} "
-        f"{images_per_s:.0f} images/s (2 views each) elapsed {format_seconds(elapsed)} "
-        f"ETA {format_seconds((total_steps - step) * elapsed / step)}"
-      )
-      if probe_due:
-        record["probe"] = probe(model)
-        line += f" quick probe {record['probe']:.4f}"
-        if args.keep_snapshots:
-          torch.save(model.state_dict(), f"{args.output[:-4]}.step{step}.pth")
-      print(line, flush=True)
-      log.append(record)
-      window_start, window_loss, window_steps = time.time(), 0.0, 0
-  return log
-
-
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   settings = {name: getattr(args, name) for name in TRAINING_SETTING_NAMES}
@@ -375,7 +288,7 @@ def main(argv=None):
     model, probe_sets[0][:quick], probe_sets[1][:quick], *probe_sets[2:], mean, std, args
   )
   train_start = time.time()
-  log = train_simclr(model, ssl_images, mean, std, args, probe=quick_probe)
+  log = simclr.train_simclr(model, ssl_images, mean, std, args, probe=quick_probe)
   train_seconds = time.time() - train_start
 
   if args.save_dtype == "float16":
@@ -427,7 +340,7 @@ def main(argv=None):
     json.dump(metadata, f, indent=2)
   os.replace(metadata_path(args.output) + ".tmp", metadata_path(args.output))
   print(
-    f"wrote {args.output} and {metadata_path(args.output)} in {format_seconds(time.time() - start)}"
+    f"wrote {args.output} and {metadata_path(args.output)} in {simclr.format_seconds(time.time() - start)}"
   )
   return 0
 

@@ -1,13 +1,15 @@
 """SimCLR for the demo teacher, in PyTorch: image preparation, augmentations,
-the ResNet-18 with its projection MLP, the NT-Xent loss and the linear probe.
+the ResNet-18 with its projection MLP, the NT-Xent loss, the linear probe and
+the training loop.
 
 Functions of tensors; the augmentations draw from a `torch.Generator` they
-are given, so a seed fixes every view. The training loop, the command line and
+are given, so a seed fixes every view. The command line, the probe sets and
 the cache are in `experiments.pretrain_demo_teacher`. Images are (B, C, H, W)
 float tensors; augmentations work batch-wise.
 """
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -263,3 +265,90 @@ def linear_probe_accuracy(
   with torch.no_grad():
     predictions = classifier(test_x).argmax(1)
   return float((predictions == test_labels).double().mean())
+
+
+# ---------------------------------------------------------------- training loop
+
+
+def format_seconds(seconds):
+  return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+
+
+def train_simclr(model, unit_images, mean, std, args, probe=None):
+  """Trains `model` in place with NT-Xent for exactly `args.steps` steps.
+
+  The number of steps, never the wall clock, ends training, so one command
+  gives one teacher on a fast or a slow machine. Epochs are reshuffled passes
+  over `unit_images` (the last partial batch of each pass dropped).
+
+  Args:
+    model: from `build_simclr_resnet18`, on args.device.
+    unit_images: (N, 1, 32, 32) in [0, 1], the unlabelled training images.
+    mean, std: the normalisation (floats).
+    args: the parsed flags.
+    probe: None, or a function of the model returning the quick probe's
+      accuracy; called every `args.probe_every` steps.
+
+  Returns:
+    The training log: one dict per progress line (step, epoch, mean loss of
+    the window, seconds, and `probe` where one ran).
+  """
+  generator = torch.Generator().manual_seed(args.seed)
+  steps_per_epoch = len(unit_images) // args.batch_size
+  total_steps = args.steps
+  warmup_steps = max(1, min(total_steps // 10, 100))
+  optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+  # Linear warmup, then cosine decay to zero.
+  schedule = torch.optim.lr_scheduler.LambdaLR(
+    optimizer,
+    lambda step: min(
+      (step + 1) / warmup_steps, 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))
+    ),
+  )
+  model.train()
+  log = []
+  start = time.time()
+  window_start, window_loss, window_steps = start, 0.0, 0
+  order = None
+  for step in range(1, total_steps + 1):
+    position = (step - 1) % steps_per_epoch
+    if position == 0:
+      order = torch.randperm(len(unit_images), generator=generator)
+    batch = unit_images[order[position * args.batch_size : (position + 1) * args.batch_size]]
+    # Both views go through one forward pass: half the Python overhead, and
+    # BatchNorm sees the same statistics for both views.
+    views = normalize_to_rgb(
+      torch.cat([augment(batch, generator), augment(batch, generator)]), mean, std
+    )
+    projections = model(views)
+    loss = nt_xent_loss(projections[: len(batch)], projections[len(batch) :], args.temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    window_loss += loss.item()
+    window_steps += 1
+    probe_due = probe is not None and args.probe_every > 0 and step % args.probe_every == 0
+    if step % args.log_every == 0 or step == total_steps or probe_due:
+      elapsed = time.time() - start
+      images_per_s = window_steps * args.batch_size / (time.time() - window_start)
+      record = {
+        "step": step,
+        "epoch": round(step / steps_per_epoch, 3),
+        "loss": window_loss / window_steps,
+        "seconds": round(elapsed, 1),
+      }
+      line = (
+        f"step {step}/{total_steps} (epoch {record['epoch']:.2f}) loss {record['loss']:.4f} "
+        f"{images_per_s:.0f} images/s (2 views each) elapsed {format_seconds(elapsed)} "
+        f"ETA {format_seconds((total_steps - step) * elapsed / step)}"
+      )
+      if probe_due:
+        record["probe"] = probe(model)
+        line += f" quick probe {record['probe']:.4f}"
+        if args.keep_snapshots:
+          torch.save(model.state_dict(), f"{args.output[:-4]}.step{step}.pth")
+      print(line, flush=True)
+      log.append(record)
+      window_start, window_loss, window_steps = time.time(), 0.0, 0
+  return log

@@ -7,9 +7,9 @@ import it lazily. See docs/data.md for how to prepare each dataset.
 from ega_jax.data.info import DATASETS
 from ega_jax.data.info import DatasetInfo
 from ega_jax.data.info import get_dataset_info
-from ega_jax.data.pipeline import create_eval_loader
+from ega_jax.data.evaluation import create_eval_loader
 from ega_jax.data.pipeline import create_train_loader
-from ega_jax.data.pipeline import EvalLoader
+from ega_jax.data.evaluation import EvalLoader
 from ega_jax.data.pipeline import train_labels
 
 __all__ = [

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 
+from absl import logging
 import numpy as np
 
 # First entropy words of this module's generators (see augment.VIEW_STREAM).
@@ -70,6 +71,33 @@ def choose_labelled(
 def labelled_rows(global_batch_size: int, labelled_share: float) -> int:
   """L: how many rows of each global batch come from the labelled stream (1..B)."""
   return int(min(global_batch_size, max(1, round(labelled_share * global_batch_size))))
+
+
+def check_subset(
+  indices, num_records: int, global_batch_size: int, labelled_share: float
+) -> tuple[np.ndarray, int]:
+  """(indices as int64, L) for a loader over `num_records` train examples; logs the layout.
+
+  Raises:
+    ValueError: indices empty or out of range, or labelled_share outside (0, 1].
+  """
+  indices = np.asarray(indices, np.int64)
+  if indices.size == 0 or indices.max() >= num_records:
+    raise ValueError(
+      f"labelled_indices must be non-empty indices below {num_records} (the train examples)."
+    )
+  if not 0 < labelled_share <= 1:
+    raise ValueError(f"labelled_share must be in (0, 1], got {labelled_share!r}.")
+  rows = labelled_rows(global_batch_size, labelled_share)
+  logging.info(
+    "Label-efficient: %d labelled train images; rows [0, %d) of each global batch of %d "
+    "come from them, the rest from all %d images.",
+    len(indices),
+    rows,
+    global_batch_size,
+    num_records,
+  )
+  return indices, rows
 
 
 @functools.lru_cache(maxsize=4)
