@@ -7,8 +7,11 @@ r"""Trains one student with every distiller on the same teacher, seed and budget
 Each (method, seed) is one `python -m ega_jax.main` run in
 OUTPUT_DIR/runs/<method>_seed<k> (a finished run is reused, so an interrupted
 comparison continues where it stopped). Writes OUTPUT_DIR/results.md (method,
-best and last top-1 as mean +- spread over seeds, wall time) and
-OUTPUT_DIR/results.png (a bar chart of best top-1).
+best and last top-1 as mean +- spread over seeds, wall time),
+OUTPUT_DIR/results.png (a bar chart of best top-1) and OUTPUT_DIR/curves.png
+(learning curves: eval top-1 and train loss against step, one line per method,
+each the mean over all its seeds at every step they all logged; drawn by
+ega_jax.plot from each run's metrics.jsonl).
 """
 
 import argparse
@@ -20,13 +23,18 @@ import time
 
 import numpy as np
 
+from ega_jax import plot as plot_lib
 from ega_jax.losses import DISTILL_METHODS as METHODS  # the one list of methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_workdir(args, method, seed):
+  return os.path.join(args.output_dir, "runs", f"{method}_seed{seed}")
+
+
 def run_one(args, method, seed, extra):
-  workdir = os.path.join(args.output_dir, "runs", f"{method}_seed{seed}")
+  workdir = run_workdir(args, method, seed)
   summary_path = os.path.join(workdir, "summary.json")
   if os.path.exists(summary_path):
     print(f"[compare] {method} seed {seed}: reusing {summary_path}", flush=True)
@@ -70,7 +78,7 @@ def write_results(args, results, extra):
     f"Teacher: `{args.teacher}`; seeds: {args.seeds}; extra flags: "
     f"`{' '.join(extra) or '(none)'}`. Top-1 in % on the evaluation split "
     "(all of it unless the flags set `dataset.max_eval_examples`); with several seeds, "
-    "mean ± sample standard deviation.",
+    "mean ± sample standard deviation. Learning curves (mean over seeds): `curves.png`.",
     "",
     "| method | best top-1 | last top-1 | wall time (s) |",
     "|---|---|---|---|",
@@ -114,6 +122,26 @@ def plot_results(args, results):
   return path
 
 
+def plot_curves(args, methods, seeds):
+  """OUTPUT_DIR/curves.png: each method's eval/top1 and train/loss against step,
+  averaged over `seeds` at the steps every seed logged; None if no run has metrics."""
+  curves = {}
+  for method in methods:
+    try:
+      runs = [plot_lib.read_metrics(run_workdir(args, method, seed)) for seed in seeds]
+    except plot_lib.MetricsError as error:
+      # A reused run from before metrics.jsonl existed should not cost the
+      # other methods' curves (or the table, already written).
+      print(f"[compare] no curve for {method}: {error}", flush=True)
+      continue
+    curves[method] = plot_lib.average_metrics(runs)
+  if not curves:
+    return None
+  seeds_text = f"mean of seeds {args.seeds}" if len(seeds) > 1 else f"seed {args.seeds}"
+  title = f"student learning curves by distiller ({os.path.basename(args.config)}, {seeds_text})"
+  return plot_lib.plot_metrics(curves, os.path.join(args.output_dir, "curves.png"), title=title)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(
     prog="python -m experiments.compare", description=__doc__.split("\n\n")[0]
@@ -141,7 +169,9 @@ def main(argv=None):
   seeds = [int(s) for s in args.seeds.split(",") if s]
   os.makedirs(args.output_dir, exist_ok=True)
   results = {m: [run_one(args, m, seed, args.extra) for seed in seeds] for m in methods}
-  print(f"wrote {write_results(args, results, args.extra)} and {plot_results(args, results)}")
+  written = [write_results(args, results, args.extra), plot_results(args, results)]
+  written.append(plot_curves(args, methods, seeds))
+  print(f"wrote {', '.join(p for p in written if p)}")
 
 
 if __name__ == "__main__":
