@@ -16,8 +16,18 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "cifar100"
-  # TFDS data_dir holding the prepared (array_record) dataset; None = TFDS default.
+  # Where the data are (docs/data.md): a TFDS data_dir holding the prepared
+  # (array_record) dataset, which may instead hold torchvision's cifar-100-python/ or
+  # cifar-10-batches-py/, or fashion-mnist/*.gz; for name="image_folder" the folder
+  # holding train/<class>/ and test/<class>/. None = TFDS's default.
   config.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
+  # image_folder only: the side (pixels) its images are resized to.
+  config.dataset.image_size = 32
+  # image_folder only: per-channel (R, G, B) mean and std on a 0..1 scale, e.g.
+  # --config.dataset.mean="(0.5,0.5,0.5)"; None = computed once from the train
+  # images and cached in <data_dir>/ega_jax_stats.json.
+  config.dataset.mean = ml_collections.FieldReference(None, field_type=tuple)
+  config.dataset.std = ml_collections.FieldReference(None, field_type=tuple)
   # grain worker processes per host (0 = read in the main process).
   config.dataset.worker_count = 0
   # > 0: use only the first that many train / evaluation examples (quick runs).

@@ -81,12 +81,13 @@ def test_dataset_info_fields_and_unknown_name():
   assert (data.DATASETS["stl10"].num_train, data.DATASETS["stl10"].num_test) == (5_000, 8_000)
   assert data.DATASETS["tiny_imagenet"].num_classes == 200
   assert data.DATASETS["fashion_mnist"].image_size == 28
+  assert (data.DATASETS["cifar10"].num_classes, data.DATASETS["cifar10"].image_size) == (10, 32)
   for info in data.DATASETS.values():
     assert len(info.mean) == 3 and len(info.std) == 3
   with pytest.raises(Exception):
     cifar.num_classes = 10  # frozen
-  with pytest.raises(ValueError, match="cifar100.*fashion_mnist.*stl10"):
-    data.get_dataset_info("cifar10")
+  with pytest.raises(ValueError, match="cifar100.*fashion_mnist.*stl10.*image_folder"):
+    data.get_dataset_info("cifar1000")
 
 
 # ------------------------------------------------------------ Fashion-MNIST
@@ -411,7 +412,9 @@ def test_invalid_arguments_name_the_field():
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
-  with pytest.raises(FileNotFoundError) as error:
+  from ega_jax import config as config_lib
+
+  with pytest.raises(config_lib.UserInputError) as error:
     data.create_eval_loader("stl10", str(tmp_path), global_batch_size=4)
   message = str(error.value)
   assert "\n" not in message

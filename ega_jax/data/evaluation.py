@@ -85,6 +85,7 @@ def create_eval_loader(
   process_count: int = 1,
   max_examples: int | None = None,
   teacher_cache_dir: str | None = None,
+  image_size: int | None = None,
 ) -> EvalLoader:
   """Unaugmented, padded and masked evaluation batches for this process.
 
@@ -92,7 +93,7 @@ def create_eval_loader(
   and contiguously across processes. `max_examples` > 0 evaluates on the
   first that many examples only. With `teacher_cache_dir` (a cache whose
   'eval' split exists), batches also carry the teacher's cached embedding of
-  each unaugmented image.
+  each unaugmented image. `image_size`: see `create_train_loader`.
 
   Returns:
     an `EvalLoader`; each iteration yields `len(loader)` dicts with
@@ -101,9 +102,9 @@ def create_eval_loader(
       with a cache also 'teacher_feature': float16 (b, D) (zeros where
       masked).
   """
-  info_lib.get_dataset_info(name)
+  image_size = info_lib.record_image_size(name, image_size)
   batch_size = _per_process_batch_size(global_batch_size, process_index, process_count)
-  source = sources.open_split(name, "eval", data_dir, max_examples)
+  source = sources.open_split(name, "eval", data_dir, max_examples, image_size)
   cache = None
   if teacher_cache_dir:
     cache = teacher_cache_lib.CachedFeatures(teacher_cache_dir, "eval")

@@ -187,6 +187,7 @@ def create_train_loader(
   teacher_cache_dir: str | None = None,
   labelled_indices: np.ndarray | None = None,
   labelled_share: float = 1.0,
+  image_size: int | None = None,
 ) -> grain.IterDataset:
   """Shuffled, augmented training batches for this process.
 
@@ -202,9 +203,10 @@ def create_train_loader(
   order gives the one-process batch, pixel for pixel.
 
   Args:
-    name: a key of `DATASETS`.
-    data_dir: TFDS data directory (for Fashion-MNIST also searched for
-      `fashion-mnist/*.gz`); None means TFDS's default.
+    name: a name of `info.DATASET_NAMES`.
+    data_dir: TFDS data directory, also searched for torchvision's CIFAR
+      folders and `fashion-mnist/*.gz` (None means TFDS's default); for
+      image_folder the folder holding train/ and test/ (see `sources`).
     global_batch_size: examples per step over all processes.
     seed: non-negative 32-bit integer.
     process_index: this process, in [0, process_count).
@@ -225,6 +227,8 @@ def create_train_loader(
       mode, with round(labelled_share * global_batch_size) rows of every
       global batch drawn from them (see `TrainExamples`).
     labelled_share: in (0, 1]; only read with labelled_indices.
+    image_size: S, the side image_folder resizes its images to (None: 32); a
+      registered dataset's own size, if given (`info.record_image_size`).
 
   Returns:
     a `grain.IterDataset`; `iter()` gives a `grain.DatasetIterator` with
@@ -237,7 +241,7 @@ def create_train_loader(
       'label': int32 (b,), -1 for an unlabelled image,
       'index': int32 (b,) position of each example in the train split.
   """
-  info = info_lib.get_dataset_info(name)
+  image_size = info_lib.record_image_size(name, image_size)
   batch_size = _per_process_batch_size(global_batch_size, process_index, process_count)
   if teacher_view not in augment.TEACHER_VIEWS:
     raise ValueError(
@@ -256,14 +260,14 @@ def create_train_loader(
   seed, process_index, process_count = (int(seed), int(process_index), int(process_count))
   global_batch_size, worker_count = int(global_batch_size), int(worker_count)
 
-  source = sources.open_split(name, "train", data_dir, max_examples)
+  source = sources.open_split(name, "train", data_dir, max_examples, image_size)
   if global_batch_size > len(source):
     raise ValueError(
       f"global_batch_size={global_batch_size} is larger than the "
       f"{len(source)} examples of {name} train; an epoch needs at least one "
       f"full batch."
     )
-  padding = augment.crop_padding(info.image_size)
+  padding = augment.crop_padding(image_size)
   cache = None
   if teacher_cache_dir:
     cache = teacher_cache_lib.CachedFeatures(teacher_cache_dir, "train")

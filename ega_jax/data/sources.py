@@ -1,5 +1,15 @@
-"""Random-access record sources: TFDS ArrayRecord data sources and the
-offline Fashion-MNIST idx files (read by `ega_jax.data.idx`).
+"""Random-access record sources, and which one a dataset is read from.
+
+`_raw_split` picks, for a dataset name and `data_dir`:
+  image_folder          its folder (`ega_jax.data.folders`), always;
+  cifar10 / cifar100    torchvision's python-version files when
+                        `<data_dir>/cifar-10-batches-py/` or `cifar-100-python/` exists
+                        (`ega_jax.data.cifar_files`), else TFDS;
+  fashion_mnist         the idx files in `<data_dir>/fashion-mnist/` or Debian's folder
+                        (`ega_jax.data.idx`), else TFDS;
+  stl10, tiny_imagenet  TFDS ArrayRecord (`tfds.data_source`).
+Data that are missing, half-prepared or in the wrong folder raise one
+`UserInputError` sentence saying what to do (`ega_jax.data.preparation`).
 
 Every source here is wrapped in `ExampleSource`, which gives grain the same
 record for every dataset: {'image': uint8 (S, S, 3), 'label': int32,
@@ -10,14 +20,16 @@ importing it is slow, and tensorflow must not be imported before
 torchvision in one process.
 """
 
-import glob
 from absl import logging
 import os
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from ega_jax.data import cifar_files
+from ega_jax.data import folders
 from ega_jax.data import info as info_lib
+from ega_jax.data import preparation
 
 # The idx reader and the Fashion-MNIST file locations live in `idx` (NumPy
 # only, shared with the PyTorch demo teacher); re-exported here for callers.
@@ -28,6 +40,7 @@ from ega_jax.data.idx import read_idx  # noqa: F401  (tests monkeypatch sources.
 
 # name -> (TFDS name, train split, evaluation split).
 TFDS_SPLITS = {
+  "cifar10": ("cifar10", "train", "test"),
   "cifar100": ("cifar100", "train", "test"),
   "stl10": ("stl10", "train", "test"),
   "tiny_imagenet": ("tiny_imagenet", "train", "validation"),
@@ -48,12 +61,22 @@ def find_fashion_mnist_dir(data_dir: str | None) -> str | None:
   """The first directory holding all four Fashion-MNIST idx files, or None.
 
   Looked up in `<data_dir>/fashion-mnist`, then `DEBIAN_FASHION_MNIST_DIR`.
+
+  Raises:
+    UserInputError: `<data_dir>/fashion-mnist` exists but lacks some of the files.
   """
   candidates = []
-  if data_dir:
-    candidates.append(os.path.join(os.fspath(data_dir), "fashion-mnist"))
-  candidates.append(DEBIAN_FASHION_MNIST_DIR)
   needed = [f for files in FASHION_MNIST_FILES.values() for f in files]
+  if data_dir:
+    own = os.path.join(os.fspath(data_dir), "fashion-mnist")
+    missing = [f for f in needed if not os.path.isfile(os.path.join(own, f))]
+    if os.path.isdir(own) and missing:
+      raise preparation.user_error(
+        f"fashion_mnist: {own} lacks {', '.join(missing)}; it must hold all four idx files "
+        f"({', '.join(needed)}), e.g. copied from Debian's dataset-fashion-mnist package."
+      )
+    candidates.append(own)
+  candidates.append(DEBIAN_FASHION_MNIST_DIR)
   for directory in candidates:
     if all(os.path.isfile(os.path.join(directory, f)) for f in needed):
       return directory
@@ -108,11 +131,18 @@ class ExampleSource:
   Single-channel images are replicated to 3 channels.
   """
 
-  def __init__(self, source: RecordSource, name: str, split: str, max_examples: int | None = None):
+  def __init__(
+    self,
+    source: RecordSource,
+    name: str,
+    split: str,
+    max_examples: int | None = None,
+    image_size: int | None = None,
+  ):
     self.source = source
     self.name = name
     self.split = split
-    self.image_size = info_lib.get_dataset_info(name).image_size
+    self.image_size = info_lib.record_image_size(name, image_size)
     # A prefix of the split (quick runs and tests); None or <= 0: all of it.
     self.num_records = len(source)
     if max_examples is not None and max_examples > 0:
@@ -146,22 +176,40 @@ class ExampleSource:
     )
 
 
-def _preparation_command(name: str, data_dir: str | None) -> str:
-  """The shell command that prepares `name` as ArrayRecord in `data_dir`."""
-  target = os.fspath(data_dir) if data_dir else "~/tensorflow_datasets"
-  if name == "tiny_imagenet":
-    return (
-      "python -m ega_jax.data.tiny_imagenet "
-      "--manual_dir=<dir with tiny-imagenet-200.zip> "
-      f"--data_dir={target}"
-    )
-  return f"tfds build {TFDS_SPLITS[name][0]} --data_dir={target} --file_format=array_record"
+def _tfds_version(tfds: Any, tfds_name: str) -> str | None:
+  """The version this tensorflow-datasets reads for `tfds_name` (None if unknown)."""
+  try:
+    return str(tfds.builder_cls(tfds_name).VERSION)
+  except Exception:  # pylint: disable=broad-except  (only refines an error message)
+    return None
 
 
-def open_tfds(name: str, split: str, data_dir: str | None, decoders: Any = None) -> Sequence[Any]:
-  """`tfds.data_source` for one split, with a one-line hint if it is missing.
+def _missing_shard(data_source: Any) -> str | None:
+  """The first local shard file a TFDS ArrayRecord source lists but lacks, else None.
 
-  Works under `tfds.testing.mock_data`, which patches the builder's
+  TFDS opens shards only at the first read, so a half-copied build would
+  otherwise fail later inside a reader thread.
+  """
+  from tensorflow_datasets.core.data_sources import base  # pylint: disable=g-import-not-at-top
+
+  dataset_info = getattr(data_source, "dataset_info", None)
+  reader = type(getattr(data_source, "data_source", None)).__name__
+  if dataset_info is None or reader != "ArrayRecordDataSource":
+    return None  # not read from files (tfds.testing.mock_data patches the reader)
+  for instruction in base.file_instructions(dataset_info, data_source.split):
+    filename = os.fspath(instruction.filename)
+    if "://" not in filename and not os.path.isfile(filename):
+      return filename
+  return None
+
+
+def open_tfds(
+  name: str, split: str, data_dir: str | None, decoders: Any = None, alternative: str = ""
+) -> Sequence[Any]:
+  """`tfds.data_source` for one split, or a one-sentence UserInputError saying what to do.
+
+  `alternative` (", or ...") is appended to the advice (another way to provide the
+  data). Works under `tfds.testing.mock_data`, which patches the builder's
   `as_data_source` (it then ignores `data_dir`).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -172,38 +220,55 @@ def open_tfds(name: str, split: str, data_dir: str | None, decoders: Any = None)
     from ega_jax.data import tiny_imagenet  # noqa: F401
   tfds_name = TFDS_SPLITS[name][0]
   try:
-    return tfds.data_source(
+    source = tfds.data_source(
       tfds_name, split=split, data_dir=data_dir, download=False, decoders=decoders
     )
-  except (NotImplementedError, FileNotFoundError, AssertionError) as error:
-    # TFDS reports a missing dataset as "random access for TFRECORD is not
-    # supported" (the default format of an unprepared builder); say what to
-    # run instead.
-    location = os.fspath(data_dir) if data_dir else "~/tensorflow_datasets"
-    dataset_dir = os.path.join(os.path.expanduser(location), tfds_name)
-    if glob.glob(os.path.join(dataset_dir, "**", "*.tfrecord*"), recursive=True):
-      message = (
-        f"{name} under {location} is in TFRecord format, but random access "
-        "needs ArrayRecord; rebuild it in a new data_dir with: "
-        f"{_preparation_command(name, '<new data_dir>')}"
+  except Exception as error:  # pylint: disable=broad-except
+    # TFDS reports an unprepared dataset as a KeyError ("`splits` is empty"),
+    # "random access for TFRECORD is not supported", a DatasetInfoFileError, ...;
+    # the directory itself says what is wrong.
+    diagnosis = preparation.diagnose_tfds(name, split, data_dir, _tfds_version(tfds, tfds_name))
+    if diagnosis is None:
+      if not isinstance(error, (NotImplementedError, FileNotFoundError, AssertionError, KeyError)):
+        raise
+      diagnosis = (
+        "it is not prepared",
+        f"prepare it with: {preparation.preparation_command(name, data_dir)}",
       )
-    else:
-      message = (
-        f"{name} ({split} split) is not prepared under {location}; "
-        f"prepare it with: {_preparation_command(name, data_dir)}"
-      )
-    raise FileNotFoundError(message) from error
+    raise preparation.tfds_error(name, split, data_dir, *diagnosis, alternative) from error
+  missing = _missing_shard(source)
+  if missing is not None:
+    location = os.path.dirname(missing)
+    raise preparation.tfds_error(
+      name,
+      split,
+      data_dir,
+      f"{location} is incomplete ({os.path.basename(missing)} is missing)",
+      f"delete {location} and prepare it again with: "
+      f"{preparation.preparation_command(name, data_dir)}",
+      alternative,
+    )
+  return source
 
 
 def _raw_split(
-  name: str, role: str, data_dir: str | None, decoders: Any = None
+  name: str, role: str, data_dir: str | None, decoders: Any = None, image_size: int | None = None
 ) -> tuple[RecordSource, str]:
-  """(record source, split name) for `role` in ('train', 'eval')."""
-  info_lib.get_dataset_info(name)
+  """(record source, split name) for `role` in ('train', 'eval'); see the module docstring."""
   if role not in SPLIT_ROLES:
     raise ValueError(f"Unknown split role {role!r}; valid roles are {', '.join(SPLIT_ROLES)}.")
+  if name == folders.IMAGE_FOLDER:
+    source = folders.open_folder_split(data_dir, role, image_size)
+    return source, source.listing.split_dir
+  info_lib.get_dataset_info(name)
   _, train_split, eval_split = TFDS_SPLITS[name]
   split = train_split if role == "train" else eval_split
+  alternative = ""
+  if name in cifar_files.CIFAR_LAYOUTS:
+    directory = cifar_files.find_cifar_dir(name, data_dir)
+    if directory is not None:
+      return cifar_files.CifarPickleSource(directory, name, split), split
+    alternative = cifar_files.alternative_hint(name, data_dir)
   if name == "fashion_mnist":
     directory = find_fashion_mnist_dir(data_dir)
     if directory is not None:
@@ -218,18 +283,36 @@ def _raw_split(
       " or ".join(searched),
       data_dir or "~/tensorflow_datasets",
     )
-  return open_tfds(name, split, data_dir, decoders=decoders), split
+    alternative = (
+      f", or put the four idx .gz files in {searched[0]} (or install Debian's "
+      "dataset-fashion-mnist)"
+    )
+  return open_tfds(name, split, data_dir, decoders=decoders, alternative=alternative), split
 
 
 def open_split(
-  name: str, role: str, data_dir: str | None, max_examples: int | None = None
+  name: str,
+  role: str,
+  data_dir: str | None,
+  max_examples: int | None = None,
+  image_size: int | None = None,
 ) -> ExampleSource:
   """The train ('train') or evaluation ('eval') split of dataset `name`.
 
-  `max_examples` > 0 keeps only the first that many records.
+  `max_examples` > 0 keeps only the first that many records. `image_size`:
+  see `info.record_image_size` (image_folder resizes to it; None: 32).
   """
-  source, split = _raw_split(name, role, data_dir)
-  return ExampleSource(source, name, split, max_examples)
+  source, split = _raw_split(name, role, data_dir, image_size=image_size)
+  return ExampleSource(source, name, split, max_examples, image_size)
+
+
+def _has_labels_array(name: str, data_dir: str | None) -> bool:
+  """Whether the train split comes from files whose labels load without images."""
+  if name == folders.IMAGE_FOLDER:
+    return True
+  if name in cifar_files.CIFAR_LAYOUTS:
+    return cifar_files.find_cifar_dir(name, data_dir) is not None
+  return name == "fashion_mnist" and find_fashion_mnist_dir(data_dir) is not None
 
 
 def read_train_labels(
@@ -239,9 +322,9 @@ def read_train_labels(
 
   `max_examples` > 0 keeps only the first that many records.
   """
-  info_lib.get_dataset_info(name)
   decoders = None
-  if name != "fashion_mnist" or find_fashion_mnist_dir(data_dir) is None:
+  if not _has_labels_array(name, data_dir):
+    info_lib.get_dataset_info(name)
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     # Labels only: skip the image decode, which is >99% of the read cost.
@@ -250,8 +333,8 @@ def read_train_labels(
   count = len(source)
   if max_examples is not None and max_examples > 0:
     count = min(count, int(max_examples))
-  if isinstance(source, FashionMnistIdxSource):
-    return source.labels[:count].astype(np.int32)
+  if hasattr(source, "labels"):
+    return np.asarray(source.labels[:count], np.int32)
   labels = np.empty(count, np.int32)
   for key in range(count):
     labels[key] = source[key]["label"]
