@@ -55,6 +55,15 @@ def distill_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {key: config.distill[key] for key in losses.DEFAULT_HPARAMS}
 
 
+def eval_batch_size_for(config, num_devices: int) -> int:
+  """config.eval_batch_size rounded up to a multiple of the device count.
+
+  Evaluation batches are padded and masked anyway, so a larger batch changes
+  no score; it lets one config run unchanged on 1, 2, 4, 8 or 16 devices.
+  """
+  return -(-int(config.eval_batch_size) // num_devices) * num_devices
+
+
 def run_signature(config) -> dict[str, Any]:
   """What a workdir's checkpoints were trained for; a resume must match it."""
   return {
@@ -132,14 +141,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     problem = check(value)
     if problem:
       raise ConfigError(f"config.{field}={value!r} {problem}")
-  for field in ("batch_size", "eval_batch_size"):
-    value = config[field]
-    if value <= 0 or value % num_devices:
-      raise ConfigError(
-        f"config.{field}={value} must be a positive multiple of the device "
-        f"count ({num_devices}), because it is the global batch split evenly "
-        "over all devices."
-      )
+  if config.batch_size <= 0 or config.batch_size % num_devices:
+    raise ConfigError(
+      f"config.batch_size={config.batch_size} must be a positive multiple of the device "
+      f"count ({num_devices}), because it is the global batch split evenly "
+      "over all devices."
+    )
+  if config.eval_batch_size <= 0:
+    raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be positive.")
   num_labelled = config.dataset.get("num_labelled", -1)
   if num_labelled != -1 and num_labelled <= 0:
     raise ConfigError(

@@ -122,5 +122,12 @@ def main(argv):
   logging.info("Done: %s", summary)
 
 
+def run() -> None:
+  """Console-script entry point (ega-train)."""
+  from ega_jax import cli
+
+  app.run(main, flags_parser=cli.parse_flags_or_exit)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

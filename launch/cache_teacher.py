@@ -94,5 +94,12 @@ def main(argv):
   logging.info("manifest: %s", manifest)
 
 
+def run() -> None:
+  """Console-script entry point (ega-cache)."""
+  from ega_jax import cli
+
+  app.run(main, flags_parser=cli.parse_flags_or_exit)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -438,44 +438,8 @@ def _assert_close_relative(actual, expected):
   )
 
 
-# Over 5 s each on 2 CPU cores (mostly the compile).
-_SLOW_RESTATEMENTS = ("resnet110", "MobileNetV2", "ShuffleV1", "ShuffleV2")
-
-
-@pytest.mark.parametrize(
-  "name",
-  [
-    pytest.param(name, marks=pytest.mark.slow) if name in _SLOW_RESTATEMENTS else name
-    for name in STUDENT_NAMES
-  ],
-)
-def test_matches_pytorch_restatement(name):
-  num_classes = 100
-  model = create_student(name, num_classes)
-  variables = _random_variables(model, seed=1)
-  reference = _loaded_restatement(name, variables, num_classes)
-
-  # The re-statement alone has RepDistiller's parameter count (the CIFAR
-  # ResNets less the fc EGA's release drops).
-  torch_count = sum(parameter.numel() for parameter in reference.parameters())
-  if CLASSIFIER_PREFIXES[name] is None:
-    torch_count += (student_feature_dim(name) + 1) * num_classes
-  assert torch_count == REPDISTILLER_PARAM_COUNTS[name]
-
-  images = _images(2, 32, seed=4)
-  reference.eval()
-  with torch.no_grad():
-    ref_pooled, ref_logits, ref_maps = reference(_nchw(images), is_feat=True)
-  # One compile: op-by-op dispatch of the ShuffleNets and MobileNetV2 takes
-  # several times longer.
-  logits, features = jax.jit(functools.partial(model.apply, train=False))(variables, images)
-  assert (ref_logits is None) == (CLASSIFIER_PREFIXES[name] is None)
-  if ref_logits is not None:
-    _assert_close_relative(logits, ref_logits.numpy())
-  _assert_close_relative(features["penultimate"], ref_pooled.numpy())
-  assert len(features["stages"]) == len(ref_maps)
-  for stage, ref_map in zip(features["stages"], ref_maps):
-    _assert_close_relative(stage, ref_map.numpy().transpose(0, 2, 3, 1))
+# The eval-mode parity of all 22 students, through the export's PyTorch layout, is
+# tests/test_export.py::test_released_layout_of_every_student_matches_pytorch.
 
 
 def test_train_mode_matches_pytorch_restatement():

@@ -22,7 +22,14 @@ from ega_jax import config as config_lib
 BEST_METRIC = "eval/top1"
 # What a workdir holds besides checkpoints; `overwrite_workdir` deletes these
 # ("best" is where versions before the one-manager layout kept the best step).
-RUN_OUTPUTS = ("checkpoints", "best", "metrics.jsonl", "summary.json", "graphs")
+RUN_OUTPUTS = (
+  "checkpoints",
+  "best",
+  "metrics.jsonl",
+  "summary.json",
+  "graphs",
+  "config.json",
+)
 
 
 def workdir_path(workdir: str):

@@ -22,6 +22,7 @@ from ega_jax import config as config_lib
 from ega_jax import losses
 from ega_jax.train import checkpointing
 from ega_jax.train import preemption as preemption_lib
+from ega_jax.train import run_record
 from ega_jax.train import setup
 from ega_jax.train import state as state_lib
 
@@ -48,10 +49,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   spe = state_lib.steps_per_epoch(config, num_train)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else spe
   checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else spe
+  record = run_record.build_record(
+    config,
+    run,
+    image_size=eval_loader.source.image_size,
+    num_train_examples=num_train,
+    steps_per_epoch=spe,
+    num_steps=num_steps,
+  )
   batches = _device_batches(train_loader, mesh)
   manager, state, meta = _open_checkpoints_and_resume(config, workdir, run.state, batches)
+  run_record.write_record(workdir, record)
   writer = metric_writers.create_metric_writer(workdir)
-  report_progress = _start_reporting(config, writer, state, num_steps, spe)
+  _start_reporting(config, writer, state, record, num_steps, spe)
   picture_batch = (
     state_lib.global_batch_from_local(mesh, next(iter(eval_loader)))
     if config.graph_pictures
@@ -59,21 +69,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   step = int(jax.device_get(state.step))
+  progress = run_record.ProgressMeter(step, num_steps)
   history, last_eval, preempted = [], {}, False
   with preemption_lib.PreemptionRequested() as preemption:
     while step < num_steps:
+      call_start = time.perf_counter()
       state, metrics = run.train_step(state, run.teacher_variables, next(batches), run.crd_tables)
+      if not history and step == progress.first_step:
+        progress.pause(time.perf_counter() - call_start)  # compilation is not throughput
       step += 1
       history.append(metrics)
-      report_progress(step)
       eval_top1 = None
       if _due(step, config.log_every_steps, num_steps):
-        means = _write_train_metrics(writer, config, run, state, step, num_steps, history)
+        means = _write_train_metrics(writer, config, run, state, step, progress, history)
         _stop_if_nonfinite(config, means, state, step, history, manager, workdir)
         history = []
       if _due(step, eval_every, num_steps):
-        with report_progress.timed("eval"):
-          last_eval = _evaluate(run, state, eval_loader)
+        eval_start = time.perf_counter()
+        last_eval = _evaluate(run, state, eval_loader)
         is_best = _record_eval(writer, config, meta, step, last_eval)
         if picture_batch is not None:
           _write_graph_picture(
@@ -82,9 +95,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_top1 = last_eval["eval/top1"]
         if is_best:
           checkpointing.save(manager, step, state, batches, dict(meta), eval_top1)
+        progress.pause(time.perf_counter() - eval_start)
       preempted = preemption.requested(step, config.log_every_steps)
       if (_due(step, checkpoint_every, num_steps) or preempted) and (manager.latest_step() != step):
+        save_start = time.perf_counter()
         checkpointing.save(manager, step, state, batches, dict(meta), eval_top1)
+        progress.pause(time.perf_counter() - save_start)
       writer.flush()
       if preempted:
         break
@@ -137,9 +153,10 @@ def _open_checkpoints_and_resume(config, workdir, state, batches):
   return manager, state, meta
 
 
-def _start_reporting(config, writer, state, num_steps: int, steps_per_epoch: int):
-  """clu's ReportProgress (steps/s, ETA); hparams and the parameter overview on a fresh run."""
-  from clu import parameter_overview, periodic_actions
+def _start_reporting(config, writer, state, record, num_steps: int, steps_per_epoch: int):
+  """Logs what is trained and its parameter counts; hparams and the parameter overview
+  go to TensorBoard on a fresh run."""
+  from clu import parameter_overview
 
   if int(jax.device_get(state.step)) == 0:
     writer.write_hparams(setup.flat_hparams(config))
@@ -157,8 +174,9 @@ def _start_reporting(config, writer, state, num_steps: int, steps_per_epoch: int
     steps_per_epoch,
     config.batch_size,
   )
-  return periodic_actions.ReportProgress(
-    num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps
+  logging.info(
+    "Parameters: %s.",
+    ", ".join(f"{name} {count:,}" for name, count in record["parameter_counts"].items()),
   )
 
 
@@ -186,9 +204,9 @@ def _mean_metrics(history: list[dict[str, jnp.ndarray]]) -> dict[str, float]:
   return {key: float(np.mean([h[key] for h in host])) for key in host[0]}
 
 
-def _write_train_metrics(writer, config, run, state, step, num_steps, history) -> dict:
-  """Writes and returns the means of the train metrics since the last log
-  (steps_per_sec comes from clu)."""
+def _write_train_metrics(writer, config, run, state, step, progress, history) -> dict:
+  """Writes and returns the means of the train metrics since the last log, with the
+  training steps per second since then; the log line ends with the ETA."""
   summary = _mean_metrics(history)
   scalars = {f"train/{k}": v for k, v in summary.items() if k != "finite"}
   scalars["train/top1"] *= 100.0
@@ -197,15 +215,19 @@ def _write_train_metrics(writer, config, run, state, step, num_steps, history) -
     del scalars["train/teacher_top1"], scalars["train/teacher_ce"]
   scalars["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
   scalars["train/learning_rate"] = float(run.learning_rate(step - 1))
+  steps_per_sec, eta = progress.tick(step)
+  scalars["train/steps_per_sec"] = steps_per_sec
   writer.write_scalars(step, scalars)
   logging.info(
-    "step %d/%d: loss %.4f ce %.4f distill %.4f top1 %.2f%%",
+    "step %d/%d: loss %.4f ce %.4f distill %.4f top1 %.2f%% | %.2f steps/s, ETA %s",
     step,
-    num_steps,
+    progress.num_steps,
     summary["loss"],
     summary["ce"],
     summary["distill"],
     scalars["train/top1"],
+    steps_per_sec,
+    run_record.format_duration(eta),
   )
   return summary
 

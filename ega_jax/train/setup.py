@@ -124,10 +124,19 @@ def create_loaders(config, train_cache: str | None, eval_cache: str | None, labe
     labelled_indices=labelled,
     labelled_share=labelled_share(config),
   )
+  eval_batch_size = config_lib.eval_batch_size_for(config, jax.device_count())
+  if eval_batch_size != config.eval_batch_size:
+    logging.info(
+      "config.eval_batch_size=%d rounded up to %d, a multiple of the %d devices "
+      "(evaluation batches are padded and masked, so no score changes).",
+      config.eval_batch_size,
+      eval_batch_size,
+      jax.device_count(),
+    )
   eval_loader = data_lib.create_eval_loader(
     config.dataset.name,
     config.dataset.data_dir,
-    global_batch_size=config.eval_batch_size,
+    global_batch_size=eval_batch_size,
     process_index=process_index,
     process_count=process_count,
     max_examples=config.dataset.max_eval_examples,

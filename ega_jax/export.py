@@ -1,0 +1,379 @@
+r"""Export a trained student out of its workdir: Flax, safetensors or the released PyTorch layout.
+
+  python -m ega_jax.export --workdir=runs/ega --output=student/ [--which=best|latest|STEP] \
+      [--format=flax,safetensors,pytorch]
+
+Reads one checkpoint of `workdir/checkpoints` and the run record
+`workdir/config.json`, and writes only the student (backbone with its
+BatchNorm statistics, node-embedding head and classifier) to OUTPUT:
+
+  student.json         arch, num_classes, image_size, mean/std, feature_dim,
+                       step, eval top-1 at that step, source workdir, config hash
+  variables.msgpack    (flax) the `DistilledStudent` variables, flax.serialization
+  student.safetensors  (safetensors) the same variables, keys 'params/backbone/conv1/kernel'
+  {arch}_best.pth      (pytorch) the layout the released train_student.py saves:
+                       {'model': model_s.state_dict(), 'layer': stud_net.state_dict(),
+                        'epoch': ..., 'best_acc': ...}; `_last.pth` / `_step{N}.pth` for
+                       --which=latest / a step
+
+PyTorch layout: 'model' holds the backbone under RepDistiller's key names (the
+Flax students are named so that a variable's path joined by '.' is its key).
+The released EGA code removed the final `fc` of the CIFAR ResNets (resnet8 ...
+resnet110, resnet8x4, resnet32x4), so for those it is left out; every other
+arch keeps RepDistiller's own final classifier (linear / fc / classifier),
+which EGA training never uses. 'layer' holds the released `StudNet`:
+`fit_dim_Net` (Linear D -> feature_dim, the node head) and `cl_Net` (Linear
+feature_dim -> num_classes, the classifier the student's predictions come
+from). `ega_jax.load_student(OUTPUT)` reads the Flax or safetensors files back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from ega_jax import config as config_lib
+
+FORMATS = ("flax", "safetensors", "pytorch")
+META_NAME = "student.json"
+FLAX_NAME = "variables.msgpack"
+SAFETENSORS_NAME = "student.safetensors"
+# Flax/torch leaf names of the students' naming rule (kernels are transposed too).
+_TORCH_LEAF_NAMES = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
+# The released EGA CIFAR ResNets (models/resnet.py) have no final fc.
+_RELEASED_WITHOUT_FC = ("resnet",)
+_CIFAR_RESNET_FC = "fc"
+
+
+# ---------------------------------------------------------------------------
+# Reading a workdir.
+
+
+def _checkpoint_steps(workdir: str):
+  """(all steps, latest step, best step or None) of workdir/checkpoints."""
+  import orbax.checkpoint as ocp
+
+  from ega_jax.train import checkpointing
+
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise config_lib.UserInputError(
+      f"{directory} does not exist: --workdir={workdir!r} holds no checkpoints to export."
+    )
+  options = ocp.CheckpointManagerOptions(
+    best_fn=lambda metrics: float(metrics[checkpointing.BEST_METRIC]),
+    best_mode="max",
+    read_only=True,
+  )
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    return list(manager.all_steps()), manager.latest_step(), manager.best_step()
+
+
+def resolve_step(workdir: str, which: str) -> int:
+  """The checkpoint step `which` names: 'best' (by eval/top1), 'latest' or a step number."""
+  steps, latest, best = _checkpoint_steps(workdir)
+  if not steps:
+    raise config_lib.UserInputError(f"{workdir}/checkpoints holds no finished checkpoint.")
+  if which == "latest":
+    return int(latest)
+  if which == "best":
+    if best is None:
+      raise config_lib.UserInputError(
+        f"{workdir}/checkpoints has no evaluated checkpoint to call best; use --which=latest "
+        f"or one of the steps {sorted(steps)}."
+      )
+    return int(best)
+  if not which.isdigit() or int(which) not in steps:
+    raise config_lib.UserInputError(
+      f"--which={which!r} is not a checkpoint of {workdir}; valid: best, latest or one of the "
+      f"steps {sorted(steps)}."
+    )
+  return int(which)
+
+
+def logged_eval(workdir: str, step: int) -> dict[str, float]:
+  """The eval/* scalars metrics.jsonl holds for `step` (the last record wins; {} if none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  found = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        if record.get("step") == step and "eval/top1" in record:
+          found = {key: value for key, value in record.items() if key.startswith("eval/")}
+  return found
+
+
+def restore_checkpoint(workdir: str, step: int) -> dict:
+  """The raw TrainState tree (nested dicts of NumPy arrays) of checkpoint `step`."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(
+    directory, options=ocp.CheckpointManagerOptions(read_only=True)
+  ) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored["state"]
+
+
+def student_from_workdir(workdir: str, which: str = "best"):
+  """(DistilledStudent variables, student.json meta) of one checkpoint of a training workdir."""
+  from ega_jax.train import run_record
+
+  record = run_record.read_record(workdir)
+  step = resolve_step(workdir, which)
+  state = restore_checkpoint(workdir, step)
+  variables = {
+    "params": {
+      "backbone": state["student_params"]["backbone"],
+      "head": state["student_params"]["head"],
+    },
+    "batch_stats": {"backbone": state["student_batch_stats"]},
+  }
+  variables = _to_numpy(variables)
+  evaluation = logged_eval(workdir, step)
+  config = record["config"]
+  meta = {
+    **record["student"],
+    "step": step,
+    "which": which,
+    "epoch": step // max(1, int(record["steps_per_epoch"])),
+    "eval_top1": evaluation.get("eval/top1"),
+    "eval_top5": evaluation.get("eval/top5"),
+    "dataset": config["dataset"]["name"],
+    # The evaluation split training scored: ega_jax.evaluate reads these.
+    "data_dir": config["dataset"]["data_dir"],
+    "max_eval_examples": config["dataset"]["max_eval_examples"],
+    "teacher_arch": config["teacher"]["arch"],
+    "distill_method": config["distill"]["method"],
+    "source_workdir": os.path.abspath(workdir),
+    "config_hash": record["config_hash"],
+    "ega_jax_version": record["ega_jax_version"],
+  }
+  return variables, meta
+
+
+def _to_numpy(tree):
+  import jax
+
+  return jax.tree.map(np.asarray, tree)
+
+
+# ---------------------------------------------------------------------------
+# The PyTorch layout.
+
+
+def _flat(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
+
+
+def torch_state_dict(flax_params, flax_batch_stats) -> dict[str, np.ndarray]:
+  """A Flax module's params and batch_stats -> PyTorch state_dict arrays, by the naming rule.
+
+  Conv kernels go HWIO -> OIHW and Dense kernels (in, out) -> (out, in);
+  BatchNorm layers also get `num_batches_tracked` (0, which eval mode never reads).
+  """
+  state = {}
+  for collection in (flax_params, flax_batch_stats):
+    for path, value in _flat(collection):
+      value = np.asarray(value, np.float32)
+      if path[-1] == "kernel":
+        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+      state[".".join(path[:-1] + (_TORCH_LEAF_NAMES[path[-1]],))] = np.ascontiguousarray(value)
+  for path, _ in _flat(flax_batch_stats):
+    if path[-1] == "mean":
+      state[".".join(path[:-1] + ("num_batches_tracked",))] = np.zeros((), np.int64)
+  return state
+
+
+def released_layout(variables, meta) -> dict:
+  """The dict the released train_student.py saves, as NumPy arrays (see the module docstring)."""
+  backbone = torch_state_dict(variables["params"]["backbone"], variables["batch_stats"]["backbone"])
+  if meta["arch"].startswith(_RELEASED_WITHOUT_FC):
+    backbone = {
+      key: value for key, value in backbone.items() if not key.startswith(_CIFAR_RESNET_FC + ".")
+    }
+  head = variables["params"]["head"]
+  layer = {}
+  for flax_name, torch_name in (("embed", "fit_dim_Net"), ("classifier", "cl_Net")):
+    dense = head[flax_name]["Dense_0"]
+    layer[f"{torch_name}.weight"] = np.ascontiguousarray(np.asarray(dense["kernel"]).T)
+    layer[f"{torch_name}.bias"] = np.asarray(dense["bias"])
+  best_acc = meta.get("eval_top1")
+  return {
+    "model": backbone,
+    "layer": layer,
+    "epoch": int(meta["epoch"]),
+    "best_acc": float(best_acc) if best_acc is not None else None,
+  }
+
+
+def _import_or_explain(module: str, what: str):
+  import importlib
+
+  try:
+    return importlib.import_module(module)
+  except ImportError as error:
+    raise config_lib.UserInputError(
+      f"--format={what} needs the {module} package, which is not installed; "
+      "install it with pip install 'ega_jax[convert]'."
+    ) from error
+
+
+def pytorch_file_name(meta) -> str:
+  which = meta["which"]
+  suffix = {"best": "best", "latest": "last"}.get(which, f"step{meta['step']}")
+  return f"{meta['arch']}_{suffix}.pth"
+
+
+# ---------------------------------------------------------------------------
+# Writing and reading an export.
+
+
+def check_formats(formats) -> None:
+  """UserInputError unless `formats` is a non-empty subset of FORMATS."""
+  if not formats or set(formats) - set(FORMATS):
+    raise config_lib.UserInputError(
+      f"--format={','.join(formats)!s} is not valid; choose one or more of {', '.join(FORMATS)}."
+    )
+
+
+def write_export(output: str, variables, meta, formats=FORMATS) -> dict:
+  """Writes the chosen formats and student.json to `output`; returns the meta written."""
+  check_formats(formats)
+  os.makedirs(output, exist_ok=True)
+  files = []
+  if "flax" in formats:
+    from flax import serialization
+
+    with open(os.path.join(output, FLAX_NAME), "wb") as f:
+      f.write(serialization.msgpack_serialize(variables))
+    files.append(FLAX_NAME)
+  if "safetensors" in formats:
+    safetensors_numpy = _import_or_explain("safetensors.numpy", "safetensors")
+    flat = {"/".join(path): np.ascontiguousarray(value) for path, value in _flat(variables)}
+    safetensors_numpy.save_file(
+      flat, os.path.join(output, SAFETENSORS_NAME), metadata={"student": json.dumps(meta)}
+    )
+    files.append(SAFETENSORS_NAME)
+  if "pytorch" in formats:
+    torch = _import_or_explain("torch", "pytorch")
+    layout = released_layout(variables, meta)
+    for part in ("model", "layer"):
+      layout[part] = {key: torch.from_numpy(np.array(v)) for key, v in layout[part].items()}
+    name = pytorch_file_name(meta)
+    torch.save(layout, os.path.join(output, name))
+    files.append(name)
+  meta = {**meta, "files": files}
+  with open(os.path.join(output, META_NAME), "w") as f:
+    json.dump(meta, f, indent=2)
+    f.write("\n")
+  return meta
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+  tree: dict = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split("/")
+    node = tree
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[leaf] = value
+  return tree
+
+
+def load_student(directory: str):
+  """(module, variables, meta) of an export written by `python -m ega_jax.export`.
+
+  `module` is a `DistilledStudent`; `module.apply(variables, images)` on
+  images normalised with meta['mean'] / meta['std'] gives (logits, features).
+  """
+  from ega_jax.models.distilled import DistilledStudent
+
+  meta_path = os.path.join(directory, META_NAME)
+  if not os.path.isfile(meta_path):
+    raise config_lib.UserInputError(
+      f"{meta_path} does not exist: {directory!r} is not a student exported by "
+      "python -m ega_jax.export."
+    )
+  with open(meta_path) as f:
+    meta = json.load(f)
+  flax_path = os.path.join(directory, FLAX_NAME)
+  safetensors_path = os.path.join(directory, SAFETENSORS_NAME)
+  if os.path.isfile(flax_path):
+    from flax import serialization
+
+    with open(flax_path, "rb") as f:
+      variables = serialization.msgpack_restore(f.read())
+  elif os.path.isfile(safetensors_path):
+    safetensors_numpy = _import_or_explain("safetensors.numpy", "safetensors")
+    variables = _unflatten(safetensors_numpy.load_file(safetensors_path))
+  else:
+    raise config_lib.UserInputError(
+      f"{directory!r} holds neither {FLAX_NAME} nor {SAFETENSORS_NAME}; export it again with "
+      "--format=flax or --format=safetensors (a PyTorch-only export loads in PyTorch)."
+    )
+  module = DistilledStudent(
+    arch=meta["arch"], num_classes=int(meta["num_classes"]), feature_dim=int(meta["feature_dim"])
+  )
+  return module, variables, meta
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv=None) -> int:
+  import argparse
+
+  from absl import logging
+
+  parser = argparse.ArgumentParser(
+    prog="ega-export", description=__doc__.split("\n\n")[0].strip('r"\n ')
+  )
+  parser.add_argument("--workdir", required=True, help="Training workdir (holds config.json).")
+  parser.add_argument("--output", required=True, help="Directory to write the export to.")
+  parser.add_argument(
+    "--which", default="best", help="best (by eval/top1, default), latest, or a step number."
+  )
+  parser.add_argument(
+    "--format", default=",".join(FORMATS), help=f"Comma-separated subset of {','.join(FORMATS)}."
+  )
+  args = parser.parse_args(argv)
+  formats = tuple(part.strip() for part in args.format.split(",") if part.strip())
+  if "pytorch" in formats:
+    try:  # torch before anything imports tensorflow (the reverse order can segfault).
+      import torch  # noqa: F401
+    except ImportError:
+      pass  # write_export says what to install.
+  logging.set_verbosity(logging.ERROR)  # orbax's notes on opening a checkpoint read-only
+  try:
+    check_formats(formats)
+    variables, meta = student_from_workdir(args.workdir, args.which)
+    meta = write_export(args.output, variables, meta, formats)
+  except config_lib.UserInputError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  top1 = meta["eval_top1"]
+  print(
+    f"Exported {meta['arch']} (step {meta['step']}, eval top-1 "
+    f"{'n/a' if top1 is None else f'{top1:.2f}%'}) to {args.output}: {', '.join(meta['files'])}"
+  )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
