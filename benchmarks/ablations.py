@@ -50,7 +50,7 @@ TEACHER_SIZE = 32
 
 def build_demo_run(config, donate_state: bool = True) -> run_lib.Run:
   """`build_run` of the demo setting with a random-weight ResNet-18 teacher at 32 px."""
-  info = data_lib.get_dataset_info(config.dataset.name)
+  info = data_lib.get_dataset_info(config.dataset)
   teacher = models_lib.create_teacher("resnet18", image_size=TEACHER_SIZE)
   # 'unsafe_rbg': its initialisers compile ~3-4x faster on CPU than threefry's.
   teacher_variables = jax.jit(teacher.init)(

@@ -76,7 +76,7 @@ def prepare_jax(
       f"device count ({num_devices})."
     )
   mesh = state_lib.data_mesh(devices)
-  info = data_lib.get_dataset_info(config.dataset.name)
+  info = data_lib.get_dataset_info(config.dataset)
   teacher_module, teacher_host_variables, teacher_meta = random_teacher(
     config.teacher.arch, teacher_image_size, config.seed
   )

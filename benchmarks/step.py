@@ -115,7 +115,7 @@ def check_settings(config, options: Options) -> None:
     ("config.student.arch", config.student.arch, models_lib.STUDENT_NAMES),
     ("config.distill.method", config.distill.method, losses.DISTILL_METHODS),
     ("config.dtype", config.dtype, tuple(config_lib.DTYPES)),
-    ("config.dataset.name", config.dataset.name, tuple(data_lib.DATASETS)),
+    ("config.dataset.name", config.dataset.name, data_lib.DATASET_NAMES),
   )
   for field, value, valid in checks:
     if value not in valid:
@@ -190,7 +190,7 @@ def run(config, options: Options) -> dict:
   from benchmarks import timing
   from ega_jax import data as data_lib
 
-  info = data_lib.get_dataset_info(config.dataset.name)
+  info = data_lib.get_dataset_info(config.dataset)
   local_batches = synthetic_local_batches(
     2,
     config.batch_size // jax.process_count(),

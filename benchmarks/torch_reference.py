@@ -213,7 +213,7 @@ def prepare_torch(
   torch.set_num_threads(num_threads or os.cpu_count())
   torch.manual_seed(config.seed)
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  info = data_lib.get_dataset_info(config.dataset.name)
+  info = data_lib.get_dataset_info(config.dataset)
   spec = specs.get_spec(config.teacher.arch)
   student = build_torch_student(config.student.arch, info.num_classes).to(device).train()
   student_head = TorchEmbeddingHead(

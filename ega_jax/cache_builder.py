@@ -63,7 +63,7 @@ def _identity(
     },
     "dataset": {
       "name": config.dataset.name,
-      "image_size": data_lib.get_dataset_info(config.dataset.name).image_size,
+      "image_size": data_lib.get_dataset_info(config.dataset).image_size,
       "padding": padding,
     },
     "feature_dim": int(feature_dim),
@@ -238,7 +238,7 @@ def build_teacher_cache(
   dtype = config_lib.DTYPES[compute_dtype]
   if dtype != jnp.float32 and hasattr(module, "dtype"):
     module = module.clone(dtype=dtype)
-  info = data_lib.get_dataset_info(config.dataset.name)
+  info = data_lib.get_dataset_info(config.dataset)
   padding = augment.crop_padding(info.image_size)
   num_columns = resolve_num_views(views, padding)
 
@@ -262,6 +262,7 @@ def build_teacher_cache(
       split,
       config.dataset.data_dir,
       config.dataset.max_train_examples if split == "train" else config.dataset.max_eval_examples,
+      info.image_size,
     )
     for split in splits
   }

@@ -111,7 +111,7 @@ def _optional_directory(value) -> str | None:
 # (field, check): a check returns None when the value is fine, else the rest of
 # the sentence "config.<field>=<value> <message>".
 _FIELD_CHECKS = (
-  ("dataset.name", _one_of(tuple(data_lib.DATASETS))),
+  ("dataset.name", _one_of(data_lib.DATASET_NAMES)),
   ("student.arch", _one_of(tuple(models_lib.STUDENT_NAMES))),
   ("teacher.arch", _one_of(tuple(models_lib.TEACHER_SPECS))),
   ("distill.method", _one_of(losses.DISTILL_METHODS)),

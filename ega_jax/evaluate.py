@@ -75,7 +75,12 @@ def evaluate_student(
     return out
 
   loader = data_lib.create_eval_loader(
-    dataset, data_dir, global_batch_size=batch_size, max_examples=max_examples
+    dataset,
+    data_dir,
+    global_batch_size=batch_size,
+    max_examples=max_examples,
+    # An image folder is resized to the size the student was trained on.
+    image_size=int(meta["image_size"]) if dataset == "image_folder" else None,
   )
   if loader.source.image_size != int(meta["image_size"]):
     raise config_lib.UserInputError(
@@ -106,7 +111,7 @@ def _teacher_for(config, workdir: str, step: int):
   from ega_jax.train import state as state_lib
 
   module, teacher_variables, teacher_meta = setup.load_teacher(config)
-  info = data_lib.get_dataset_info(config.dataset.name)
+  info = data_lib.get_dataset_info(config.dataset)
   models = state_lib.build_models(config, module, teacher_meta, info.num_classes)
   head_params = export.restore_checkpoint(workdir, step)["teacher_head_params"]
   return models, teacher_variables, head_params

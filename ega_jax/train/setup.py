@@ -53,7 +53,7 @@ def labelled_subset(config):
     return None
   from ega_jax.data import labelled
 
-  info = data_lib.get_dataset_info(config.dataset.name)
+  info = data_lib.get_dataset_info(config.dataset)
   labels = data_lib.train_labels(
     config.dataset.name, config.dataset.data_dir, config.dataset.max_train_examples
   )
@@ -110,6 +110,7 @@ def create_loaders(config, train_cache: str | None, eval_cache: str | None, labe
   their batches carry cached teacher embeddings; `labelled` (train indices)
   makes the train loader label-efficient."""
   process_index, process_count = jax.process_index(), jax.process_count()
+  image_size = data_lib.get_dataset_info(config.dataset).image_size
   train_loader = data_lib.create_train_loader(
     config.dataset.name,
     config.dataset.data_dir,
@@ -123,6 +124,7 @@ def create_loaders(config, train_cache: str | None, eval_cache: str | None, labe
     teacher_cache_dir=train_cache,
     labelled_indices=labelled,
     labelled_share=labelled_share(config),
+    image_size=image_size,
   )
   eval_batch_size = config_lib.eval_batch_size_for(config, jax.device_count())
   if eval_batch_size != config.eval_batch_size:
@@ -141,6 +143,7 @@ def create_loaders(config, train_cache: str | None, eval_cache: str | None, labe
     process_count=process_count,
     max_examples=config.dataset.max_eval_examples,
     teacher_cache_dir=eval_cache,
+    image_size=image_size,
   )
   return train_loader, eval_loader
 
@@ -165,7 +168,7 @@ def crd_labels(config, labelled=None):
 
   known = np.full(len(labels), -1, labels.dtype)
   known[labelled] = labels[labelled]
-  num_classes = data_lib.get_dataset_info(config.dataset.name).num_classes
+  num_classes = data_lib.get_dataset_info(config.dataset).num_classes
   return labelled_lib.instance_labels(known, np.arange(len(labels)), num_classes)
 
 
@@ -188,7 +191,7 @@ def teacher_cache_splits(config, teacher_meta) -> tuple[str | None, str | None]:
       directory=directory,
       teacher_meta=teacher_meta,
       dataset=config.dataset.name,
-      padding=augment.crop_padding(data_lib.get_dataset_info(config.dataset.name).image_size),
+      padding=augment.crop_padding(data_lib.get_dataset_info(config.dataset).image_size),
     )
   except (FileNotFoundError, ValueError) as error:
     raise config_lib.ConfigError(
@@ -253,7 +256,7 @@ def build(config, mesh, record_dir=None):
     dict(mesh.shape),
   )
   teacher_module, teacher_host_variables, teacher_meta = load_teacher(config)
-  info = data_lib.get_dataset_info(config.dataset.name)
+  info = data_lib.get_dataset_info(config.dataset)
   train_cache, eval_cache = teacher_cache_splits(config, teacher_meta)
   with as_user_error(f"config.dataset.name={config.dataset.name!r}"):
     labelled = labelled_subset(config)

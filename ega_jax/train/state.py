@@ -67,7 +67,7 @@ def build_models(config, teacher_module, teacher_meta, num_classes: int) -> Dist
   statistics are computed over the global batch.
   """
   dtype = config_lib.DTYPES[config.dtype]
-  info = data_lib.get_dataset_info(config.dataset.name)
+  info = data_lib.get_dataset_info(config.dataset)
   student = models_lib.create_student(
     config.student.arch, num_classes, bn_axis_name=AXIS, dtype=dtype
   )
