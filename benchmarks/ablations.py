@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import timing
-from configs import fashion_mnist
+from ega_jax.configs import fashion_mnist
 from ega_jax import data as data_lib
 from ega_jax import models as models_lib
 from ega_jax.train import loop as loop_lib

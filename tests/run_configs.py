@@ -14,7 +14,7 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 
 def fashion_mnist_config(teacher_dir, **overrides):
-  from configs import fashion_mnist
+  from ega_jax.configs import fashion_mnist
 
   config = fashion_mnist.get_config()
   config.teacher.checkpoint = str(teacher_dir)

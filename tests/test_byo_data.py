@@ -286,7 +286,7 @@ def test_image_folder_config_mistakes_name_the_field(tmp_path):
     config_lib.ConfigError, data.get_dataset_info, {"name": "cifar100", "mean": (0.5,) * 3}
   )
   assert "only read for image_folder" in message
-  from configs import default
+  from ega_jax.configs import default
 
   assert data.get_dataset_info(default.get_config().dataset) == data.DATASETS["cifar100"]
 

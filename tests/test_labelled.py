@@ -119,7 +119,7 @@ def _cross_entropy_reference(logits, labels, rows):
 
 
 def test_cross_entropy_counts_labelled_rows_and_distillation_every_row():
-  from configs import default
+  from ega_jax.configs import default
   from ega_jax.train import run as run_lib
   from ega_jax.train import state as state_lib
 

@@ -61,7 +61,7 @@ def test_cli_trains_evaluates_checkpoints_and_writes_metrics(converted_resnet18,
     "eval/top5",
     "eval/teacher_top1",
     "eval/best_top1",
-    "steps_per_sec",
+    "train/steps_per_sec",
   ):
     assert key in merged[4], key
   # Padded, masked evaluation: 100 examples in batches of 64 count exactly once.
@@ -130,7 +130,7 @@ def test_resume_after_restart_equals_uninterrupted_run(converted_resnet18, tmp_p
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
   for step in range(1, 7):
     for key, value in a[step].items():
-      if key in ("steps_per_sec", "uptime") or key.startswith("timing/"):
+      if key == "train/steps_per_sec":
         continue
       assert b[step][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
 
@@ -195,6 +195,63 @@ def test_config_errors_name_the_field(converted_resnet18, tmp_path):
   config = fashion_mnist_config(converted_resnet18, **{"teacher.arch": "resnet50"})
   with pytest.raises(config_lib.ConfigError, match="holds arch 'resnet18'"):
     train.train_and_evaluate(config, str(tmp_path / "mismatch"))
+
+
+@pytest.mark.parametrize(
+  "name", ["cifar100", "fashion_mnist", "fashion_mnist_few_labels", "stl10", "tinyimagenet"]
+)
+def test_shipped_configs_are_valid_on_1_to_16_devices(name, converted_resnet18):
+  import importlib
+
+  from ega_jax import config as config_lib
+
+  config = importlib.import_module(f"ega_jax.configs.{name}").get_config()
+  config.teacher.checkpoint = str(converted_resnet18)
+  for num_devices in (1, 2, 4, 8, 16):
+    config_lib.validate_config(config, num_devices)
+    eval_batch = config_lib.eval_batch_size_for(config, num_devices)
+    # Rounded up to whole per-device batches, never down.
+    assert eval_batch % num_devices == 0
+    assert config.eval_batch_size <= eval_batch < config.eval_batch_size + num_devices
+
+
+@pytest.mark.parametrize(
+  "argv, expected",
+  [
+    (
+      ["--config=configs/fashion_mnist.py", "--config.distill.metod=rkd"],
+      "--config.distill.metod: config.distill has no field 'metod'; did you mean "
+      "config.distill.method?",
+    ),
+    (
+      ["--config", "fashion_mnist", "--config.dataset.nam=x"],
+      "config.dataset has no field 'nam'; did you mean config.dataset.name?",
+    ),
+    (["--config=configs/nope.py"], "configs/nope.py does not exist; give a path"),
+    (["--config=nope"], "shipped configs: cifar100, fashion_mnist, fashion_mnist_few_labels"),
+    (["--config=configs/cifar100.py:x"], "get_config() cannot take the argument 'x'"),
+    (["--config=configs/cifar100.py", "--config.seed.x=1"], "config.seed has no field 'x'"),
+  ],
+)
+def test_flag_mistakes_are_one_sentence(argv, expected):
+  from ega_jax import cli
+
+  with pytest.raises(cli.FlagError) as error:
+    cli.check_config_flags(["prog"] + argv)
+  assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_config_by_name_and_get_config():
+  import ega_jax
+  from ega_jax import cli
+  from ega_jax import config as config_lib
+
+  argv = cli.check_config_flags(["prog", "--config=fashion_mnist", "--config.seed=3"])
+  assert argv[1] == "--config=" + os.path.join(cli.PACKAGED_CONFIG_DIR, "fashion_mnist.py")
+  config = ega_jax.get_config("cifar100", distill__method="rkd", batch_size=128)
+  assert config.distill.method == "rkd" and config.batch_size == 128
+  with pytest.raises(config_lib.UserInputError, match="did you mean config.batch_size"):
+    ega_jax.get_config("cifar100", batch_sise=128)
 
 
 def test_cli_reports_a_config_mistake_in_one_line(converted_resnet18, tmp_path):

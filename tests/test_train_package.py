@@ -13,7 +13,7 @@ from ega_jax import losses
 
 
 def _default_config():
-  from configs import default
+  from ega_jax.configs import default
 
   return default.get_config()
 

@@ -28,7 +28,7 @@ import flax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import default  # noqa: E402
+from ega_jax.configs import default  # noqa: E402
 from ega_jax import config as config_lib  # noqa: E402
 from ega_jax import data as data_lib  # noqa: E402
 from ega_jax import models as models_lib  # noqa: E402

@@ -29,7 +29,7 @@ if X64:
   jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
-from configs import default  # noqa: E402
+from ega_jax.configs import default  # noqa: E402
 from ega_jax import config as config_lib  # noqa: E402
 from ega_jax.data import labelled  # noqa: E402
 from ega_jax import models as models_lib  # noqa: E402

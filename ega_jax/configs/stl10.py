@@ -3,7 +3,7 @@
 Prepare the data once:  tfds build stl10 --data_dir=DATA --file_format=array_record
 """
 
-from configs import default
+from ega_jax.configs import default
 
 
 def get_config():

@@ -5,7 +5,7 @@ Convert the teacher:    python -m launch.convert_teacher --arch clip_vit_b32 \
                           --checkpoint ViT-B-32.pt --output teachers/clip_vit_b32
 """
 
-from configs import default
+from ega_jax.configs import default
 
 
 def get_config():

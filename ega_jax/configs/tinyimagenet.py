@@ -4,7 +4,7 @@ Prepare the data once (the builder lives in ega_jax/data/tiny_imagenet.py):
   python -m ega_jax.data.tiny_imagenet --manual_dir=DIR_WITH_ZIP --data_dir=DATA
 """
 
-from configs import default
+from ega_jax.configs import default
 
 
 def get_config():

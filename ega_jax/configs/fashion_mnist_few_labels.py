@@ -14,7 +14,7 @@ which saw every image, has knowledge the student cannot get from the labels.
       --config.teacher.cache=demo_out/teacher/cache
 """
 
-from configs import fashion_mnist
+from ega_jax.configs import fashion_mnist
 
 
 def get_config():

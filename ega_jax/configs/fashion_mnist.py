@@ -12,7 +12,7 @@ label-scarce setting is configs/fashion_mnist_few_labels.py.
       --config.teacher.cache=demo_out/teacher/cache
 """
 
-from configs import default
+from ega_jax.configs import default
 
 
 def get_config():
