@@ -305,7 +305,11 @@ def build_teacher_cache(
   teacher_cache.write_manifest(directory, manifest)
 
   for split in splits:
-    if manifest["splits"][split]["complete"]:
+    entry = manifest["splits"][split]
+    if entry["complete"]:
+      if "files" not in entry:  # Completed before the manifest recorded checksums.
+        entry["files"] = teacher_cache.split_file_records(directory, split)
+        teacher_cache.write_manifest(directory, manifest)
       progress(f"{split}: already complete in {directory}.")
       continue
     source = opened[split]
@@ -334,6 +338,7 @@ def build_teacher_cache(
       log_every_s,
       progress,
     )
+    manifest["splits"][split]["files"] = teacher_cache.split_file_records(directory, split)
     manifest["splits"][split]["complete"] = True
     teacher_cache.write_manifest(directory, manifest)
     progress(f"{split}: complete.")

@@ -343,3 +343,27 @@ def test_failed_checkpoint_write_surfaces_and_previous_stays_usable(
   summary = train.train_and_evaluate(config, workdir)
   assert summary["steps"] == 4
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "4"
+
+
+def test_unwritable_or_full_workdir_is_refused_before_training(
+  converted_resnet18, tmp_path, monkeypatch
+):
+  import collections
+  import shutil
+
+  from ega_jax import config as config_lib
+  from ega_jax import train
+
+  config = fashion_mnist_config(converted_resnet18, graph_pictures=False)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  # (Permission bits do not stop root, which CI may be; a path through a file fails for anyone.)
+  with pytest.raises(config_lib.UserInputError, match=r"a_file/w' is not writable"):
+    train.train_and_evaluate(config, str(blocker / "w"))
+
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+  workdir = tmp_path / "full"
+  with pytest.raises(config_lib.UserInputError, match=r"has 1 MiB free; checkpoints of this run"):
+    train.train_and_evaluate(config, str(workdir))
+  assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()

@@ -101,6 +101,7 @@ def _write_index_cache(
     "num_views": int(view_ids.shape[1]),
     "all_views": split == "train" and view_ids.shape[1] == teacher_cache.num_views(padding),
     "complete": True,
+    "files": teacher_cache.split_file_records(str(directory), split),
   }
   teacher_cache.write_manifest(str(directory), manifest)
 
@@ -229,13 +230,19 @@ def test_builder_stores_the_torch_teacher_embedding_of_each_view_and_resumes(
     config, directory, views=3, batch_size=8, log_every_s=0, progress=reports.append
   )
   assert f"starting at example {done}" in reports[0]
+  files = manifest["splits"]["train"].pop("files")
   assert manifest["splits"]["train"] == {
     "num_examples": 10,
     "num_views": 3,
     "all_views": False,
     "complete": True,
   }
-  assert manifest["splits"]["eval"]["complete"]
+  # The finished split's files are recorded (size; sha256 from an independent hashlib read).
+  features_path = os.path.join(directory, "train_features.npy")
+  assert files["features"]["bytes"] == os.path.getsize(features_path)
+  with open(features_path, "rb") as f:
+    assert files["features"]["sha256"] == __import__("hashlib").sha256(f.read()).hexdigest()
+  assert manifest["splits"]["eval"]["complete"] and manifest["splits"]["eval"]["files"]
 
   model = torchvision.models.resnet18()
   model.load_state_dict(torch.load(converted_resnet18.parent / "resnet18.pth"))
@@ -374,3 +381,26 @@ def test_cached_features_reopen_their_memory_map_when_unpickled(tmp_path):
   assert isinstance(clone.features, np.memmap)
   for index in range(12):
     np.testing.assert_array_equal(clone.feature(index, 1), cache.feature(index, 1))
+
+
+def test_a_truncated_or_altered_cache_file_is_refused_naming_it(tmp_path):
+  _write_index_cache(tmp_path, 12, 2, FASHION_PADDING)
+  features = tmp_path / "train_features.npy"
+  original = features.read_bytes()
+  # One flipped bit in the float16 data: same size, other sha256.
+  flipped = bytearray(original)
+  flipped[-3] ^= 0x04
+  features.write_bytes(bytes(flipped))
+  with pytest.raises(ValueError, match=r"train_features.npy is corrupt: its sha256 differs"):
+    teacher_cache.CachedFeatures(str(tmp_path), "train")
+  features.write_bytes(original[:-64])
+  with pytest.raises(ValueError, match=r"train_features.npy is truncated or overwritten"):
+    teacher_cache.CachedFeatures(str(tmp_path), "train")
+  features.write_bytes(original)
+  teacher_cache.CachedFeatures(str(tmp_path), "train")  # intact again: accepted
+  # A manifest without checksums (an older cache) says how to add them.
+  manifest = teacher_cache.read_manifest(str(tmp_path))
+  del manifest["splits"]["train"]["files"]
+  teacher_cache.write_manifest(str(tmp_path), manifest)
+  with pytest.raises(ValueError, match="records no checksums for the 'train' split"):
+    teacher_cache.CachedFeatures(str(tmp_path), "train")

@@ -15,8 +15,9 @@ A cache directory holds:
   cache.json                 the manifest (`MANIFEST_FILE`): teacher identity
                              (arch, variables sha256, resolution, mean, std),
                              dataset, padding, feature_dim, and per split the
-                             number of examples and of views, and whether it
-                             is complete;
+                             number of examples and of views, whether it is
+                             complete and, once it is, the size and sha256 of
+                             each of its .npy files (checked when it is opened);
   {split}_features.npy       float16 (N, K, D): embedding of view k of example n;
   {split}_views.npy          int16 (N, K): the view id of each column;
   {split}_progress.json      {"rows_done": n}: examples [0, n) are written.
@@ -33,6 +34,8 @@ import os
 from typing import Any
 
 import numpy as np
+
+from ega_jax.checksums import file_sha256
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "cache.json"
@@ -172,10 +175,50 @@ def split_arrays_exist(directory: str, split: str) -> bool:
   return os.path.exists(paths["features"]) and os.path.exists(paths["views"])
 
 
+def split_file_records(directory: str, split: str) -> dict[str, dict[str, Any]]:
+  """{'features': {'bytes', 'sha256'}, 'views': {...}}: what the manifest records of a
+  complete split's files (the builder calls it when the split is finished)."""
+  paths = _paths(directory, split)
+  return {
+    role: {"bytes": os.path.getsize(paths[role]), "sha256": file_sha256(paths[role])}
+    for role in ("features", "views")
+  }
+
+
+def verify_split_files(directory: str, split: str, entry: dict[str, Any]) -> None:
+  """Raises ValueError (one sentence naming the file) when a split's .npy files are
+  missing, truncated or altered since the manifest recorded them."""
+  where = os.path.join(directory, MANIFEST_FILE)
+  records = entry.get("files")
+  if not records:
+    raise ValueError(
+      f"{where} records no checksums for the {split!r} split (built before ega_jax recorded "
+      "them); run python -m launch.cache_teacher again with the same flags to add them."
+    )
+  paths = _paths(directory, split)
+  for role, record in records.items():
+    path = paths[role]
+    if not os.path.isfile(path):
+      raise ValueError(f"{path} is missing (recorded in {where}); rebuild the cache.")
+    size = os.path.getsize(path)
+    if size != record["bytes"]:
+      raise ValueError(
+        f"{path} is truncated or overwritten: {size} bytes, {where} records {record['bytes']}; "
+        "rebuild the cache (python -m launch.cache_teacher --overwrite)."
+      )
+    if file_sha256(path) != record["sha256"]:
+      raise ValueError(
+        f"{path} is corrupt: its sha256 differs from the one {where} records; rebuild the "
+        "cache (python -m launch.cache_teacher --overwrite)."
+      )
+
+
 class CachedFeatures:
   """Read access to one complete split of a cache (picklable for grain workers).
 
-  The memory map is opened once per process: here, and again when a grain
+  Opening checks the split's files against the sizes and sha256 the manifest
+  records (`verify_split_files`). The memory map is opened once per process:
+  here, and again when a grain
   worker process unpickles the object. Never lazily from reader threads:
   numpy parses the .npy header with `ast`, which is not thread-safe in
   Python 3.11 (concurrent first reads failed with "AST constructor
@@ -196,6 +239,7 @@ class CachedFeatures:
         f"teacher cache {directory!r} has no complete {split!r} split ({done} of {total} "
         "examples written); run python -m launch.cache_teacher again to finish it."
       )
+    verify_split_files(directory, split, entry)
     self.directory = directory
     self.split = split
     self.manifest = manifest

@@ -41,6 +41,37 @@ def workdir_path(workdir: str):
   return epath.Path(workdir)
 
 
+def prepare_workdir(workdir) -> None:
+  """Creates the workdir and checks it is writable; a UserInputError sentence if not."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write_check_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as error:
+    raise config_lib.UserInputError(
+      f"--workdir={str(workdir)!r} is not writable ({config_lib.one_line(error)}); give a "
+      "directory this user can write to."
+    ) from error
+
+
+def check_free_space(workdir, state) -> None:
+  """Refuses a local workdir without room for two checkpoints of `state` (a save writes the
+  new one before the oldest goes), before any training step is spent."""
+  import shutil
+
+  if "://" in str(workdir):
+    return  # An object store has no free-space figure to check.
+  needed = 2 * sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+  free = shutil.disk_usage(str(workdir)).free
+  if free < needed:
+    raise config_lib.UserInputError(
+      f"--workdir={str(workdir)!r} has {free / 2**20:.0f} MiB free; checkpoints of this run "
+      f"need about {needed / 2**20:.0f} MiB (two of {needed / 2**21:.0f} MiB). Free space or "
+      "use another directory."
+    )
+
+
 def _best_metric(metrics) -> float:
   return float(metrics[BEST_METRIC])
 

@@ -43,8 +43,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = state_lib.data_mesh()
   config_lib.validate_config(config, mesh.size)
   workdir = checkpointing.workdir_path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  checkpointing.prepare_workdir(workdir)
   run, train_loader, eval_loader, num_train = setup.build(config, mesh, record_dir=str(workdir))
+  checkpointing.check_free_space(workdir, run.state)
   num_steps = state_lib.total_train_steps(config, num_train)
   spe = state_lib.steps_per_epoch(config, num_train)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else spe
