@@ -53,5 +53,7 @@ def export_student(workdir: str, output: str, which: str = "best", formats=None)
   """`python -m ega_jax.export` as a call; returns the student.json written."""
   from ega_jax import export
 
+  if isinstance(formats, str):
+    formats = formats.split(",")
   variables, meta = export.student_from_workdir(workdir, which)
-  return export.write_export(output, variables, meta, formats or export.FORMATS)
+  return export.write_export(output, variables, meta, tuple(formats or export.FORMATS))

@@ -1,6 +1,6 @@
 """Builds the teacher-embedding cache: the frozen teacher run once over K views per image.
 
-`python -m launch.cache_teacher` is the command line; the format is described in
+`ega-cache` is the command line; the format is described in
 `ega_jax.data.teacher_cache`. The build is resumable: examples are written in
 order, the memory map is flushed and `{split}_progress.json` records how many
 examples are done, so an interrupted build continues where it stopped.
@@ -226,8 +226,7 @@ def build_teacher_cache(
     raise ValueError(f"--batch_size={batch_size} must be positive.")
   if not config.teacher.checkpoint:
     raise ValueError(
-      "config.teacher.checkpoint is empty; set it to a directory written by "
-      "python -m launch.convert_teacher."
+      "config.teacher.checkpoint is empty; set it to a directory written by ega-convert."
     )
   module, variables, meta = models_lib.load_teacher(config.teacher.checkpoint)
   if meta["arch"] != config.teacher.arch:

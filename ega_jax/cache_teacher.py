@@ -1,6 +1,6 @@
 r"""Runs the frozen teacher once over K augmented views of every training image.
 
-  python -m launch.cache_teacher --config=configs/cifar100.py \
+  ega-cache --config=configs/cifar100.py \
       --config.teacher.checkpoint=teachers/clip_vit_b32 --cache_dir=caches/clip_b32_c100 \
       --views=all
 
@@ -14,8 +14,8 @@ teacher views exactly) and of each unaugmented eval image. Interrupted builds
 resume where they stopped when run again with the same flags. Progress (with
 an estimate of the time left) is logged every --log_every_s seconds.
 Layout and semantics: ega_jax/data/teacher_cache.py and docs/performance.md.
-Installed, the command is `ega-cache` (the same flags; `--config=cifar100` names
-a shipped config).
+In a checkout the same command is `python -m launch.cache_teacher`; `--config`
+also takes a shipped config by name (`--config=cifar100`).
 """
 
 import sys

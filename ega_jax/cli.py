@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import inspect
 import os
 import sys
 
@@ -41,7 +42,9 @@ def resolve_config_path(value: str) -> str:
     return value
   name = path[:-3] if path.endswith(".py") else path
   packaged = os.path.join(PACKAGED_CONFIG_DIR, f"{os.path.basename(name)}.py")
-  if os.sep not in name and os.path.isfile(packaged):
+  # A bare name, or the checkout's configs/NAME.py run from elsewhere.
+  shipped_path = os.sep not in name or os.path.dirname(name) == "configs"
+  if shipped_path and os.path.isfile(packaged):
     return packaged + sep + argument
   raise FlagError(
     f"--config={value}: {path} does not exist; give a path to a config file or one of the "
@@ -53,6 +56,8 @@ def load_config_file(value: str):
   """The ConfigDict of '--config=PATH[:ARG]' (as ml_collections' config_flags loads it)."""
   path, _, argument = value.partition(":")
   spec = importlib.util.spec_from_file_location("_ega_jax_checked_config", path)
+  if spec is None or spec.loader is None:
+    raise FlagError(f"--config={value}: {path} is not a Python file (a config is a .py file).")
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
@@ -64,16 +69,14 @@ def load_config_file(value: str):
     raise FlagError(f"--config={value}: {path} defines no get_config() function.")
   arguments = (argument,) if argument else ()
   try:
-    return module.get_config(*arguments)
+    inspect.signature(module.get_config).bind(*arguments)
   except TypeError as error:
-    if "positional argument" not in str(error):
-      raise
     given = f"the argument {argument!r}" if argument else "no argument"
     raise FlagError(
-      f"--config={value}: {path}'s get_config() cannot take {given} "
-      f"({' '.join(str(error).split())}); "
+      f"--config={value}: {path}'s get_config() cannot take {given} ({error}); "
       + ("drop ':" + argument + "' from --config." if argument else "add one as --config=PATH:ARG.")
     ) from error
+  return module.get_config(*arguments)
 
 
 def check_override(config, dotted: str) -> None:

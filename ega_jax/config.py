@@ -102,7 +102,7 @@ def _existing_directory(what_creates_it: str) -> Callable[[Any], str | None]:
 def _optional_directory(value) -> str | None:
   if value and not os.path.isdir(value):
     return (
-      "is not a directory; build it with python -m launch.cache_teacher or leave "
+      "is not a directory; build it with ega-cache or leave "
       "config.teacher.cache empty to run the teacher live."
     )
   return None
@@ -121,7 +121,7 @@ _FIELD_CHECKS = (
   ("feature_dim", _positive),
   (
     "teacher.checkpoint",
-    _existing_directory("python -m launch.convert_teacher (it holds teacher.json)"),
+    _existing_directory("ega-convert (it holds teacher.json)"),
   ),
   ("teacher.cache", _optional_directory),
 )

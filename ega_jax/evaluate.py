@@ -5,12 +5,12 @@ r"""Score a trained student on its dataset's evaluation split: top-1, top-5, cro
   python -m ega_jax.evaluate --workdir=runs/ega --teacher_head   # also the teacher head's top-1
 
 The split, its size (`dataset.max_eval_examples`) and the data directory come
-from the run record (`config.json` of the workdir, or the export's
-student.json and its source workdir's record); `--data_dir` points at the data
-elsewhere. No teacher is loaded unless `--teacher_head` asks for the teacher
+from the run record: the workdir's `config.json`, or the export's
+`student.json`; `--data_dir` reads the data from elsewhere. No teacher is loaded unless `--teacher_head` asks for the teacher
 head's accuracy (workdir only; it runs the converted teacher named in the
-record). The student is scored in eval mode exactly as training scores it, so
-`--which=best` reproduces the logged best `eval/top1`.
+record, live: a run that evaluated from a float16 teacher cache may differ by
+a rounding-level tie). The student is scored in eval mode exactly as training
+scores it (same dtype), so `--which=best` reproduces the logged best `eval/top1`.
 """
 
 from __future__ import annotations
@@ -54,11 +54,13 @@ def evaluate_student(
   from ega_jax.train import steps
 
   with_teacher = teacher is not None
+  teacher_arrays = (teacher[1], teacher[2]) if with_teacher else ()
 
+  # The variables are arguments, not constants folded into the program.
   @jax.jit
-  def sums(images, labels, mask):
+  def sums(variables, teacher_arrays, images, labels, mask):
     normalised = preprocess.normalize_images(images, meta["mean"], meta["std"])
-    logits, _ = module.apply(variables, normalised, train=False)
+    logits, _ = module.apply(variables, normalised.astype(module.dtype), train=False)
     maskf = mask.astype(jnp.float32)
     k = min(5, logits.shape[-1])
     out = {
@@ -68,7 +70,8 @@ def evaluate_student(
       "ce": steps.cross_entropy_sum(logits, labels, maskf),
     }
     if with_teacher:
-      models, teacher_variables, head_params = teacher
+      models = teacher[0]
+      teacher_variables, head_params = teacher_arrays
       feature = steps.live_teacher_embedding(models, teacher_variables, images)
       _, teacher_logits = models.teacher_head.apply({"params": head_params}, feature)
       out["teacher_top1"] = jnp.sum(steps.correct_topk(teacher_logits, labels, 1) * maskf)
@@ -89,7 +92,9 @@ def evaluate_student(
     )
   totals = None
   for batch in loader:
-    batch_sums = jax.device_get(sums(batch["image"], batch["label"], batch["mask"]))
+    batch_sums = jax.device_get(
+      sums(variables, teacher_arrays, batch["image"], batch["label"], batch["mask"])
+    )
     totals = batch_sums if totals is None else {k: totals[k] + v for k, v in batch_sums.items()}
   count = max(float(totals["count"]), 1.0)
   result = {
@@ -132,7 +137,6 @@ def evaluate(
   and 'logged_top1' (what training logged for that step, None if nothing).
   """
   from ega_jax import export
-  from ega_jax.models.distilled import DistilledStudent
   from ega_jax.train import run_record
 
   if (workdir is None) == (student is None):
@@ -143,7 +147,7 @@ def evaluate(
     )
   if workdir is not None:
     variables, meta = export.student_from_workdir(workdir, which)
-    module = DistilledStudent(meta["arch"], int(meta["num_classes"]), int(meta["feature_dim"]))
+    module = export.distilled_student(meta)
   else:
     module, variables, meta = export.load_student(student)
   dataset = meta["dataset"]
@@ -184,24 +188,30 @@ def main(argv=None) -> int:
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="Training workdir (holds config.json and checkpoints).")
   source.add_argument("--student", help="Directory written by python -m ega_jax.export.")
-  parser.add_argument("--which", default="best", help="best (default), latest or a step.")
-  parser.add_argument("--data_dir", default=None, help="Where the dataset is, if not recorded.")
+  parser.add_argument(
+    "--which", default=None, help="With --workdir: best (default), latest or a step."
+  )
+  parser.add_argument(
+    "--data_dir", default=None, help="Read the dataset from here instead of the recorded place."
+  )
   parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
   parser.add_argument("--teacher_head", action="store_true", help="Also score the teacher head.")
   parser.add_argument("--json", default=None, help="Write the scores to this JSON file.")
   args = parser.parse_args(argv)
+  if args.student and args.which is not None:
+    parser.error("--which needs --workdir: an export holds one step already.")
   logging.set_verbosity(logging.ERROR)  # orbax's notes on opening a checkpoint read-only
   try:
     scores = evaluate(
       workdir=args.workdir,
       student=args.student,
-      which=args.which,
+      which=args.which or "best",
       data_dir=args.data_dir,
       batch_size=args.batch_size,
       teacher_head=args.teacher_head,
     )
-  except config_lib.UserInputError as error:
-    print(f"error: {error}", file=sys.stderr)
+  except (config_lib.UserInputError, ValueError, KeyError, OSError) as error:
+    print(f"error: {config_lib.one_line(error)}", file=sys.stderr)
     return 2
   line = (
     f"{scores['arch']} step {scores['step']} on {scores['dataset']} ({scores['count']} images): "

@@ -30,6 +30,7 @@ from). `ega_jax.load_student(OUTPUT)` reads the Flax or safetensors files back.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -70,12 +71,18 @@ def _checkpoint_steps(workdir: str):
       f"{directory} does not exist: --workdir={workdir!r} holds no checkpoints to export."
     )
   options = ocp.CheckpointManagerOptions(
-    best_fn=lambda metrics: float(metrics[checkpointing.BEST_METRIC]),
-    best_mode="max",
-    read_only=True,
+    best_fn=checkpointing.best_metric, best_mode="max", read_only=True
   )
   with ocp.CheckpointManager(directory, options=options) as manager:
-    return list(manager.all_steps()), manager.latest_step(), manager.best_step()
+    steps, latest = list(manager.all_steps()), manager.latest_step()
+    best = manager.best_step()
+    if latest is not None:
+      # The run's own best (its first checkpoint of the highest top-1): orbax's
+      # best_step() breaks ties the other way, by the latest.
+      meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      if meta.get("best_step") in steps:
+        best = int(meta["best_step"])
+    return steps, latest, best
 
 
 def resolve_step(workdir: str, which: str) -> int:
@@ -114,15 +121,24 @@ def logged_eval(workdir: str, step: int) -> dict[str, float]:
 
 
 def restore_checkpoint(workdir: str, step: int) -> dict:
-  """The raw TrainState tree (nested dicts of NumPy arrays) of checkpoint `step`."""
+  """The raw TrainState tree (nested dicts of NumPy arrays) of checkpoint `step`.
+
+  Read onto this process's first device whatever mesh wrote it (8 GPUs, a pod
+  slice): the state is replicated, so any one copy is the whole of it.
+  """
+  import jax
   import orbax.checkpoint as ocp
 
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.CheckpointManager(
     directory, options=ocp.CheckpointManagerOptions(read_only=True)
   ) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored["state"]
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=one_device)),
+    )
+  return _to_numpy(restored["state"])
 
 
 def student_from_workdir(workdir: str, which: str = "best"):
@@ -146,13 +162,15 @@ def student_from_workdir(workdir: str, which: str = "best"):
     **record["student"],
     "step": step,
     "which": which,
-    "epoch": step // max(1, int(record["steps_per_epoch"])),
+    # 1-based, as the released loop counts epochs (the one this step is in).
+    "epoch": max(1, math.ceil(step / max(1, int(record["steps_per_epoch"])))),
     "eval_top1": evaluation.get("eval/top1"),
     "eval_top5": evaluation.get("eval/top5"),
     "dataset": config["dataset"]["name"],
     # The evaluation split training scored: ega_jax.evaluate reads these.
     "data_dir": config["dataset"]["data_dir"],
     "max_eval_examples": config["dataset"]["max_eval_examples"],
+    "dtype": config.get("dtype", "float32"),
     "teacher_arch": config["teacher"]["arch"],
     "distill_method": config["distill"]["method"],
     "source_workdir": os.path.abspath(workdir),
@@ -172,12 +190,11 @@ def _to_numpy(tree):
 # The PyTorch layout.
 
 
-def _flat(tree, prefix=()):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flat(value, prefix + (key,))
-    else:
-      yield prefix + (key,), value
+def _flat(tree):
+  """(path tuple, leaf) pairs of a nested dict."""
+  from flax import traverse_util
+
+  return traverse_util.flatten_dict(tree).items()
 
 
 def torch_state_dict(flax_params, flax_batch_stats) -> dict[str, np.ndarray]:
@@ -251,10 +268,24 @@ def check_formats(formats) -> None:
     )
 
 
+def _remove_earlier_export(output: str) -> None:
+  """Deletes the files an earlier export listed in `output`, so no stale format survives."""
+  meta_path = os.path.join(output, META_NAME)
+  if not os.path.isfile(meta_path):
+    return
+  with open(meta_path) as f:
+    earlier = json.load(f).get("files", [])
+  for name in earlier + [META_NAME]:
+    path = os.path.join(output, os.path.basename(name))
+    if os.path.isfile(path):
+      os.remove(path)
+
+
 def write_export(output: str, variables, meta, formats=FORMATS) -> dict:
   """Writes the chosen formats and student.json to `output`; returns the meta written."""
   check_formats(formats)
   os.makedirs(output, exist_ok=True)
+  _remove_earlier_export(output)
   files = []
   if "flax" in formats:
     from flax import serialization
@@ -285,14 +316,9 @@ def write_export(output: str, variables, meta, formats=FORMATS) -> dict:
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split("/")
-    node = tree
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[leaf] = value
-  return tree
+  from flax import traverse_util
+
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def load_student(directory: str):
@@ -301,8 +327,6 @@ def load_student(directory: str):
   `module` is a `DistilledStudent`; `module.apply(variables, images)` on
   images normalised with meta['mean'] / meta['std'] gives (logits, features).
   """
-  from ega_jax.models.distilled import DistilledStudent
-
   meta_path = os.path.join(directory, META_NAME)
   if not os.path.isfile(meta_path):
     raise config_lib.UserInputError(
@@ -311,14 +335,15 @@ def load_student(directory: str):
     )
   with open(meta_path) as f:
     meta = json.load(f)
+  listed = set(meta.get("files", []))
   flax_path = os.path.join(directory, FLAX_NAME)
   safetensors_path = os.path.join(directory, SAFETENSORS_NAME)
-  if os.path.isfile(flax_path):
+  if FLAX_NAME in listed:
     from flax import serialization
 
     with open(flax_path, "rb") as f:
       variables = serialization.msgpack_restore(f.read())
-  elif os.path.isfile(safetensors_path):
+  elif SAFETENSORS_NAME in listed:
     safetensors_numpy = _import_or_explain("safetensors.numpy", "safetensors")
     variables = _unflatten(safetensors_numpy.load_file(safetensors_path))
   else:
@@ -326,10 +351,20 @@ def load_student(directory: str):
       f"{directory!r} holds neither {FLAX_NAME} nor {SAFETENSORS_NAME}; export it again with "
       "--format=flax or --format=safetensors (a PyTorch-only export loads in PyTorch)."
     )
-  module = DistilledStudent(
-    arch=meta["arch"], num_classes=int(meta["num_classes"]), feature_dim=int(meta["feature_dim"])
+  return distilled_student(meta), variables, meta
+
+
+def distilled_student(meta):
+  """The `DistilledStudent` that student.json's arch, classes, width and dtype describe."""
+  from ega_jax import config as config_lib
+  from ega_jax.models.distilled import DistilledStudent
+
+  return DistilledStudent(
+    arch=meta["arch"],
+    num_classes=int(meta["num_classes"]),
+    feature_dim=int(meta["feature_dim"]),
+    dtype=config_lib.DTYPES[meta.get("dtype", "float32")],
   )
-  return module, variables, meta
 
 
 # ---------------------------------------------------------------------------
@@ -364,8 +399,8 @@ def main(argv=None) -> int:
     check_formats(formats)
     variables, meta = student_from_workdir(args.workdir, args.which)
     meta = write_export(args.output, variables, meta, formats)
-  except config_lib.UserInputError as error:
-    print(f"error: {error}", file=sys.stderr)
+  except (config_lib.UserInputError, ValueError, KeyError, OSError) as error:
+    print(f"error: {config_lib.one_line(error)}", file=sys.stderr)
     return 2
   top1 = meta["eval_top1"]
   print(

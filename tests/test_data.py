@@ -338,30 +338,35 @@ def test_iterator_state_restored_mid_epoch_reproduces_the_next_batches():
       _assert_same_batches(expected, _take(restored, 4))
 
 
-def test_orbax_checkpoint_round_trip_of_the_iterator(tmp_path):
-  import grain  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
+def test_a_loader_started_at_a_step_continues_any_process_layout():
+  # Elastic resume: the batches from step 3 on of a 1-process loader started
+  # at step 3 are the 2-process loaders' rows of those steps, concatenated.
   with _mock_data(num_examples=16):
 
-    def make_iterator():
-      return iter(data.create_train_loader("cifar100", None, global_batch_size=4, seed=4))
+    def loader(process_index, process_count, start_step=0):
+      return iter(
+        data.create_train_loader(
+          "cifar100",
+          None,
+          global_batch_size=4,
+          seed=4,
+          process_index=process_index,
+          process_count=process_count,
+          start_step=start_step,
+        )
+      )
 
-    iterator = make_iterator()
-    _take(iterator, 2)
-    manager = ocp.CheckpointManager(
-      str(tmp_path / "checkpoints"),
-      options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
-    )
-    manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
-    manager.wait_until_finished()
-    expected = _take(iterator, 4)
-
-    restored = make_iterator()
-    _take(restored, 1)  # a different position, overwritten by the restore
-    manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
-    _assert_same_batches(expected, _take(restored, 4))
-    manager.close()
+    two_processes = []
+    for process_index in range(2):
+      iterator = loader(process_index, 2)
+      _take(iterator, 3)
+      two_processes.append(_take(iterator, 5))  # crosses into epoch 1 (4 steps per epoch)
+    expected = [
+      {key: np.concatenate([a[key], b[key]]) for key in a} for a, b in zip(*two_processes)
+    ]
+    _assert_same_batches(expected, _take(loader(0, 1, start_step=3), 5))
+    with pytest.raises(ValueError, match="start_step must be a non-negative integer"):
+      data.create_train_loader("cifar100", None, global_batch_size=4, seed=4, start_step=-1)
 
 
 @needs_fashion_files

@@ -17,8 +17,6 @@ from ega_jax.models.students import STUDENT_NAMES
 from run_configs import fashion_mnist_config, needs_fashion_mnist
 from torch_zoo import build_torch_zoo_student
 
-pytestmark = needs_fashion_mnist
-
 
 class ReleasedStudNet(torch.nn.Module):
   """yccm/EGA models/stud_net.py's StudNet, with the classifier's width as an argument
@@ -75,6 +73,7 @@ def _eval_records(workdir):
   return {r["step"]: r for r in _read_jsonl(workdir / "metrics.jsonl") if "eval/top1" in r}
 
 
+@needs_fashion_mnist
 def test_run_record_and_progress(trained_workdir):
   import flax
   import jax
@@ -111,19 +110,37 @@ def test_run_record_and_progress(trained_workdir):
   assert any(line.startswith("Parameters: student_backbone 78,042") for line in log_lines)
 
 
+@needs_fashion_mnist
 def test_tensorboard_hparams_carry_nested_fields(trained_workdir):
   from ega_jax.train import setup
 
-  _, config, _, _ = trained_workdir
+  workdir, config, _, _ = trained_workdir
   flat = setup.flat_hparams(config)
   assert flat["distill.method"] == "ega" and flat["student.arch"] == "resnet8"
   assert flat["teacher.arch"] == "resnet18" and flat["dataset.name"] == "fashion_mnist"
+  assert flat["dataset.data_dir"] == "None" and flat["lr_decay_epochs"] == "(0.3,)"
+  # ...and they are what TensorBoard received: the hparams plugin's session start info.
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.plugins.hparams import plugin_data_pb2
+
+  (events,) = [name for name in os.listdir(workdir) if name.startswith("events.out")]
+  accumulator = event_accumulator.EventAccumulator(
+    str(workdir / events), size_guidance={event_accumulator.TENSORS: 0}
+  )
+  accumulator.Reload()
+  content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+  hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+  assert hparams["distill.method"].string_value == "ega"
+  assert hparams["student.arch"].string_value == "resnet8"
+  assert hparams["batch_size"].number_value == 32
 
 
+@needs_fashion_mnist
 def test_export_every_format_and_load_back(trained_workdir, tmp_path):
   import jax
 
   import ega_jax
+  from ega_jax import config as config_lib
   from ega_jax import export
 
   workdir, _, summary, _ = trained_workdir
@@ -131,6 +148,11 @@ def test_export_every_format_and_load_back(trained_workdir, tmp_path):
   best_step = max(evals, key=lambda step: evals[step]["eval/top1"])
   assert export.main([f"--workdir={workdir}", f"--output={tmp_path / 'best'}"]) == 0
   meta = json.loads((tmp_path / "best" / "student.json").read_text())
+  record = json.loads((workdir / "config.json").read_text())
+  for key, value in record["student"].items():  # arch, classes, image size, mean/std, widths
+    assert meta[key] == value, key
+  assert meta["config_hash"] == record["config_hash"] and meta["dtype"] == "float32"
+  assert meta["epoch"] == 1 and meta["dataset"] == "fashion_mnist"
   assert meta["step"] == best_step == summary["best_step"]
   assert meta["eval_top1"] == evals[best_step]["eval/top1"] == summary["best_top1"]
   assert meta["files"] == ["variables.msgpack", "student.safetensors", "resnet8_best.pth"]
@@ -144,8 +166,8 @@ def test_export_every_format_and_load_back(trained_workdir, tmp_path):
     variables["params"]["backbone"]["conv1"]["kernel"],
     state["student_params"]["backbone"]["conv1"]["kernel"],
   )
-  os.remove(tmp_path / "best" / "variables.msgpack")
-  _, from_safetensors, _ = ega_jax.load_student(str(tmp_path / "best"))
+  export.main([f"--workdir={workdir}", f"--output={tmp_path / 'st'}", "--format=safetensors"])
+  _, from_safetensors, _ = ega_jax.load_student(str(tmp_path / "st"))
   jax.tree.map(np.testing.assert_array_equal, from_safetensors, variables)
 
   # The latest checkpoint by name and by number; the PyTorch file named as released.
@@ -155,8 +177,14 @@ def test_export_every_format_and_load_back(trained_workdir, tmp_path):
   )
   assert json.loads((tmp_path / "latest" / "student.json").read_text())["step"] == 6
   assert sorted(os.listdir(tmp_path / "s3")) == ["resnet8_step3.pth", "student.json"]
+  # Exporting again into a directory removes the earlier export's files: none goes stale.
+  export.main([f"--workdir={workdir}", f"--output={tmp_path / 'latest'}", "--format=pytorch"])
+  assert sorted(os.listdir(tmp_path / "latest")) == ["resnet8_best.pth", "student.json"]
+  with pytest.raises(config_lib.UserInputError, match="holds neither variables.msgpack"):
+    ega_jax.load_student(str(tmp_path / "latest"))
 
 
+@needs_fashion_mnist
 def test_pytorch_export_loads_strictly_and_predicts_like_flax(trained_workdir, tmp_path):
   import jax.numpy as jnp
 
@@ -190,6 +218,7 @@ def test_pytorch_export_loads_strictly_and_predicts_like_flax(trained_workdir, t
   np.testing.assert_allclose(np.asarray(flax_logits), torch_logits.numpy(), atol=1e-4 * scale)
 
 
+@needs_fashion_mnist
 def test_evaluate_reproduces_the_logged_numbers(trained_workdir, tmp_path):
   from ega_jax import evaluate, export
 
@@ -210,10 +239,19 @@ def test_evaluate_reproduces_the_logged_numbers(trained_workdir, tmp_path):
     evals[3]["eval/ce"], rel=1e-5
   )
   export.main([f"--workdir={workdir}", f"--output={tmp_path / 'e'}", "--format=safetensors"])
-  from_export = evaluate.evaluate(student=str(tmp_path / "e"))
-  assert from_export["top1"] == logged["eval/top1"] and "teacher_top1" not in from_export
+  # No teacher is needed for the student's scores.
+  from unittest import mock
+
+  from ega_jax.train import setup
+
+  with mock.patch.object(setup, "load_teacher", side_effect=AssertionError("teacher loaded")):
+    from_export = evaluate.evaluate(student=str(tmp_path / "e"))
+    from_workdir = evaluate.evaluate(workdir=str(workdir))
+  assert from_export["top1"] == from_workdir["top1"] == logged["eval/top1"]
+  assert "teacher_top1" not in from_export
 
 
+@needs_fashion_mnist
 @pytest.mark.parametrize(
   "argv, expected",
   [

@@ -275,3 +275,23 @@ def test_cli_reports_a_config_mistake_in_one_line(converted_resnet18, tmp_path):
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(error_lines) == 1 and "config.distill.method='nope'" in error_lines[0]
   assert "ega" in error_lines[0]  # lists the valid names
+
+
+def test_config_file_argument_mistakes_and_the_shipped_fallback(tmp_path, monkeypatch):
+  from ega_jax import cli
+
+  needs_one = tmp_path / "needs_one.py"
+  needs_one.write_text("def get_config(size):\n  return {'size': size}\n")
+  with pytest.raises(
+    cli.FlagError, match=r"cannot take no argument .*add one as --config=PATH:ARG"
+  ):
+    cli.load_config_file(str(needs_one))
+  assert cli.load_config_file(f"{needs_one}:7") == {"size": "7"}
+  not_python = tmp_path / "fashion_mnist"
+  not_python.write_text("")
+  with pytest.raises(cli.FlagError, match="is not a Python file"):
+    cli.load_config_file(str(not_python))
+  # Outside the checkout, configs/NAME.py means the shipped NAME.
+  monkeypatch.chdir(tmp_path / "..")
+  resolved = cli.resolve_config_path("configs/cifar100.py")
+  assert resolved == os.path.join(cli.PACKAGED_CONFIG_DIR, "cifar100.py")

@@ -16,7 +16,6 @@ import pytest
 
 from run_configs import REPO, needs_fashion_mnist
 
-pytestmark = needs_fashion_mnist
 SCRIPTS = ("ega-train", "ega-convert", "ega-cache", "ega-export", "ega-eval", "ega-plot")
 
 
@@ -72,6 +71,7 @@ def test_wheel_holds_the_library_configs_and_scripts(installed, tmp_path):
   assert len(lines) == 1 and "did you mean config.distill.method?" in lines[0], lines
 
 
+@needs_fashion_mnist
 def test_python_api_example_trains_exports_and_evaluates_outside_the_checkout(
   installed, converted_resnet18, tmp_path
 ):

@@ -334,9 +334,7 @@ def test_a_cache_of_another_teacher_or_an_unfinished_one_is_refused(converted_re
   with pytest.raises(config_lib.ConfigError, match=r"config.teacher.cache=.*another teacher"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   config.teacher.cache = str(tmp_path / "missing")
-  with pytest.raises(
-    config_lib.ConfigError, match="config.teacher.cache=.*python -m launch.cache_teacher"
-  ):
+  with pytest.raises(config_lib.ConfigError, match="config.teacher.cache=.*ega-cache"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 

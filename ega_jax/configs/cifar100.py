@@ -1,7 +1,7 @@
 """CIFAR-100, the paper's setting: CLIP ViT-B/32 teacher, resnet8x4 student.
 
 Prepare the data once:  tfds build cifar100 --data_dir=DATA --file_format=array_record
-Convert the teacher:    python -m launch.convert_teacher --arch clip_vit_b32 \
+Convert the teacher:    ega-convert --arch clip_vit_b32 \
                           --checkpoint ViT-B-32.pt --output teachers/clip_vit_b32
 """
 

@@ -43,9 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.teacher = ml_collections.ConfigDict()
   config.teacher.arch = "clip_vit_b32"
-  # Directory written by python -m launch.convert_teacher (holds teacher.json).
+  # Directory written by ega-convert (holds teacher.json).
   config.teacher.checkpoint = ""
-  # Directory written by python -m launch.cache_teacher: the teacher's embeddings of
+  # Directory written by ega-cache: the teacher's embeddings of
   # cached views are read from it instead of running the teacher in every
   # step ('' = run the teacher live).
   config.teacher.cache = ""

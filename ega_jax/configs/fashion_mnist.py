@@ -2,7 +2,7 @@
 
 The teacher is the SimCLR ResNet-18 shipped in experiments/demo_teacher/ (trained
 in PyTorch by `python -m experiments.pretrain_demo_teacher`) and converted by
-`python -m launch.convert_teacher` (image_size 32); `python -m launch.cache_teacher`
+`ega-convert` (image_size 32); `ega-cache`
 caches its embeddings so the teacher does not run during training. The data
 come from Debian's dataset-fashion-mnist (no download). The demo's headline,
 label-scarce setting is configs/fashion_mnist_few_labels.py.

@@ -3,7 +3,7 @@
     result = convert_checkpoint('ViT-B-32.pt', 'teachers/clip_vit_b32')           # arch inferred
     module, variables, meta = ega_jax.models.load_teacher('teachers/clip_vit_b32')
 
-Only python -m launch.convert_teacher imports this package; torch is imported when a file is read.
+Only ega-convert imports this package; torch is imported when a file is read.
 """
 
 import dataclasses

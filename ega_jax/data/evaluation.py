@@ -111,7 +111,7 @@ def create_eval_loader(
     if cache.num_examples != len(source):
       raise ValueError(
         f"teacher cache {teacher_cache_dir!r} holds {cache.num_examples} eval examples; "
-        f"this run reads {len(source)}. Rebuild it with python -m launch.cache_teacher with the same "
+        f"this run reads {len(source)}. Rebuild it with ega-cache with the same "
         "config.dataset.max_eval_examples."
       )
   loader = EvalLoader(source, batch_size, process_index, process_count, teacher_cache=cache)

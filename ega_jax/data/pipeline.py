@@ -188,6 +188,7 @@ def create_train_loader(
   labelled_indices: np.ndarray | None = None,
   labelled_share: float = 1.0,
   image_size: int | None = None,
+  start_step: int = 0,
 ) -> grain.IterDataset:
   """Shuffled, augmented training batches for this process.
 
@@ -219,7 +220,7 @@ def create_train_loader(
       prefetch buffer size in batches (None: `default_train_read_options()`).
     max_examples: > 0 trains on the first that many examples of the split
       only (quick runs and tests); None or <= 0 uses all of it.
-    teacher_cache_dir: a directory written by python -m launch.cache_teacher; the
+    teacher_cache_dir: a directory written by ega-cache; the
       batches then carry the teacher's cached embedding of its view
       ('teacher_feature') instead of the teacher image.
     labelled_indices: None (every label known), or the sorted train indices
@@ -229,11 +230,14 @@ def create_train_loader(
     labelled_share: in (0, 1]; only read with labelled_indices.
     image_size: S, the side image_folder resizes its images to (None: 32); a
       registered dataset's own size, if given (`info.record_image_size`).
+    start_step: the first global step to yield. A batch is a pure function of
+      its step, so a run resumed at step t starts its loader at t, at any
+      process count: nothing per process needs to be checkpointed.
 
   Returns:
-    a `grain.IterDataset`; `iter()` gives a `grain.DatasetIterator` with
-    `get_state()`/`set_state()` (a JSON-able dict; orbax saves it with
-    `grain.checkpoint.CheckpointSave`), yielding dicts with
+    a `grain.IterDataset`; `iter()` gives a `grain.DatasetIterator` (its
+    `get_state()`/`set_state()` work too, but training resumes by
+    `start_step`), yielding dicts with
     b = global_batch_size // process_count:
       'image': uint8 (b, S, S, 3) student view (pad S//8, random crop, flip),
       'teacher_image': uint8 (b, S, S, 3) teacher view (without a cache),
@@ -253,6 +257,8 @@ def create_train_loader(
     raise ValueError(
       f"num_epochs must be a positive integer or None (repeat forever), got {num_epochs!r}."
     )
+  if not isinstance(start_step, numbers.Integral) or start_step < 0:
+    raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}.")
   if not isinstance(worker_count, numbers.Integral) or worker_count < 0:
     raise ValueError(f"worker_count must be a non-negative integer, got {worker_count!r}.")
   # Python ints throughout: config values may be NumPy integers, and the
@@ -275,7 +281,7 @@ def create_train_loader(
       raise ValueError(
         f"teacher cache {teacher_cache_dir!r} holds {cache.num_examples} train examples "
         f"with crop padding {cache.padding}; this run reads {len(source)} with padding "
-        f"{padding}. Rebuild it with python -m launch.cache_teacher with the same "
+        f"{padding}. Rebuild it with ega-cache with the same "
         "config.dataset.max_train_examples."
       )
   rows_from_labelled = 0
@@ -303,7 +309,7 @@ def create_train_loader(
   # Batching in the MapDataset (before any prefetch) keeps every batch a
   # function of its step alone: grain's worker processes then each build
   # whole batches (worker w: steps w, w + W, ...), interleaved back in order.
-  batches = grain.MapDataset.range(num_slots).map(examples).batch(batch_size)
+  batches = grain.MapDataset.range(num_slots).map(examples).batch(batch_size)[int(start_step) :]
   if teacher_view == "same" and cache is None:
     batches = batches.map(augment.ShareStudentView())
   stream = batches.to_iter_dataset(read_options or default_train_read_options())

@@ -2,7 +2,7 @@
 
 The frozen teacher's backbone embedding of an augmented view depends only on
 the image and the view, so it can be computed once (`ega_jax.cache_builder`,
-CLI `python -m launch.cache_teacher`) and read back by the input pipeline instead of
+CLI `ega-cache`) and read back by the input pipeline instead of
 running the teacher in every train step.
 
 Views. Training views are zero-pad-`p`, crop, optional horizontal flip
@@ -97,9 +97,7 @@ def read_manifest(directory: str) -> dict[str, Any]:
   """
   path = os.path.join(directory, MANIFEST_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f"{path} does not exist; build the cache with python -m launch.cache_teacher."
-    )
+    raise FileNotFoundError(f"{path} does not exist; build the cache with ega-cache.")
   try:
     with open(path) as handle:
       manifest = json.load(handle)
@@ -108,7 +106,7 @@ def read_manifest(directory: str) -> dict[str, Any]:
   if manifest.get("format_version") != FORMAT_VERSION:
     raise ValueError(
       f"{path} has format_version {manifest.get('format_version')!r}; this code reads "
-      f"{FORMAT_VERSION}. Rebuild the cache with python -m launch.cache_teacher."
+      f"{FORMAT_VERSION}. Rebuild the cache with ega-cache."
     )
   return manifest
 
@@ -193,7 +191,7 @@ def verify_split_files(directory: str, split: str, entry: dict[str, Any]) -> Non
   if not records:
     raise ValueError(
       f"{where} records no checksums for the {split!r} split (built before ega_jax recorded "
-      "them); run python -m launch.cache_teacher again with the same flags to add them."
+      "them); run ega-cache again with the same flags to add them."
     )
   paths = _paths(directory, split)
   for role, record in records.items():
@@ -204,12 +202,12 @@ def verify_split_files(directory: str, split: str, entry: dict[str, Any]) -> Non
     if size != record["bytes"]:
       raise ValueError(
         f"{path} is truncated or overwritten: {size} bytes, {where} records {record['bytes']}; "
-        "rebuild the cache (python -m launch.cache_teacher --overwrite)."
+        "rebuild the cache (ega-cache --overwrite)."
       )
     if file_sha256(path) != record["sha256"]:
       raise ValueError(
         f"{path} is corrupt: its sha256 differs from the one {where} records; rebuild the "
-        "cache (python -m launch.cache_teacher --overwrite)."
+        "cache (ega-cache --overwrite)."
       )
 
 
@@ -237,7 +235,7 @@ class CachedFeatures:
       total = entry["num_examples"] if entry else "?"
       raise ValueError(
         f"teacher cache {directory!r} has no complete {split!r} split ({done} of {total} "
-        "examples written); run python -m launch.cache_teacher again to finish it."
+        "examples written); run ega-cache again to finish it."
       )
     verify_split_files(directory, split, entry)
     self.directory = directory
@@ -289,21 +287,21 @@ def check_matches(
       f"{where} was built from another teacher (arch {teacher['arch']}, variables sha256 "
       f"{teacher['variables_sha256'][:12]}...) than config.teacher.checkpoint (arch "
       f"{teacher_meta.get('arch')}, sha256 {str(teacher_meta.get('variables_sha256'))[:12]}...); "
-      "rebuild it with python -m launch.cache_teacher."
+      "rebuild it with ega-cache."
     )
   for field in ("image_size", "mean", "std"):
     if teacher[field] != teacher_meta.get(field):
       raise ValueError(
         f"{where} was built with teacher {field} {teacher[field]!r}, but the teacher now has "
-        f"{teacher_meta.get(field)!r}; rebuild it with python -m launch.cache_teacher."
+        f"{teacher_meta.get(field)!r}; rebuild it with ega-cache."
       )
   if manifest["dataset"]["name"] != dataset:
     raise ValueError(
       f"{where} holds {manifest['dataset']['name']!r} embeddings but config.dataset.name is "
-      f"{dataset!r}; build a cache for {dataset!r} with python -m launch.cache_teacher."
+      f"{dataset!r}; build a cache for {dataset!r} with ega-cache."
     )
   if int(manifest["dataset"]["padding"]) != padding:
     raise ValueError(
       f"{where} was built with crop padding {manifest['dataset']['padding']}, the pipeline "
-      f"uses {padding}; rebuild it with python -m launch.cache_teacher."
+      f"uses {padding}; rebuild it with ega-cache."
     )

@@ -1,11 +1,14 @@
 """One orbax CheckpointManager per run: the latest k checkpoints plus the best one.
 
-A checkpoint holds the TrainState, a small JSON item (`meta`: run signature,
-best/last top-1) and the data iterator's position (grain), so a resumed run
-continues with exactly the batches it would have seen. Checkpoints saved
-after an evaluation also carry that evaluation's `eval/top1` as orbax metrics;
-the preservation policy keeps the newest `keep_checkpoints` and, besides them,
-the one with the best `eval/top1`.
+A checkpoint holds the TrainState and a small JSON item (`meta`: run
+signature, best/last top-1). The data position is not saved: every global
+batch is a pure function of (seed, step), so a resumed run starts its loader
+at the restored step, and may do so with another process or device count
+(the state is replicated, and orbax lays it out on the new mesh). Checkpoints
+saved after an evaluation also carry that evaluation's `eval/top1` as orbax
+metrics; the preservation policy keeps the newest `keep_checkpoints` and,
+besides them, the one with the best `eval/top1`. (Checkpoints of earlier
+versions also hold a per-process `data` item; it is ignored.)
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import os
 
 from absl import logging
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -29,6 +31,7 @@ RUN_OUTPUTS = (
   "summary.json",
   "graphs",
   "config.json",
+  "labelled.json",
 )
 
 
@@ -72,7 +75,8 @@ def check_free_space(workdir, state) -> None:
     )
 
 
-def _best_metric(metrics) -> float:
+def best_metric(metrics) -> float:
+  """The number a checkpoint is ranked by (its eval/top1)."""
   return float(metrics[BEST_METRIC])
 
 
@@ -82,7 +86,7 @@ def create_checkpoint_manager(workdir, keep_checkpoints: int) -> ocp.CheckpointM
     [
       ocp.checkpoint_managers.LatestN(n=keep_checkpoints),
       ocp.checkpoint_managers.BestN(
-        get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False
+        get_metric_fn=best_metric, n=1, keep_checkpoints_without_metrics=False
       ),
     ]
   )
@@ -90,7 +94,7 @@ def create_checkpoint_manager(workdir, keep_checkpoints: int) -> ocp.CheckpointM
     workdir / "checkpoints",
     options=ocp.CheckpointManagerOptions(
       preservation_policy=policy,
-      best_fn=_best_metric,
+      best_fn=best_metric,
       best_mode="max",
       create=True,
       enable_async_checkpointing=False,
@@ -98,32 +102,26 @@ def create_checkpoint_manager(workdir, keep_checkpoints: int) -> ocp.CheckpointM
   )
 
 
-def save(manager, step: int, state, data_iterator, meta: dict, eval_top1: float | None):
-  """Saves state, meta and the data position; `eval_top1` ranks it for the best."""
+def save(manager, step: int, state, meta: dict, eval_top1: float | None):
+  """Saves state and meta; `eval_top1` ranks it for the best."""
   metrics = None if eval_top1 is None else {BEST_METRIC: float(eval_top1)}
   manager.save(
     step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      meta=ocp.args.JsonSave(meta),
-      data=grain.checkpoint.CheckpointSave(data_iterator),
-    ),
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
     metrics=metrics,
     force=True,
   )
 
 
-def restore_latest(manager, state, data_iterator):
-  """(state, meta) of the newest checkpoint; `data_iterator` is moved to its position."""
+def restore(manager, step: int, state):
+  """(state, meta) of checkpoint `step`, laid out like `state` (any mesh)."""
   abstract_state = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
   )
   restored = manager.restore(
-    manager.latest_step(),
+    step,
     args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      meta=ocp.args.JsonRestore(),
-      data=grain.checkpoint.CheckpointRestore(data_iterator),
+      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
     ),
   )
   return restored["state"], restored["meta"]

@@ -44,7 +44,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_lib.validate_config(config, mesh.size)
   workdir = checkpointing.workdir_path(workdir)
   checkpointing.prepare_workdir(workdir)
-  run, train_loader, eval_loader, num_train = setup.build(config, mesh, record_dir=str(workdir))
+  manager, start_step = _open_checkpoints(config, workdir)
+  run, train_loader, eval_loader, num_train = setup.build(
+    config, mesh, record_dir=str(workdir), start_step=start_step
+  )
   checkpointing.check_free_space(workdir, run.state)
   num_steps = state_lib.total_train_steps(config, num_train)
   spe = state_lib.steps_per_epoch(config, num_train)
@@ -59,7 +62,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_steps=num_steps,
   )
   batches = _device_batches(train_loader, mesh)
-  manager, state, meta = _open_checkpoints_and_resume(config, workdir, run.state, batches)
+  state, meta = _resume(config, manager, start_step, run.state)
   run_record.write_record(workdir, record)
   writer = metric_writers.create_metric_writer(workdir)
   _start_reporting(config, writer, state, record, num_steps, spe)
@@ -86,6 +89,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _stop_if_nonfinite(config, means, state, step, history, manager, workdir)
         history = []
       if _due(step, eval_every, num_steps):
+        jax.block_until_ready(state)  # the queued steps are training time, not evaluation
         eval_start = time.perf_counter()
         last_eval = _evaluate(run, state, eval_loader)
         is_best = _record_eval(writer, config, meta, step, last_eval)
@@ -95,12 +99,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           )
         eval_top1 = last_eval["eval/top1"]
         if is_best:
-          checkpointing.save(manager, step, state, batches, dict(meta), eval_top1)
+          checkpointing.save(manager, step, state, dict(meta), eval_top1)
         progress.pause(time.perf_counter() - eval_start)
       preempted = preemption.requested(step, config.log_every_steps)
       if (_due(step, checkpoint_every, num_steps) or preempted) and (manager.latest_step() != step):
+        jax.block_until_ready(state)
         save_start = time.perf_counter()
-        checkpointing.save(manager, step, state, batches, dict(meta), eval_top1)
+        checkpointing.save(manager, step, state, dict(meta), eval_top1)
         progress.pause(time.perf_counter() - save_start)
       writer.flush()
       if preempted:
@@ -140,18 +145,37 @@ def _device_batches(train_loader, mesh):
   )
 
 
-def _open_checkpoints_and_resume(config, workdir, state, batches):
-  """(manager, state, meta): the workdir checked, then its newest checkpoint restored if any."""
-  signature = config_lib.run_signature(config)
-  checkpointing.check_workdir(workdir, signature, config.overwrite_workdir)
+def _open_checkpoints(config, workdir):
+  """(manager, step to start at): the workdir checked, the newest complete checkpoint's step."""
+  checkpointing.check_workdir(workdir, config_lib.run_signature(config), config.overwrite_workdir)
   setup.sync_processes("ega_jax workdir checked")
   manager = checkpointing.create_checkpoint_manager(workdir, config.keep_checkpoints)
-  meta = {"signature": signature, "best_top1": -1.0, "best_step": 0, "last_top1": -1.0}
-  if manager.latest_step() is not None:
-    state, saved_meta = checkpointing.restore_latest(manager, state, batches)
+  return manager, int(manager.latest_step() or 0)
+
+
+def _resume(config, manager, start_step: int, state):
+  """(state, meta): checkpoint `start_step` restored onto this run's mesh, or the fresh state."""
+  meta = {
+    "signature": config_lib.run_signature(config),
+    "best_top1": -1.0,
+    "best_step": 0,
+    "last_top1": -1.0,
+  }
+  if start_step:
+    state, saved_meta = checkpointing.restore(manager, start_step, state)
     meta.update(saved_meta)
-    logging.info("Resumed from %s at step %d.", workdir, int(jax.device_get(state.step)))
-  return manager, state, meta
+    # The loader was started at start_step: the state must be that step's.
+    restored_step = int(jax.device_get(state.step))
+    if restored_step != start_step:
+      raise RuntimeError(f"checkpoint {start_step} holds the state of step {restored_step}.")
+    logging.info(
+      "Resumed from %s at step %d on %d processes x %d devices.",
+      manager.directory,
+      start_step,
+      jax.process_count(),
+      jax.local_device_count(),
+    )
+  return state, meta
 
 
 def _start_reporting(config, writer, state, record, num_steps: int, steps_per_epoch: int):

@@ -33,18 +33,24 @@ def config_hash(config_dict: dict) -> str:
 
 
 def git_commit() -> str | None:
-  """The checkout's HEAD commit when ega_jax runs from a git checkout, else None."""
+  """The checkout's HEAD commit when ega_jax runs from its own git checkout, else None
+  (an installed copy inside some other repository records nothing)."""
   package_dir = os.path.dirname(os.path.abspath(ega_jax.__file__))
   try:
     result = subprocess.run(
-      ["git", "-C", package_dir, "rev-parse", "HEAD"],
+      ["git", "-C", package_dir, "rev-parse", "--show-toplevel", "HEAD"],
       capture_output=True,
       text=True,
       timeout=10,
     )
   except (OSError, subprocess.TimeoutExpired):
     return None
-  return result.stdout.strip() if result.returncode == 0 else None
+  if result.returncode != 0:
+    return None
+  top_level, commit = result.stdout.split()
+  if os.path.realpath(top_level) != os.path.dirname(package_dir):
+    return None
+  return commit
 
 
 def count_parameters(tree) -> int:

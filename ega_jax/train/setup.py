@@ -105,10 +105,13 @@ def record_labelled_subset(directory, config, indices) -> None:
   os.replace(path + ".tmp", path)
 
 
-def create_loaders(config, train_cache: str | None, eval_cache: str | None, labelled=None):
+def create_loaders(
+  config, train_cache: str | None, eval_cache: str | None, labelled=None, start_step: int = 0
+):
   """This process's train and eval loaders; `*_cache` (a cache directory) makes
   their batches carry cached teacher embeddings; `labelled` (train indices)
-  makes the train loader label-efficient."""
+  makes the train loader label-efficient; the train loader starts at global
+  step `start_step`."""
   process_index, process_count = jax.process_index(), jax.process_count()
   image_size = data_lib.get_dataset_info(config.dataset).image_size
   train_loader = data_lib.create_train_loader(
@@ -124,6 +127,7 @@ def create_loaders(config, train_cache: str | None, eval_cache: str | None, labe
     teacher_cache_dir=train_cache,
     labelled_indices=labelled,
     labelled_share=labelled_share(config),
+    start_step=start_step,
     image_size=image_size,
   )
   eval_batch_size = config_lib.eval_batch_size_for(config, jax.device_count())
@@ -201,7 +205,7 @@ def teacher_cache_splits(config, teacher_meta) -> tuple[str | None, str | None]:
   if not splits.get("train", {}).get("complete"):
     raise config_lib.ConfigError(
       f"config.teacher.cache={directory!r} has no complete train split; run "
-      "python -m launch.cache_teacher again to finish it."
+      "ega-cache again to finish it."
     )
   eval_cache = directory if splits.get("eval", {}).get("complete") else None
   logging.info(
@@ -234,19 +238,20 @@ def flat_hparams(config) -> dict:
         walk(f"{prefix}{key}.", item)
     elif isinstance(value, (int, float, str, bool)):
       flat[prefix[:-1]] = value
-    elif value is not None:
+    else:  # None, tuples: TensorBoard's hparams take scalars and strings
       flat[prefix[:-1]] = str(value)
 
   walk("", config.to_dict())
   return flat
 
 
-def build(config, mesh, record_dir=None):
+def build(config, mesh, record_dir=None, start_step: int = 0):
   """(run, train loader, eval loader, number of train examples) for a validated config.
 
   Loads the teacher, checks the teacher cache, opens the data and calls
   build_run; a user mistake on the way becomes one UserInputError sentence.
   A label-efficient run records its labelled subset in `record_dir` (the workdir).
+  The train loader starts at global step `start_step` (a resumed run's step).
   """
   logging.info(
     "Devices: %d (%s), processes: %d, mesh: %s",
@@ -260,7 +265,9 @@ def build(config, mesh, record_dir=None):
   train_cache, eval_cache = teacher_cache_splits(config, teacher_meta)
   with as_user_error(f"config.dataset.name={config.dataset.name!r}"):
     labelled = labelled_subset(config)
-    train_loader, eval_loader = create_loaders(config, train_cache, eval_cache, labelled)
+    train_loader, eval_loader = create_loaders(
+      config, train_cache, eval_cache, labelled, start_step
+    )
   if labelled is not None and record_dir is not None:
     record_labelled_subset(record_dir, config, labelled)
   num_train = num_train_examples(config, info)

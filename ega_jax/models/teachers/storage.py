@@ -85,7 +85,7 @@ def _read_metadata(metadata_path: str) -> dict[str, Any]:
   if missing:
     raise ValueError(
       f"{metadata_path} lacks the field(s) {', '.join(missing)}; reconvert the "
-      "teacher with python -m launch.convert_teacher."
+      "teacher with ega-convert."
     )
   arch = metadata["arch"]
   if arch not in specs.TEACHER_SPECS:
@@ -109,7 +109,7 @@ def _read_metadata(metadata_path: str) -> dict[str, Any]:
 
 
 def load_teacher(directory: str, dtype: Any = jnp.float32) -> tuple[nn.Module, Any, dict[str, Any]]:
-  """Loads a teacher written by python -m launch.convert_teacher.
+  """Loads a teacher written by ega-convert.
 
   Args:
     directory: the converter's output directory.
@@ -126,7 +126,7 @@ def load_teacher(directory: str, dtype: Any = jnp.float32) -> tuple[nn.Module, A
   if not os.path.isdir(directory):
     raise FileNotFoundError(
       f"Teacher directory {directory} does not exist (convert a checkpoint "
-      "into it with python -m launch.convert_teacher)."
+      "into it with ega-convert)."
     )
   metadata_path = os.path.join(directory, METADATA_FILE)
   if not os.path.isfile(metadata_path):
