@@ -26,6 +26,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_integer(
+  "heartbeat_timeout_s",
+  100,
+  "Multi-process runs: seconds without a heartbeat after which jax.distributed declares a "
+  "process lost, and the others stop (non-zero) instead of waiting in a collective forever.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,9 +64,10 @@ def initialize_distributed() -> None:
       coordinator_address=FLAGS.coordinator_address,
       num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,
+      heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s,
     )
   elif launched_as_several_processes():
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
 
 
 def hide_accelerators_from_tensorflow() -> None:

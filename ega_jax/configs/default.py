@@ -97,6 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1  # <= 0: once per epoch
   config.checkpoint_every_steps = -1  # <= 0: once per epoch
   config.keep_checkpoints = 3
+  # True: checkpoints are written in a background thread while training goes
+  # on (still published only when complete); False: each save blocks the loop.
+  config.async_checkpoints = True
   # A workdir holding checkpoints of another student/method/dataset is refused
   # unless this is True (then those checkpoints and metrics are deleted).
   config.overwrite_workdir = False

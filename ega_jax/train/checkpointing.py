@@ -80,8 +80,16 @@ def best_metric(metrics) -> float:
   return float(metrics[BEST_METRIC])
 
 
-def create_checkpoint_manager(workdir, keep_checkpoints: int) -> ocp.CheckpointManager:
-  """Latest `keep_checkpoints` + the best by eval/top1, in workdir/checkpoints."""
+def create_checkpoint_manager(
+  workdir, keep_checkpoints: int, asynchronous: bool = True
+) -> ocp.CheckpointManager:
+  """Latest `keep_checkpoints` + the best by eval/top1, in workdir/checkpoints.
+
+  `asynchronous`: `save` returns once the state is copied off the devices and
+  writes it in a background thread. Either way a checkpoint is written to a
+  temporary directory and renamed when complete, so a reader (or a restart
+  after kill -9) only ever sees whole checkpoints.
+  """
   policy = ocp.checkpoint_managers.AnyPreservationPolicy(
     [
       ocp.checkpoint_managers.LatestN(n=keep_checkpoints),
@@ -97,7 +105,7 @@ def create_checkpoint_manager(workdir, keep_checkpoints: int) -> ocp.CheckpointM
       best_fn=best_metric,
       best_mode="max",
       create=True,
-      enable_async_checkpointing=False,
+      enable_async_checkpointing=asynchronous,
     ),
   )
 

@@ -62,7 +62,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_steps=num_steps,
   )
   batches = _device_batches(train_loader, mesh)
-  state, meta = _resume(config, manager, start_step, run.state)
+  state, meta = _resume(config, manager, start_step, run.state, workdir)
   run_record.write_record(workdir, record)
   writer = metric_writers.create_metric_writer(workdir)
   _start_reporting(config, writer, state, record, num_steps, spe)
@@ -75,42 +75,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(jax.device_get(state.step))
   progress = run_record.ProgressMeter(step, num_steps)
   history, last_eval, preempted = [], {}, False
-  with preemption_lib.PreemptionRequested() as preemption:
-    while step < num_steps:
-      call_start = time.perf_counter()
-      state, metrics = run.train_step(state, run.teacher_variables, next(batches), run.crd_tables)
-      if not history and step == progress.first_step:
-        progress.pause(time.perf_counter() - call_start)  # compilation is not throughput
-      step += 1
-      history.append(metrics)
-      eval_top1 = None
-      if _due(step, config.log_every_steps, num_steps):
-        means = _write_train_metrics(writer, config, run, state, step, progress, history)
-        _stop_if_nonfinite(config, means, state, step, history, manager, workdir)
-        history = []
-      if _due(step, eval_every, num_steps):
-        jax.block_until_ready(state)  # the queued steps are training time, not evaluation
-        eval_start = time.perf_counter()
-        last_eval = _evaluate(run, state, eval_loader)
-        is_best = _record_eval(writer, config, meta, step, last_eval)
-        if picture_batch is not None:
-          _write_graph_picture(
-            writer, workdir, run, state, picture_batch, step, config.graph_picture_batch
-          )
-        eval_top1 = last_eval["eval/top1"]
-        if is_best:
+  try:
+    with preemption_lib.PreemptionRequested() as preemption:
+      while step < num_steps:
+        call_start = time.perf_counter()
+        state, metrics = run.train_step(state, run.teacher_variables, next(batches), run.crd_tables)
+        if not history and step == progress.first_step:
+          progress.pause(time.perf_counter() - call_start)  # compilation is not throughput
+        step += 1
+        history.append(metrics)
+        eval_top1 = None
+        if _due(step, config.log_every_steps, num_steps):
+          means = _write_train_metrics(writer, config, run, state, step, progress, history)
+          _stop_if_nonfinite(config, means, state, step, history, manager, workdir)
+          history = []
+        if _due(step, eval_every, num_steps):
+          jax.block_until_ready(state)  # the queued steps are training time, not evaluation
+          eval_start = time.perf_counter()
+          last_eval = _evaluate(run, state, eval_loader)
+          is_best = _record_eval(writer, config, meta, step, last_eval)
+          if picture_batch is not None:
+            _write_graph_picture(
+              writer, workdir, run, state, picture_batch, step, config.graph_picture_batch
+            )
+          eval_top1 = last_eval["eval/top1"]
+          if is_best:
+            checkpointing.save(manager, step, state, dict(meta), eval_top1)
+          progress.pause(time.perf_counter() - eval_start)
+        preempted = preemption.requested(step, config.log_every_steps)
+        if (_due(step, checkpoint_every, num_steps) or preempted) and (
+          manager.latest_step() != step
+        ):
+          jax.block_until_ready(state)
+          save_start = time.perf_counter()
           checkpointing.save(manager, step, state, dict(meta), eval_top1)
-        progress.pause(time.perf_counter() - eval_start)
-      preempted = preemption.requested(step, config.log_every_steps)
-      if (_due(step, checkpoint_every, num_steps) or preempted) and (manager.latest_step() != step):
-        jax.block_until_ready(state)
-        save_start = time.perf_counter()
-        checkpointing.save(manager, step, state, dict(meta), eval_top1)
-        progress.pause(time.perf_counter() - save_start)
-      writer.flush()
-      if preempted:
-        break
-  manager.wait_until_finished()
+          progress.pause(time.perf_counter() - save_start)
+        writer.flush()
+        if preempted:
+          break
+  finally:
+    # An asynchronous save still in flight is finished (and published) even
+    # when the loop ends by an exception: the newest checkpoint stays usable.
+    manager.wait_until_finished()
 
   if preempted:
     summary = _stopped_by_signal(preemption.signal_name, step, num_steps, workdir, start_time)
@@ -149,11 +155,13 @@ def _open_checkpoints(config, workdir):
   """(manager, step to start at): the workdir checked, the newest complete checkpoint's step."""
   checkpointing.check_workdir(workdir, config_lib.run_signature(config), config.overwrite_workdir)
   setup.sync_processes("ega_jax workdir checked")
-  manager = checkpointing.create_checkpoint_manager(workdir, config.keep_checkpoints)
+  manager = checkpointing.create_checkpoint_manager(
+    workdir, config.keep_checkpoints, asynchronous=config.get("async_checkpoints", True)
+  )
   return manager, int(manager.latest_step() or 0)
 
 
-def _resume(config, manager, start_step: int, state):
+def _resume(config, manager, start_step: int, state, workdir):
   """(state, meta): checkpoint `start_step` restored onto this run's mesh, or the fresh state."""
   meta = {
     "signature": config_lib.run_signature(config),
@@ -170,7 +178,7 @@ def _resume(config, manager, start_step: int, state):
       raise RuntimeError(f"checkpoint {start_step} holds the state of step {restored_step}.")
     logging.info(
       "Resumed from %s at step %d on %d processes x %d devices.",
-      manager.directory,
+      workdir,
       start_step,
       jax.process_count(),
       jax.local_device_count(),
