@@ -96,6 +96,49 @@ class _DropLibraryChatter:
     return not any(part in record.pathname for part in self.NOISY)
 
 
+# What a collective reports when another process of the job died (CPU: Gloo's
+# TCP pairs; the coordination service after heartbeat_timeout_s elsewhere).
+_LOST_PEER_SIGNS = (
+  "Connection reset by peer",
+  "Connection closed",
+  "heartbeat timeout",
+  "unhealthy",
+)
+EXIT_LOST_PEER = 4
+
+
+def lost_a_peer(error: BaseException) -> bool:
+  return any(sign in str(error) for sign in _LOST_PEER_SIGNS)
+
+
+def exit_for_a_lost_peer(error: BaseException, workdir: str) -> None:
+  """One line, then exit EXIT_LOST_PEER at once.
+
+  os._exit skips jax.distributed's shutdown barrier, which would otherwise wait
+  for the dead process until the heartbeat timeout and then abort with a core
+  dump. Checkpoints are whole or absent (orbax renames a complete one), so
+  nothing is lost that a restart of every process does not recover.
+  """
+  import jax
+
+  count, index = jax.process_count(), jax.process_index()
+  who = f"process {1 - index}" if count == 2 else "another process"
+  print(
+    f"error: {who} of this {count}-process job was lost during a collective "
+    f"({config_lib_one_line(error)[:160]}); process {index} stops. Restart every process with "
+    f"the same command to resume from the newest complete checkpoint in {workdir}.",
+    file=sys.stderr,
+    flush=True,
+  )
+  os._exit(EXIT_LOST_PEER)
+
+
+def config_lib_one_line(error: BaseException) -> str:
+  from ega_jax import config as config_lib
+
+  return config_lib.one_line(error)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -123,6 +166,10 @@ def main(argv):
   except config_lib.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() > 1 and lost_a_peer(e):
+      exit_for_a_lost_peer(e, FLAGS.workdir)
+    raise
   if summary.get("preempted"):
     print(summary["message"], file=sys.stderr)
     return

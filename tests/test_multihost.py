@@ -1,5 +1,6 @@
 """Two processes x 2 CPU devices (jax.distributed on 127.0.0.1) = 1 process x 4 devices,
-and a run stopped on 2 x 2 resumes on 1 x 4 and on 1 x 1 with the same numbers."""
+a run stopped on 2 x 2 resumes on 1 x 4 and on 1 x 1 with the same numbers, and a process
+killed with -9 stops the other with one line, both resuming when restarted."""
 
 import json
 import os
@@ -152,3 +153,59 @@ def test_two_processes_match_one_process_and_resume_elsewhere(converted_resnet18
       np.concatenate([np.ravel(t[key]) for key in sorted(flat_a)]) for t in (flat_c, flat_a)
     ]
     assert _relative_error(*everything) <= 1e-3, devices
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_the_other_with_one_line_and_both_resume(converted_resnet18, tmp_path):
+  import time
+
+  workdir = tmp_path / "run"
+  flags = ["--config.num_train_steps=10", "--config.checkpoint_every_steps=2"]
+
+  def start_both():
+    port = _free_port()
+    return [
+      subprocess.Popen(
+        _command(
+          workdir,
+          converted_resnet18,
+          *flags,
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={rank}",
+          "--heartbeat_timeout_s=10",
+        ),
+        cwd=REPO,
+        env=_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for rank in range(2)
+    ]
+
+  survivor, victim = start_both()
+  lines = []
+  deadline = time.time() + 600
+  for line in survivor.stdout:  # process 0 logs the steps
+    lines.append(line)
+    if "] step 5/10" in line or time.time() > deadline:
+      break
+  victim.kill()
+  killed_at = time.time()
+  rest, _ = survivor.communicate(timeout=300)
+  stopped_after = time.time() - killed_at
+  victim.wait()
+  assert survivor.returncode == 4, (lines + [rest])[-40:]
+  # Bounded: the next collective fails at once over TCP; documented limit 2x heartbeat.
+  assert stopped_after < 60, stopped_after
+  errors = [line for line in rest.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "process 1 of this 2-process job was lost" in errors[0], rest[-3000:]
+  assert "Traceback" not in rest
+
+  # Restarting both resumes from the newest complete checkpoint and finishes.
+  processes = start_both()
+  outputs = [p.communicate(timeout=900)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert "Resumed from" in outputs[0] and sorted(_metrics(workdir))[-1] == 10
