@@ -19,6 +19,7 @@ import pickle
 
 import numpy as np
 
+from ega_jax.data import arrays
 from ega_jax.data import preparation
 
 # name -> (folder, {split: data files}, label key, metadata file).
@@ -146,37 +147,16 @@ def read_cifar(directory: str, name: str, split: str) -> tuple[np.ndarray, np.nd
   return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
 
 
-class CifarPickleSource:
-  """One CIFAR split from torchvision's files: {'image': uint8 (32, 32, 3), 'label': uint8}.
-
-  Arrays load on first access and are not pickled (grain workers reload them).
-  """
+class CifarPickleSource(arrays.LazyArraySource):
+  """One CIFAR split from torchvision's files: {'image': uint8 (32, 32, 3), 'label': uint8}."""
 
   def __init__(self, directory: str, name: str, split: str):
     self.directory = directory
     self.name = name
     self.split = split
-    self._arrays = None
 
-  def _load(self) -> tuple[np.ndarray, np.ndarray]:
-    if self._arrays is None:
-      self._arrays = read_cifar(self.directory, self.name, self.split)
-    return self._arrays
-
-  @property
-  def labels(self) -> np.ndarray:
-    """uint8 (num_examples,)."""
-    return self._load()[1]
-
-  def __len__(self) -> int:
-    return len(self._load()[1])
-
-  def __getitem__(self, record_key: int) -> dict[str, np.ndarray]:
-    images, labels = self._load()
-    return {"image": images[record_key], "label": labels[record_key]}
-
-  def __getstate__(self):
-    return {"directory": self.directory, "name": self.name, "split": self.split, "_arrays": None}
+  def _read(self) -> tuple[np.ndarray, np.ndarray]:
+    return read_cifar(self.directory, self.name, self.split)
 
   def __repr__(self) -> str:
     return f"CifarPickleSource(directory={self.directory!r}, split={self.split!r})"

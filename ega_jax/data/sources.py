@@ -26,6 +26,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from ega_jax.data import arrays
 from ega_jax.data import cifar_files
 from ega_jax.data import folders
 from ega_jax.data import info as info_lib
@@ -83,12 +84,10 @@ def find_fashion_mnist_dir(data_dir: str | None) -> str | None:
   return None
 
 
-class FashionMnistIdxSource:
+class FashionMnistIdxSource(arrays.LazyArraySource):
   """Fashion-MNIST split read from idx files, no TensorFlow involved.
 
   Records are {'image': uint8 (28, 28, 1), 'label': uint8}, like TFDS's.
-  Arrays load on first access and are not pickled (grain workers reload
-  them), so handing the source to worker processes stays cheap.
   """
 
   def __init__(self, directory: str, split: str):
@@ -98,27 +97,12 @@ class FashionMnistIdxSource:
       )
     self.directory = directory
     self.split = split
-    self._arrays = None
 
-  def _load(self) -> tuple[np.ndarray, np.ndarray]:
-    if self._arrays is None:
-      self._arrays = read_fashion_mnist(self.directory, self.split)
-    return self._arrays
+  def _read(self) -> tuple[np.ndarray, np.ndarray]:
+    return read_fashion_mnist(self.directory, self.split)
 
-  @property
-  def labels(self) -> np.ndarray:
-    """uint8 (num_examples,)."""
-    return self._load()[1]
-
-  def __len__(self) -> int:
-    return len(self._load()[1])
-
-  def __getitem__(self, record_key: int) -> dict[str, np.ndarray]:
-    images, labels = self._load()
-    return {"image": images[record_key][..., None], "label": labels[record_key]}
-
-  def __getstate__(self):
-    return {"directory": self.directory, "split": self.split, "_arrays": None}
+  def _image(self, images: np.ndarray, record_key: int) -> np.ndarray:
+    return images[record_key][..., None]
 
   def __repr__(self) -> str:
     return f"FashionMnistIdxSource(directory={self.directory!r}, split={self.split!r})"
