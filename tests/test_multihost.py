@@ -209,3 +209,60 @@ def test_a_dead_process_stops_the_other_with_one_line_and_both_resume(converted_
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:]
   assert "Resumed from" in outputs[0] and sorted(_metrics(workdir))[-1] == 10
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(converted_resnet18, tmp_path):
+  import signal
+  import threading
+  import time
+
+  workdir = tmp_path / "run"
+  port = _free_port()
+  # log_every 100: stopping at the logging cadence (the old rule) would run to the end.
+  processes = [
+    subprocess.Popen(
+      _command(
+        workdir,
+        converted_resnet18,
+        "--config.num_train_steps=40",
+        "--config.log_every_steps=100",
+        "--config.checkpoint_every_steps=100",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={rank}",
+      ),
+      cwd=REPO,
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for rank in range(2)
+  ]
+  outputs = [[], []]
+  readers = [
+    threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
+    for p, out in zip(processes, outputs)
+  ]
+  for reader in readers:
+    reader.start()
+  deadline = time.time() + 600
+  while not any("Training resnet18 -> resnet8" in line for line in outputs[0]):
+    assert time.time() < deadline and processes[0].poll() is None, "".join(outputs[0][-30:])
+    time.sleep(0.1)
+  time.sleep(3.0)  # a few steps in
+  processes[1].send_signal(signal.SIGTERM)
+  for p in processes:
+    p.wait(timeout=600)
+  for reader in readers:
+    reader.join(timeout=10)
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, "".join(out[-30:])
+  stopped = ["".join(out) for out in outputs]
+  assert "Stopped by SIGTERM after step" in stopped[1]
+  assert "Stopped by a peer process after step" in stopped[0]
+  steps = [int(text.split("after step ")[1].split()[0]) for text in stopped]
+  saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints"))
+  # Both stopped at the same step, which is the one checkpoint, well before the end.
+  assert steps[0] == steps[1] and saved == [steps[0]] and steps[0] < 40, (steps, saved)

@@ -99,9 +99,9 @@ def test_preemption_block_turns_sigterm_into_a_flag_and_restores_the_handler():
   old = signal.signal(signal.SIGTERM, previous)
   try:
     with PreemptionRequested() as preemption:
-      assert not preemption.requested(step=1, log_every=10)
+      assert not preemption.signalled
       os.kill(os.getpid(), signal.SIGTERM)
-      assert preemption.requested(step=1, log_every=10)
+      assert preemption.signalled
       assert preemption.signal_name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is previous
   finally:

@@ -74,12 +74,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   step = int(jax.device_get(state.step))
   progress = run_record.ProgressMeter(step, num_steps)
+  stop_vote = None
+  if jax.process_count() > 1:
+    stop_vote = preemption_lib.StopVote(mesh, config.batch_size // jax.process_count())
   history, last_eval, preempted = [], {}, False
   try:
     with preemption_lib.PreemptionRequested() as preemption:
       while step < num_steps:
         call_start = time.perf_counter()
-        state, metrics = run.train_step(state, run.teacher_variables, next(batches), run.crd_tables)
+        batch = next(batches)
+        if stop_vote is not None:
+          batch = stop_vote.attach(batch, preemption.signalled)
+        state, metrics = run.train_step(state, run.teacher_variables, batch, run.crd_tables)
+        vote = metrics.pop("stop", None)
         if not history and step == progress.first_step:
           progress.pause(time.perf_counter() - call_start)  # compilation is not throughput
         step += 1
@@ -102,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if is_best:
             checkpointing.save(manager, step, state, dict(meta), eval_top1)
           progress.pause(time.perf_counter() - eval_start)
-        preempted = preemption.requested(step, config.log_every_steps)
+        preempted = stop_vote.agreed(vote) if stop_vote is not None else preemption.signalled
         if (_due(step, checkpoint_every, num_steps) or preempted) and (
           manager.latest_step() != step
         ):

@@ -1,4 +1,5 @@
-"""Stopping cleanly on SIGTERM/SIGINT: a `with` block the loop polls after each step."""
+"""Stopping cleanly on SIGTERM/SIGINT: a `with` block the loop polls after each step, and,
+with several processes, a vote carried by the train step so that all stop at the same step."""
 
 from __future__ import annotations
 
@@ -43,17 +44,37 @@ class PreemptionRequested:
     self._previous = {}
     return False
 
-  def requested(self, step: int, log_every: int) -> bool:
-    """Whether to stop after this step; all processes agree.
+  @property
+  def signalled(self) -> bool:
+    """Whether this process received a stop signal."""
+    return self.signal_name is not None
 
-    With several processes the flag is combined over processes only at the
-    logging cadence, so the loop gains no per-step host synchronisation.
-    """
-    if jax.process_count() == 1:
-      return self.signal_name is not None
-    if step % log_every:
-      return False
-    from jax.experimental import multihost_utils
 
-    flags = multihost_utils.process_allgather(np.array(self.signal_name is not None))
-    return bool(np.any(flags))
+class StopVote:
+  """All processes stop after the same step, at most one step after any of them is signalled.
+
+  Each step's batch carries, in this process's rows, whether this process was
+  signalled ('stop', int32); the train step takes the maximum over the global
+  batch (`metrics['stop']`, replicated). The loop reads step t's vote after it
+  has dispatched step t+1, so one step stays in flight and no extra host
+  synchronisation is added; every process then sees the same vote and stops
+  after step t+1. TPU maintenance events signal every host, but not at the
+  same moment; a SIGTERM sent to one process of a SLURM job stops them all.
+  """
+
+  def __init__(self, mesh, local_rows: int):
+    self._mesh = mesh
+    self._local_rows = local_rows
+    self._pending = None
+
+  def attach(self, batch: dict, signalled: bool) -> dict:
+    """`batch` with this process's vote added under 'stop'."""
+    from ega_jax.train import state as state_lib
+
+    vote = np.full((self._local_rows,), int(signalled), np.int32)
+    return {**batch, **state_lib.global_batch_from_local(self._mesh, {"stop": vote})}
+
+  def agreed(self, vote) -> bool:
+    """True when the vote of the previous step said stop; `vote` is this step's."""
+    previous, self._pending = self._pending, vote
+    return previous is not None and bool(jax.device_get(previous))

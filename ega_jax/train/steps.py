@@ -348,4 +348,8 @@ def train_step(
     "teacher_top1": jax.lax.psum(aux["teacher_correct"], AXIS) / aux["num_labelled"],
     "finite": finite.astype(jnp.float32),
   }
+  if "stop" in batch:
+    # Multi-process runs: each process's rows carry its stop request; the OR
+    # over all of them is the same on every process (see preemption.StopVote).
+    metrics["stop"] = jax.lax.pmax(jnp.max(batch["stop"]), AXIS)
   return _keep_old_unless_finite(finite, candidate, state), metrics
