@@ -200,7 +200,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.student and args.which is not None:
     parser.error("--which needs --workdir: an export holds one step already.")
-  logging.set_verbosity(logging.ERROR)  # orbax's notes on opening a checkpoint read-only
+  # orbax's notes on opening a checkpoint read-only; the caller's level comes back after.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
   try:
     scores = evaluate(
       workdir=args.workdir,
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
   except (config_lib.UserInputError, ValueError, KeyError, OSError) as error:
     print(f"error: {config_lib.one_line(error)}", file=sys.stderr)
     return 2
+  finally:
+    logging.set_verbosity(verbosity)
   line = (
     f"{scores['arch']} step {scores['step']} on {scores['dataset']} ({scores['count']} images): "
     f"top-1 {scores['top1']:.2f}%, top-5 {scores['top5']:.2f}%, CE {scores['ce']:.4f}"

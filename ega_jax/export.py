@@ -394,7 +394,9 @@ def main(argv=None) -> int:
       import torch  # noqa: F401
     except ImportError:
       pass  # write_export says what to install.
-  logging.set_verbosity(logging.ERROR)  # orbax's notes on opening a checkpoint read-only
+  # orbax's notes on opening a checkpoint read-only; the caller's level comes back after.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
   try:
     check_formats(formats)
     variables, meta = student_from_workdir(args.workdir, args.which)
@@ -402,6 +404,8 @@ def main(argv=None) -> int:
   except (config_lib.UserInputError, ValueError, KeyError, OSError) as error:
     print(f"error: {config_lib.one_line(error)}", file=sys.stderr)
     return 2
+  finally:
+    logging.set_verbosity(verbosity)
   top1 = meta["eval_top1"]
   print(
     f"Exported {meta['arch']} (step {meta['step']}, eval top-1 "

@@ -120,10 +120,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.flush()
         if preempted:
           break
-  finally:
+  except BaseException:
     # An asynchronous save still in flight is finished (and published) even
-    # when the loop ends by an exception: the newest checkpoint stays usable.
-    manager.wait_until_finished()
+    # when the loop ends by an exception, except in a multi-process run: its
+    # peers may be gone, and the save's barriers would wait for them; the
+    # previous complete checkpoint is what a restart resumes from.
+    if jax.process_count() == 1:
+      manager.wait_until_finished()
+    raise
+  manager.wait_until_finished()
 
   if preempted:
     summary = _stopped_by_signal(preemption.signal_name, step, num_steps, workdir, start_time)
