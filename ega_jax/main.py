@@ -121,22 +121,18 @@ def exit_for_a_lost_peer(error: BaseException, workdir: str) -> None:
   """
   import jax
 
+  from ega_jax import config as config_lib
+
   count, index = jax.process_count(), jax.process_index()
   who = f"process {1 - index}" if count == 2 else "another process"
   print(
     f"error: {who} of this {count}-process job was lost during a collective "
-    f"({config_lib_one_line(error)[:160]}); process {index} stops. Restart every process with "
+    f"({config_lib.one_line(error)[:160]}); process {index} stops. Restart every process with "
     f"the same command to resume from the newest complete checkpoint in {workdir}.",
     file=sys.stderr,
     flush=True,
   )
   os._exit(EXIT_LOST_PEER)
-
-
-def config_lib_one_line(error: BaseException) -> str:
-  from ega_jax import config as config_lib
-
-  return config_lib.one_line(error)
 
 
 def main(argv):

@@ -72,6 +72,29 @@ def _run(workdir, teacher, devices, *extra):
   return result
 
 
+def _start_two_processes(workdir, teacher, *extra):
+  """Both processes of a 2 x 2-device jax.distributed job on 127.0.0.1; output on stdout."""
+  port = _free_port()
+  return [
+    subprocess.Popen(
+      _command(
+        workdir,
+        teacher,
+        *extra,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={rank}",
+      ),
+      cwd=REPO,
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for rank in range(2)
+  ]
+
+
 def _relative_error(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
@@ -85,25 +108,7 @@ def test_two_processes_match_one_process_and_resume_elsewhere(converted_resnet18
   _run(single, converted_resnet18, 4, "--config.num_train_steps=6")
 
   multi = tmp_path / "multi"
-  port = _free_port()
-  processes = [
-    subprocess.Popen(
-      _command(
-        multi,
-        converted_resnet18,
-        "--config.num_train_steps=3",
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={rank}",
-      ),
-      cwd=REPO,
-      env=_env(2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for rank in range(2)
-  ]
+  processes = _start_two_processes(multi, converted_resnet18, "--config.num_train_steps=3")
   outputs = [p.communicate(timeout=900)[0] for p in processes]
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:]
@@ -163,29 +168,9 @@ def test_a_dead_process_stops_the_other_with_one_line_and_both_resume(converted_
   flags = ["--config.num_train_steps=10", "--config.checkpoint_every_steps=2"]
 
   def start_both():
-    port = _free_port()
-    return [
-      subprocess.Popen(
-        _command(
-          workdir,
-          converted_resnet18,
-          *flags,
-          f"--coordinator_address=127.0.0.1:{port}",
-          "--num_processes=2",
-          f"--process_id={rank}",
-          # Long enough that the survivor's next collective (which fails at once)
-          # comes first even on a loaded machine; the service's own abort is the
-          # fallback bound.
-          "--heartbeat_timeout_s=60",
-        ),
-        cwd=REPO,
-        env=_env(2),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-      for rank in range(2)
-    ]
+    # A heartbeat long enough that the survivor's next collective (which fails at
+    # once) usually comes first on a loaded machine; the service's abort is the fallback.
+    return _start_two_processes(workdir, converted_resnet18, *flags, "--heartbeat_timeout_s=60")
 
   survivor, victim = start_both()
   lines = []
@@ -226,28 +211,14 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(converted_resnet18, 
   import time
 
   workdir = tmp_path / "run"
-  port = _free_port()
   # log_every 100: stopping at the logging cadence (the old rule) would run to the end.
-  processes = [
-    subprocess.Popen(
-      _command(
-        workdir,
-        converted_resnet18,
-        "--config.num_train_steps=40",
-        "--config.log_every_steps=100",
-        "--config.checkpoint_every_steps=100",
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={rank}",
-      ),
-      cwd=REPO,
-      env=_env(2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for rank in range(2)
-  ]
+  processes = _start_two_processes(
+    workdir,
+    converted_resnet18,
+    "--config.num_train_steps=40",
+    "--config.log_every_steps=100",
+    "--config.checkpoint_every_steps=100",
+  )
   outputs = [[], []]
   readers = [
     threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
