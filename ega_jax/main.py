@@ -30,7 +30,12 @@ flags.DEFINE_integer(
   "heartbeat_timeout_s",
   100,
   "Multi-process runs: seconds without a heartbeat after which jax.distributed declares a "
-  "process lost, and the others stop (non-zero) instead of waiting in a collective forever.",
+  "process lost and aborts the others. ega_jax's own watch (peer_watch.py) stops them first, "
+  "with one line naming the lost process: at once when a process dies, after half this time "
+  "when one hangs or its host vanishes.",
+)
+flags.register_validator(
+  "heartbeat_timeout_s", lambda seconds: seconds >= 10, "--heartbeat_timeout_s must be >= 10."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -96,45 +101,6 @@ class _DropLibraryChatter:
     return not any(part in record.pathname for part in self.NOISY)
 
 
-# What a collective reports when another process of the job died (CPU: Gloo's
-# TCP pairs; the coordination service after heartbeat_timeout_s elsewhere).
-_LOST_PEER_SIGNS = (
-  "Connection reset by peer",
-  "Connection closed",
-  "heartbeat timeout",
-  "unhealthy",
-)
-EXIT_LOST_PEER = 4
-
-
-def lost_a_peer(error: BaseException) -> bool:
-  return any(sign in str(error) for sign in _LOST_PEER_SIGNS)
-
-
-def exit_for_a_lost_peer(error: BaseException, workdir: str) -> None:
-  """One line, then exit EXIT_LOST_PEER at once.
-
-  os._exit skips jax.distributed's shutdown barrier, which would otherwise wait
-  for the dead process until the heartbeat timeout and then abort with a core
-  dump. Checkpoints are whole or absent (orbax renames a complete one), so
-  nothing is lost that a restart of every process does not recover.
-  """
-  import jax
-
-  from ega_jax import config as config_lib
-
-  count, index = jax.process_count(), jax.process_index()
-  who = f"process {1 - index}" if count == 2 else "another process"
-  print(
-    f"error: {who} of this {count}-process job was lost during a collective "
-    f"({config_lib.one_line(error)[:160]}); process {index} stops. Restart every process with "
-    f"the same command to resume from the newest complete checkpoint in {workdir}.",
-    file=sys.stderr,
-    flush=True,
-  )
-  os._exit(EXIT_LOST_PEER)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -144,6 +110,7 @@ def main(argv):
 
   import jax
   from ega_jax import config as config_lib
+  from ega_jax import peer_watch
   from ega_jax import train
 
   logging.info(
@@ -153,19 +120,28 @@ def main(argv):
     jax.local_device_count(),
     jax.device_count(),
   )
+  watch = peer_watch.start(FLAGS.workdir, silence_limit_s=FLAGS.heartbeat_timeout_s / 2)
+  # Every process stops the same way on these (same config, replicated losses):
+  # a goodbye first, so that the others do not report this process as lost.
+  say_goodbye = watch.finish if watch else lambda: None
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except config_lib.UserInputError as e:
     # A user mistake: one sentence, no traceback.
+    say_goodbye()
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except config_lib.NonFiniteError as e:
+    say_goodbye()
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
   except jax.errors.JaxRuntimeError as e:
-    if jax.process_count() > 1 and lost_a_peer(e):
-      exit_for_a_lost_peer(e, FLAGS.workdir)
+    if jax.process_count() > 1 and peer_watch.lost_a_peer(e):
+      peer_watch.exit_for_a_lost_collective(
+        e, jax.process_index(), jax.process_count(), FLAGS.workdir
+      )
     raise
+  say_goodbye()
   if summary.get("preempted"):
     print(summary["message"], file=sys.stderr)
     return
