@@ -232,4 +232,3 @@ def start(workdir: str, silence_limit_s: float) -> PeerWatch | None:
   else:
     watch.connect(client.blocking_key_value_get(_STORE_KEY, 300_000))
   return watch
-
