@@ -201,7 +201,11 @@ def test_a_dead_process_stops_the_other_with_one_line_and_both_resume(converted_
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step(converted_resnet18, tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_process_stops_both_at_the_same_step(
+  converted_resnet18, tmp_path, signal_name
+):
+  """SIGTERM goes through jax.distributed's preemption sync, SIGINT through the StopVote."""
   import signal
   import threading
   import time
@@ -227,7 +231,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(converted_resnet18, 
     assert time.time() < deadline and processes[0].poll() is None, "".join(outputs[0][-30:])
     time.sleep(0.1)
   time.sleep(3.0)  # a few steps in
-  processes[1].send_signal(signal.SIGTERM)
+  processes[1].send_signal(getattr(signal, signal_name))
   for p in processes:
     p.wait(timeout=600)
   for reader in readers:
@@ -235,8 +239,12 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(converted_resnet18, 
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, "".join(out[-30:])
   stopped = ["".join(out) for out in outputs]
-  assert "Stopped by SIGTERM after step" in stopped[1]
-  assert "Stopped by a peer process after step" in stopped[0]
+  if signal_name == "SIGTERM":
+    for text in stopped:
+      assert "Stopped by SIGTERM (jax.distributed's preemption sync point) after step" in text
+  else:
+    assert "Stopped by SIGINT after step" in stopped[1]
+    assert "Stopped by a peer process after step" in stopped[0]
   steps = [int(text.split("after step ")[1].split()[0]) for text in stopped]
   saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints"))
   # Both stopped at the same step, which is the one checkpoint, well before the end.

@@ -77,9 +77,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stop_vote = None
   if jax.process_count() > 1:
     stop_vote = preemption_lib.StopVote(mesh, config.batch_size // jax.process_count())
-  history, last_eval, preempted = [], {}, False
+  # SIGTERM in a multi-process job: jax.distributed's preemption sync where it
+  # runs; any other stop signal: this process's flag, shared by the StopVote.
+  jax_sync = preemption_lib.jax_preemption_sync_available()
+  signals = ("SIGINT",) if jax_sync else preemption_lib.PreemptionRequested.SIGNALS
+  history, last_eval, preempted, stopped_by = [], {}, False, None
   try:
-    with preemption_lib.PreemptionRequested() as preemption:
+    with preemption_lib.PreemptionRequested(signals) as preemption:
       while step < num_steps:
         call_start = time.perf_counter()
         batch = next(batches)
@@ -110,6 +114,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             checkpointing.save(manager, step, state, dict(meta), eval_top1)
           progress.pause(time.perf_counter() - eval_start)
         preempted = stop_vote.agreed(vote) if stop_vote is not None else preemption.signalled
+        stopped_by = preemption.signal_name or ("a peer process" if preempted else None)
+        if jax_sync and preemption_lib.reached_jax_preemption_sync_point(step):
+          preempted, stopped_by = True, "SIGTERM (jax.distributed's preemption sync point)"
         if (_due(step, checkpoint_every, num_steps) or preempted) and (
           manager.latest_step() != step
         ):
@@ -131,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager.wait_until_finished()
 
   if preempted:
-    summary = _stopped_by_signal(preemption.signal_name, step, num_steps, workdir, start_time)
+    summary = _stopped_by_signal(stopped_by, step, num_steps, workdir, start_time)
   else:
     if not last_eval:
       # Nothing left to train (a finished workdir): still report its accuracy.
@@ -227,7 +234,7 @@ def _start_reporting(config, writer, state, record, num_steps: int, steps_per_ep
 
 def _stopped_by_signal(signal_name, step: int, num_steps: int, workdir, start_time) -> dict:
   message = (
-    f"Stopped by {signal_name or 'a peer process'} after step {step} of "
+    f"Stopped by {signal_name} after step {step} of "
     f"{num_steps}; checkpoint saved in {workdir / 'checkpoints'}. "
     "Run the same command again to resume."
   )

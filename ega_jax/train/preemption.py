@@ -21,13 +21,14 @@ class PreemptionRequested:
 
   SIGNALS = ("SIGTERM", "SIGINT")
 
-  def __init__(self):
+  def __init__(self, signals: tuple[str, ...] = SIGNALS):
     self.signal_name = None
+    self._signals = signals
     self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for name in self.SIGNALS:
+      for name in self._signals:
         number = getattr(signal, name)
         self._previous[number] = signal.signal(number, self._handle)
     return self
@@ -48,6 +49,28 @@ class PreemptionRequested:
   def signalled(self) -> bool:
     """Whether this process received a stop signal."""
     return self.signal_name is not None
+
+
+def jax_preemption_sync_available() -> bool:
+  """Whether jax.distributed's preemption sync manager runs in this process.
+
+  jax.distributed.initialize starts it in multi-process jobs: a C++ SIGTERM
+  handler tells the coordination service, which tells every process; each
+  process asks `multihost_utils.reached_preemption_sync_point(step)` after
+  every step and all of them get True at the same step. Taking SIGTERM in
+  Python as well would replace that handler, so the loop then leaves SIGTERM
+  to it (SIGINT stays with PreemptionRequested and the StopVote).
+  """
+  from jax._src import distributed
+
+  return jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None
+
+
+def reached_jax_preemption_sync_point(step: int) -> bool:
+  """True at the step at which every process stops for a SIGTERM to any of them."""
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.reached_preemption_sync_point(step)
 
 
 class StopVote:
