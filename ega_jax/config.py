@@ -99,6 +99,9 @@ def _existing_directory(what_creates_it: str) -> Callable[[Any], str | None]:
   return check
 
 
+GRAPH_ROWS = ("replicated", "sharded")
+
+
 def _optional_directory(value) -> str | None:
   if value and not os.path.isdir(value):
     return (
@@ -116,6 +119,7 @@ _FIELD_CHECKS = (
   ("teacher.arch", _one_of(tuple(models_lib.TEACHER_SPECS))),
   ("distill.method", _one_of(losses.DISTILL_METHODS)),
   ("teacher_view", _one_of(TEACHER_VIEWS)),
+  ("distill.graph_rows", _one_of(GRAPH_ROWS)),
   ("dtype", _one_of(tuple(DTYPES))),
   ("nonfinite_policy", _one_of(NONFINITE_POLICIES)),
   ("feature_dim", _positive),

@@ -684,3 +684,54 @@ def test_crd_gradient_matches_finite_differences(x64):
     order=1,
     modes=["rev"],
   )
+
+
+_ROW_SHARDED_WORKER = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ega_jax import losses
+
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("rows",))
+rng = np.random.RandomState(0)
+teacher = rng.normal(size=(12, 5))
+student = 0.5 * teacher + rng.normal(size=(12, 5))
+
+def per_device(t, s):  # this device's 3 rows -> the loss over all 12
+  gather = lambda x: jax.lax.all_gather(x, "rows", axis=0, tiled=True)
+  return losses.ega_loss_row_sharded(gather(t), gather(s), "rows", 1.5, 0.1)
+
+sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("rows"), P("rows")),
+                                out_specs=P()))
+rows = NamedSharding(mesh, P("rows"))
+t, s = jax.device_put(teacher, rows), jax.device_put(student, rows)
+value = sharded(t, s)
+grads = jax.grad(sharded, argnums=(0, 1))(t, s)
+np.savez(sys.argv[1], value=value, grad_t=grads[0], grad_s=grads[1], teacher=teacher,
+         student=student)
+"""
+
+
+def test_row_sharded_ega_equals_the_whole_graph_on_4_devices(x64, tmp_path):
+  """Value against the float64 NumPy formula, gradients against the whole-graph loss."""
+  import os
+  import subprocess
+  import sys
+
+  out = tmp_path / "rows.npz"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": repo}
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run(
+    [sys.executable, "-c", _ROW_SHARDED_WORKER, str(out)], env=env, capture_output=True, text=True
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = np.load(out)
+  teacher, student = got["teacher"], got["student"]
+  _assert_close(got["value"], ref_ega(teacher, student, 1.5, 0.1))
+  whole = jax.grad(lambda t, s: losses.ega_loss(t, s, 1.5, 0.1), argnums=(0, 1))(teacher, student)
+  _assert_close(got["grad_t"], whole[0])
+  _assert_close(got["grad_s"], whole[1])

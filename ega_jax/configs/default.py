@@ -73,6 +73,11 @@ def get_config() -> ml_collections.ConfigDict:
   # and the distillation gradient never reaches it. True: it also receives
   # beta * distillation-loss gradients.
   config.distill.train_teacher_head_jointly = False
+  # EGA's graph on several devices: 'replicated' (every device builds the whole
+  # (2B, 2B) graph from the gathered embeddings) or 'sharded' (each device its
+  # B/n rows against all columns, the norms summed with psum; the same loss).
+  # docs/performance.md has the measured crossover.
+  config.distill.graph_rows = "replicated"
 
   config.feature_dim = 256
   config.batch_size = 64  # global, across all devices and hosts

@@ -30,7 +30,7 @@ Methods (see `DISTILL_METHODS`, `distill_loss`):
 
 Modules:
   _common       numerically safe helpers and input checks (private).
-  graph         pearson_graph, ega_graph_blocks, ega_loss.
+  graph         pearson_graph, ega_graph_blocks, ega_loss, ega_loss_row_sharded.
   logits        kd_loss, hint_loss.
   relational    rkd_loss, pkt_loss, irg_loss.
   contrastive   nce_loss, ccl_loss.
@@ -47,7 +47,7 @@ from ega_jax.losses.crd import (
   init_crd_memory,
   sample_crd_negatives,
 )
-from ega_jax.losses.graph import ega_graph_blocks, ega_loss, pearson_graph
+from ega_jax.losses.graph import ega_graph_blocks, ega_loss, ega_loss_row_sharded, pearson_graph
 from ega_jax.losses.logits import hint_loss, kd_loss
 from ega_jax.losses.registry import DEFAULT_HPARAMS, DISTILL_METHODS, GRAPH_METHODS, distill_loss
 from ega_jax.losses.relational import irg_loss, pkt_loss, rkd_loss
@@ -60,6 +60,7 @@ __all__ = [
   "pearson_graph",
   "ega_graph_blocks",
   "ega_loss",
+  "ega_loss_row_sharded",
   "kd_loss",
   "hint_loss",
   "rkd_loss",

@@ -130,6 +130,15 @@ def _distillation_term(
       temperature=config.distill.crd_temperature,
       momentum=config.distill.crd_momentum,
     )
+  if method == "ega" and config.distill.graph_rows == "sharded":
+    return losses.ega_loss_row_sharded(
+      embeddings["global_teacher_emb"],
+      embeddings["global_student_emb"],
+      AXIS,
+      node_weight=hparams["node_weight"],
+      edge_weight=hparams["edge_weight"],
+      eps=hparams["pearson_eps"],
+    ), state.crd_memory
   distill = losses.distill_loss(
     method,
     student_emb=embeddings["global_student_emb"],

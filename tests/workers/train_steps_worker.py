@@ -6,7 +6,8 @@ when jax is first imported:
   python tests/workers/train_steps_worker.py NUM_DEVICES METHOD[,METHOD...] STEPS OUT_PREFIX
 
 writes OUT_PREFIX<method>.npz for each method. METHOD@labelled runs METHOD in
-label-efficient mode: only even train indices keep their labels (-1 for the rest).
+label-efficient mode: only even train indices keep their labels (-1 for the rest);
+ega@rows runs EGA with config.distill.graph_rows = "sharded".
 """
 
 import os
@@ -79,6 +80,8 @@ def run(METHOD, OUT):
   rng = np.random.RandomState(0)
   train_labels = rng.randint(0, NUM_CLASSES, size=NUM_TRAIN).astype(np.int32)
   crd_labels = train_labels
+  if variant == "rows":  # EGA's graph split by rows over the devices
+    config.distill.graph_rows = "sharded"
   if variant == "labelled":
     train_labels = np.where(np.arange(NUM_TRAIN) % 2 == 0, train_labels, -1).astype(np.int32)
     crd_labels = labelled.instance_labels(train_labels, np.arange(NUM_TRAIN), NUM_CLASSES)
