@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 
+from benchmarks import machine
 from benchmarks.timing import summarise_times
 
 
@@ -135,8 +136,24 @@ def _si(value: float, unit: str) -> str:
 
 
 def format_table(report: dict) -> str:
-  """The report as aligned 'name  value' lines: the JAX step, then PyTorch, then the cache."""
-  rows = _jax_rows(report)
+  """The report as aligned 'name  value' lines.
+
+  First the headline ratios (live JAX / live PyTorch, cached JAX / cached
+  PyTorch) where they were measured, then the JAX step, PyTorch, the cache.
+  """
+  rows = []
+  if "jax_over_torch_images_per_sec" in report:
+    rows.append(
+      ("live JAX / live PyTorch images/s", f"{report['jax_over_torch_images_per_sec']:.2f}x")
+    )
+  if "cached_over_torch_cached_images_per_sec" in report:
+    rows.append(
+      (
+        "cached JAX / cached PyTorch images/s",
+        f"{report['cached_over_torch_cached_images_per_sec']:.2f}x",
+      )
+    )
+  rows += _jax_rows(report)
   if "torch" in report:
     rows += _torch_rows(report)
   if "cached" in report["jax"]:
@@ -156,6 +173,7 @@ def _jax_rows(report: dict) -> list[tuple[str, str]]:
       f"{report['cpu_count']} CPUs, {jax_part['backend']} x{jax_part['num_devices']} "
       f"({jax_part['device_kind']})",
     ),
+    ("CPU", machine.one_line(report["cpu"]).rsplit(", load", 1)[0]),
     (
       "load average (1/5/15 min)",
       f"{load('load_average_before')} before, {load('load_average_after')} after",
@@ -212,7 +230,6 @@ def _torch_rows(report: dict) -> list[tuple[str, str]]:
       "PyTorch teacher share of step time",
       f"{100 * torch_part['teacher_forward_time_fraction']:.1f} %",
     ),
-    ("JAX / PyTorch images/s", f"{report['jax_over_torch_images_per_sec']:.2f}x"),
   ]
 
 
@@ -253,10 +270,6 @@ def _cached_rows(report: dict) -> list[tuple[str, str]]:
       (
         "PyTorch cached step: images/s",
         f"{report['torch']['cached']['images_per_sec']:.2f} (fed the same float16 embeddings)",
-      ),
-      (
-        "cached JAX / cached PyTorch images/s",
-        f"{report['cached_over_torch_cached_images_per_sec']:.2f}x",
       ),
     ]
   return rows

@@ -46,6 +46,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from benchmarks import BenchmarkError
+from benchmarks import machine
 
 # jax, ega_jax and the harnesses are imported inside the functions: with
 # --compare_torch, torch is imported first (before anything that could import
@@ -228,6 +229,7 @@ def run(config, options: Options) -> dict:
     "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     "host": platform.node(),
     "cpu_count": os.cpu_count(),
+    "cpu": machine.describe(),
     "load_average_before": list(load_before),
     "jax_version": jax.__version__,
     "config": options.config_path,

@@ -99,7 +99,7 @@ def _existing_directory(what_creates_it: str) -> Callable[[Any], str | None]:
   return check
 
 
-GRAPH_ROWS = ("replicated", "sharded")
+GRAPH_ROWS = ("auto", "replicated", "sharded")
 
 
 def _optional_directory(value) -> str | None:

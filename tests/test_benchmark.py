@@ -187,7 +187,11 @@ def test_cli_compares_with_pytorch(tmp_path):
     "--teacher_cache",
     "--cache_views=3",
   )
-  assert "JAX / PyTorch images/s" in stdout
+  table = [line for line in stdout.splitlines() if "  " in line]
+  assert table[0].startswith("live JAX / live PyTorch images/s")
+  assert table[1].startswith("cached JAX / cached PyTorch images/s")
+  assert report["cpu"]["vector_kind"] in ("AMX", "AVX-512", "AVX2", "other")
+  assert any(line.startswith("CPU ") and report["cpu"]["vector_kind"] in line for line in table)
   torch_result = report["torch"]
   assert torch_result["num_threads"] == 1 and torch_result["dtype"] == "float32"
   assert len(torch_result["step_time"]["all_s"]) == 2
@@ -218,7 +222,6 @@ def test_cli_compares_with_pytorch(tmp_path):
   assert report["cached_over_torch_cached_images_per_sec"] == pytest.approx(
     cached["images_per_sec"] / torch_cached["images_per_sec"]
   )
-  assert "cached JAX / cached PyTorch" in stdout
 
 
 @pytest.mark.slow
@@ -279,3 +282,19 @@ def test_conv_ablation_rejects_an_unknown_student():
   result = _run_module("benchmarks.conv_ablation", "--students", "resnet9", timeout=120)
   assert result.returncode == 2
   assert "--students: unknown resnet9; valid names are:" in result.stderr
+
+
+def test_machine_description_reads_the_cpu_kind(tmp_path):
+  from benchmarks import machine
+
+  cpuinfo = tmp_path / "cpuinfo"
+  for flags, kind in (
+    ("fpu sse2 avx2 fma", "AVX2"),
+    ("avx2 avx512f avx512_vnni", "AVX-512"),
+    ("avx2 avx512f amx_tile amx_bf16", "AMX"),
+    ("sse2", "other"),
+  ):
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n")
+    described = machine.describe(str(cpuinfo))
+    assert described["cpu_model"] == "Test CPU" and described["vector_kind"] == kind, flags
+    assert kind in machine.one_line(described)

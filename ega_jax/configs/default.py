@@ -73,11 +73,13 @@ def get_config() -> ml_collections.ConfigDict:
   # and the distillation gradient never reaches it. True: it also receives
   # beta * distillation-loss gradients.
   config.distill.train_teacher_head_jointly = False
-  # EGA's graph on several devices: 'replicated' (every device builds the whole
-  # (2B, 2B) graph from the gathered embeddings) or 'sharded' (each device its
-  # B/n rows against all columns, the norms summed with psum; the same loss).
-  # docs/performance.md has the measured crossover.
-  config.distill.graph_rows = "replicated"
+  # EGA's graph on n devices: 'replicated' (every device builds the whole
+  # (2B, 2B) graph from the gathered embeddings), 'sharded' (each device its
+  # B/n rows against all columns, the norms summed with psum; the same loss to
+  # float rounding), or 'auto': sharded when n > 1, which was faster at every
+  # batch measured (docs/performance.md, benchmarks/graph_rows.py), and the
+  # whole graph on one device, where there is nothing to split.
+  config.distill.graph_rows = "auto"
 
   config.feature_dim = 256
   config.batch_size = 64  # global, across all devices and hosts

@@ -130,7 +130,8 @@ def _distillation_term(
       temperature=config.distill.crd_temperature,
       momentum=config.distill.crd_momentum,
     )
-  if method == "ega" and config.distill.graph_rows == "sharded":
+  rows = config.distill.graph_rows
+  if method == "ega" and (rows == "sharded" or (rows == "auto" and jax.lax.axis_size(AXIS) > 1)):
     return losses.ega_loss_row_sharded(
       embeddings["global_teacher_emb"],
       embeddings["global_student_emb"],
