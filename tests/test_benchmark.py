@@ -298,3 +298,40 @@ def test_machine_description_reads_the_cpu_kind(tmp_path):
     described = machine.describe(str(cpuinfo))
     assert described["cpu_model"] == "Test CPU" and described["vector_kind"] == kind, flags
     assert kind in machine.one_line(described)
+
+
+@pytest.mark.slow
+def test_device_check_rehearsal_on_cpu_writes_the_summary(tmp_path):
+  """launch/device_check.sh run, shrunk to one CPU setting, then with no time left."""
+  script = os.path.join(REPO, "launch", "device_check.sh")
+  env = {
+    **os.environ,
+    "PYTHON": sys.executable,
+    "DEVICE_CHECK_DTYPES": "float32",
+    "DEVICE_CHECK_BATCHES": "4",
+    "DEVICE_CHECK_STEPS": "1",
+    "DEVICE_CHECK_ARGS": "--teacher_image_size=64 --peak_matmul_size=256 --torch_threads=1",
+    "OMP_WAIT_POLICY": "PASSIVE",
+  }
+  done = subprocess.run(
+    [script, "run", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+  summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+  assert summary["skipped"] == [] and list(summary["settings"]) == ["step_float32_b4"]
+  setting = summary["settings"]["step_float32_b4"]
+  assert setting["batch_size"] == 4 and setting["dtype"] == "float32"
+  for key in ("images_per_sec", "cached_images_per_sec", "torch_images_per_sec", "mfu"):
+    assert setting[key] > 0, key
+  assert setting["jax_over_torch_images_per_sec"] == pytest.approx(
+    setting["images_per_sec"] / setting["torch_images_per_sec"]
+  )
+
+  # Out of time: every setting is skipped and listed, none is half-run.
+  env.update(DEVICE_CHECK_BUDGET_S="10", DEVICE_CHECK_BATCHES="4 8")
+  done = subprocess.run(
+    [script, "run", str(tmp_path / "late")], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  summary = json.loads((tmp_path / "late" / "summary.json").read_text())
+  assert summary["settings"] == {} and summary["skipped"] == ["step_float32_b4", "step_float32_b8"]
