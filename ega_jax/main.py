@@ -34,6 +34,13 @@ flags.DEFINE_integer(
   "with one line naming the lost process: at once when a process dies, after half this time "
   "when one hangs or its host vanishes.",
 )
+flags.DEFINE_bool(
+  "peer_watch",
+  True,
+  "Multi-process runs: keep ega_jax's TCP watch between process 0 (an ephemeral port on "
+  "the coordinator's host) and the others. Turn off where that port cannot be reached; "
+  "a lost process is then noticed by a failing collective or jax.distributed's heartbeat.",
+)
 flags.register_validator(
   "heartbeat_timeout_s", lambda seconds: seconds >= 10, "--heartbeat_timeout_s must be >= 10."
 )
@@ -120,7 +127,9 @@ def main(argv):
     jax.local_device_count(),
     jax.device_count(),
   )
-  watch = peer_watch.start(FLAGS.workdir, silence_limit_s=FLAGS.heartbeat_timeout_s / 2)
+  watch = None
+  if FLAGS.peer_watch:
+    watch = peer_watch.start(FLAGS.workdir, silence_limit_s=FLAGS.heartbeat_timeout_s / 2)
   # Every process stops the same way on these (same config, replicated losses):
   # a goodbye first, so that the others do not report this process as lost.
   say_goodbye = watch.finish if watch else lambda: None
