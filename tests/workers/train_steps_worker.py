@@ -6,9 +6,8 @@ when jax is first imported:
   python tests/workers/train_steps_worker.py NUM_DEVICES METHOD[,METHOD...] STEPS OUT_PREFIX
 
 writes OUT_PREFIX<method>.npz for each method. METHOD@labelled runs METHOD in
-label-efficient mode: only even train indices keep their labels (-1 for the rest);
-ega@replicated runs EGA with config.distill.graph_rows = "replicated" (plain
-ega: the default 'auto', i.e. its graph split by rows over several devices).
+label-efficient mode: only even train indices keep their labels (-1 for the rest).
+EGA runs with the default graph_rows='auto': split by rows over several devices.
 """
 
 import os
@@ -81,8 +80,6 @@ def run(METHOD, OUT):
   rng = np.random.RandomState(0)
   train_labels = rng.randint(0, NUM_CLASSES, size=NUM_TRAIN).astype(np.int32)
   crd_labels = train_labels
-  if variant == "replicated":  # the whole EGA graph on every device
-    config.distill.graph_rows = "replicated"
   if variant == "labelled":
     train_labels = np.where(np.arange(NUM_TRAIN) % 2 == 0, train_labels, -1).astype(np.int32)
     crd_labels = labelled.instance_labels(train_labels, np.arange(NUM_TRAIN), NUM_CLASSES)
