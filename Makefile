@@ -50,7 +50,7 @@ test-fast: $(STAMP)
 
 # The main job on the offline default: the shipped SimCLR teacher (PyTorch) ->
 # conversion -> embedding cache -> EGA distillation (+ a CE-only baseline) on
-# Fashion-MNIST with 10 labels per class and with every label, then a table.
+# Fashion-MNIST with 3 labels per class and with every label, then a table.
 demo: $(STAMP) fashion-mnist
 	$(PY) -m experiments.demo
 
