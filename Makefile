@@ -38,7 +38,8 @@ format: $(STAMP)
 
 # Test files run in parallel (pytest-xdist), one file per worker at a time so a
 # module's shared fixture is built once; most of a test's time is XLA compiling,
-# which is single-threaded, so two workers on two cores nearly halve the wall time.
+# which is single-threaded, so two workers on two cores cut the wall time (by 24 %
+# in a fresh clone on the idle 2-core machine: 41.5 min of tests instead of 54.5).
 TEST_WORKERS ?= auto
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --maxprocesses=4
 

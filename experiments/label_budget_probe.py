@@ -57,6 +57,11 @@ def probe_table(
   Returns:
     One row per k: {"labels_per_class", "num_labelled", name: [accuracy per seed], ...}.
   """
+  # The test sets are the same for every budget and seed: convert them once.
+  test_tensors = {
+    name: torch.as_tensor(test, dtype=torch.float32) for name, (_, test) in inputs.items()
+  }
+  test_label_tensor = torch.as_tensor(test_labels, dtype=torch.int64)
   rows = []
   for per_class in labels_per_class:
     row = {"labels_per_class": per_class, "num_labelled": per_class * NUM_CLASSES}
@@ -66,12 +71,12 @@ def probe_table(
       chosen = labelled_lib.choose_labelled(
         train_labels, per_class * NUM_CLASSES, seed, NUM_CLASSES
       )
-      for name, (train, test) in inputs.items():
+      for name, (train, _) in inputs.items():
         accuracy = simclr.linear_probe_accuracy(
           torch.as_tensor(train[chosen], dtype=torch.float32),
           torch.as_tensor(train_labels[chosen], dtype=torch.int64),
-          torch.as_tensor(test, dtype=torch.float32),
-          torch.as_tensor(test_labels, dtype=torch.int64),
+          test_tensors[name],
+          test_label_tensor,
           num_classes=NUM_CLASSES,
           weight_decay=weight_decay,
         )
