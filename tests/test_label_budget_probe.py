@@ -40,8 +40,9 @@ def test_probe_fits_on_exactly_the_labels_a_run_would_know():
   labels = np.repeat(np.arange(10), 20)
   seen = []
 
-  def spy(train, train_labels, test, test_labels, **_):
+  def spy(train, train_labels, test, test_labels, **kwargs):
     seen.append(sorted(train[:, 0].numpy().astype(int).tolist()))
+    assert kwargs["zero_init"] is True  # the deterministic fit (next test)
     return 0.5
 
   index_column = np.arange(len(labels), dtype=np.float32)[:, None]
@@ -53,6 +54,30 @@ def test_probe_fits_on_exactly_the_labels_a_run_would_know():
   assert rows[0]["index"] == [50.0, 50.0]
   assert seen == [labelled_lib.choose_labelled(labels, 20, s, 10).tolist() for s in (0, 3)]
   assert seen[0] != seen[1]
+
+
+def test_zero_init_probe_does_not_depend_on_torch_global_rng():
+  """L-BFGS stopped early (3 iterations) from nn.Linear's random init moves with the RNG."""
+  import torch
+
+  rng = np.random.default_rng(1)
+  train_labels = np.repeat(np.arange(10), 3)
+  test_labels = np.repeat(np.arange(10), 40)
+  inputs = _inputs(rng, train_labels, test_labels)
+  # Weakly informative: class means 0.5 noise sds apart, 16 dims, 3 rows per class.
+  train, test = (0.15 * a + 0.85 * b for a, b in zip(inputs["informative"], inputs["noise"]))
+  args = [torch.as_tensor(train, dtype=torch.float32), torch.as_tensor(train_labels)]
+  args += [torch.as_tensor(test, dtype=torch.float32), torch.as_tensor(test_labels)]
+
+  def accuracies(zero_init):
+    results = []
+    for torch_seed in range(6):
+      torch.manual_seed(torch_seed)
+      results.append(probe.simclr.linear_probe_accuracy(*args, steps=3, zero_init=zero_init))
+    return results
+
+  assert len(set(accuracies(zero_init=True))) == 1
+  assert len(set(accuracies(zero_init=False))) > 1  # the failure the zero start removes
 
 
 def test_cli_names_a_missing_cache(tmp_path):
