@@ -99,7 +99,6 @@ def _final_params(workdir, step):
   return restored["state"]
 
 
-@pytest.mark.slow
 def test_resume_after_restart_equals_uninterrupted_run(converted_resnet18, tmp_path):
   from ega_jax import train
 

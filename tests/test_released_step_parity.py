@@ -402,7 +402,6 @@ def parity_runs(tmp_path_factory):
   }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_released_step(parity_runs, case):
   init, batches, jax_out = parity_runs[case]
@@ -425,7 +424,6 @@ def test_matches_released_step(parity_runs, case):
   assert max(checked.values()) <= TOLERANCE, checked
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(WRONG_VARIANTS))
 def test_wrong_reference_fails(parity_runs, variant):
   """The comparison can fail: a wrong released step misses ega_jax by far."""

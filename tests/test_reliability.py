@@ -129,7 +129,6 @@ def _assert_same_training(resumed, reference, num_steps):
       assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-6), (step, key)
 
 
-@pytest.mark.slow
 def test_sigterm_checkpoints_exits_zero_and_resume_matches(
   converted_resnet18, tmp_path, uninterrupted_run
 ):

@@ -58,7 +58,6 @@ def one_and_eight_devices(tmp_path_factory):
   )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", EQUIVALENCE_METHODS)
 def test_one_device_equals_eight_devices(one_and_eight_devices, method):
   """Same global batch: losses and updated parameters agree after 2 steps."""
