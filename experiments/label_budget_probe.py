@@ -4,8 +4,8 @@ For each number of labels per class and each seed, the labelled training images
 are exactly those a run with `--config.dataset.num_labelled=10*k
 --config.seed=SEED` knows (`ega_jax.data.labelled.choose_labelled`). On them it
 fits two logistic regressions (`experiments.simclr.linear_probe_accuracy`:
-standardised inputs, full-batch L-BFGS from the zero classifier, L2 penalty) and scores both on the
-10,000 Fashion-MNIST test images:
+standardised inputs, full-batch L-BFGS from the zero classifier, L2 penalty)
+and scores both on the 10,000 Fashion-MNIST test images:
 
   teacher: the frozen teacher's embeddings, read from a teacher-embedding cache
            (train: the cache's first crop/flip view of each image; test: the

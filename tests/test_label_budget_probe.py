@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from ega_jax.data import labelled as labelled_lib
 from experiments import label_budget_probe as probe
@@ -58,8 +59,6 @@ def test_probe_fits_on_exactly_the_labels_a_run_would_know():
 
 def test_zero_init_probe_does_not_depend_on_torch_global_rng():
   """L-BFGS stopped early (3 iterations) from nn.Linear's random init moves with the RNG."""
-  import torch
-
   rng = np.random.default_rng(1)
   train_labels = np.repeat(np.arange(10), 3)
   test_labels = np.repeat(np.arange(10), 40)
