@@ -20,9 +20,9 @@ import json
 import statistics
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import jax_harness
 from benchmarks import timing
 from ega_jax.models import conv as conv_lib
 from ega_jax.models.students import STUDENT_NAMES, create_student
@@ -32,17 +32,7 @@ DEFAULT_STUDENTS = ("resnet8x4", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2"
 
 def _compiled_grad_step(student, variables, images, labels, conv_function):
   """jit-compiled (loss, grads) of the student with `conv_function` in every TorchConv."""
-
-  def loss_fn(params):
-    (logits, _), _ = student.apply(
-      {"params": params, "batch_stats": variables["batch_stats"]},
-      images,
-      train=True,
-      mutable=["batch_stats"],
-    )
-    log_probs = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
-
+  loss_fn = jax_harness.student_cross_entropy(student, variables["batch_stats"], images, labels)
   shipped = conv_lib.conv_nhwc
   conv_lib.conv_nhwc = conv_function  # read at trace time by TorchConv
   try:

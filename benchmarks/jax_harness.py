@@ -6,7 +6,8 @@ synthetic uint8 batches made into global arrays by
 `state.global_batch_from_local`. The teacher has random weights
 (`create_teacher(arch).init`), so no converted checkpoint is needed; its
 resolution, mean and std come from `TEACHER_SPECS`. Besides the step: the
-teacher's forward pass alone, and the same step fed cached teacher embeddings.
+teacher's forward pass alone, the same step fed cached teacher embeddings, and
+the student's forward and forward + backward alone (`student_calls`).
 """
 
 from __future__ import annotations
@@ -237,3 +238,63 @@ def _cached_step(
 
   jax.block_until_ready(run_cached_step())
   return timing.TimedCall("jax_cached_step", run_cached_step, jax.block_until_ready)
+
+
+def student_cross_entropy(student, batch_stats, images: jax.Array, labels: jax.Array):
+  """params -> mean cross-entropy of the train-mode `student` on (images, labels).
+
+  BatchNorm uses the batch's statistics, as in the train step; the running
+  averages it would update are dropped. images: (B, H, W, 3) float; labels: (B,) int.
+  """
+
+  def loss_fn(params):
+    (logits, _), _ = student.apply(
+      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+
+  return loss_fn
+
+
+def student_calls(
+  arch: str, num_classes: int, images: np.ndarray, labels: np.ndarray, dtype: str, seed: int
+) -> list[timing.TimedCall]:
+  """The student's share of the step, alone, on one device: what the PyTorch student is timed on.
+
+  'jax_student_forward' is the train-mode forward (logits); 'jax_student_forward_backward'
+  is that plus the gradient of the cross-entropy with respect to every parameter
+  (`jax.value_and_grad`). Both are compiled and run once here.
+
+  Args:
+    images: (B, H, W, 3) float32, normalised as the step normalises them.
+    labels: (B,) int32.
+    dtype: the config's compute dtype name ('float32' or 'bfloat16').
+  """
+  student = models_lib.create_student(arch, num_classes, dtype=jnp.dtype(dtype))
+  images, labels = jnp.asarray(images), jnp.asarray(labels)
+  variables = jax.jit(lambda key: student.init(key, images[:2], train=False))(
+    jax.random.key(seed, impl="unsafe_rbg")
+  )
+  params, batch_stats = variables["params"], variables["batch_stats"]
+
+  def forward(params):
+    (logits, _), _ = student.apply(
+      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    return logits
+
+  loss_fn = student_cross_entropy(student, batch_stats, images, labels)
+  compiled_forward = jax.jit(forward).lower(params).compile()
+  compiled_grad = jax.jit(jax.value_and_grad(loss_fn)).lower(params).compile()
+  calls = [
+    timing.TimedCall(
+      "jax_student_forward", lambda: compiled_forward(params), jax.block_until_ready
+    ),
+    timing.TimedCall(
+      "jax_student_forward_backward", lambda: compiled_grad(params), jax.block_until_ready
+    ),
+  ]
+  for timed in calls:
+    timed.wait(timed.call())
+  return calls

@@ -128,6 +128,51 @@ def add_cache_economics(
     )
 
 
+def student_result(times: dict[str, list[float]], batch_size: int) -> dict:
+  """The student alone in both frameworks: forward and forward + backward times and ratios.
+
+  A ratio 'X_jax_over_torch' is PyTorch's median time over JAX's (above 1: JAX
+  is faster). 'backward_*' is forward + backward minus forward, medians.
+  """
+  medians = {}
+  result = {"batch_size": batch_size}
+  for framework in ("jax", "torch"):
+    for part in ("forward", "forward_backward"):
+      key = f"{framework}_student_{part}"
+      result[f"{framework}_{part}"] = summarise_times(times[key])
+      medians[framework, part] = statistics.median(times[key])
+    result[f"{framework}_backward_s"] = (
+      medians[framework, "forward_backward"] - medians[framework, "forward"]
+    )
+  for part in ("forward", "forward_backward"):
+    result[f"{part}_jax_over_torch"] = medians["torch", part] / medians["jax", part]
+  result["backward_jax_over_torch"] = result["torch_backward_s"] / result["jax_backward_s"]
+  return result
+
+
+# The speed targets of docs/performance.md: (report key, what it is, at least).
+SPEED_TARGETS = (
+  ("jax_over_torch_images_per_sec", "live JAX / live PyTorch images/s", 1.5),
+  ("cached_over_torch_cached_images_per_sec", "cached JAX / cached PyTorch images/s", 1.0),
+  ("student_forward_backward_jax_over_torch", "student fwd+bwd JAX / PyTorch speed", 1.0),
+)
+
+
+def targets(report: dict) -> list[dict]:
+  """Each speed target this run measured: {'name', 'measured', 'target', 'met', 'cpu_kind'}."""
+  return [
+    {
+      "name": name,
+      "measured": report[key],
+      "target": target,
+      "met": bool(report[key] >= target),
+      "cpu_kind": report["cpu"]["vector_kind"],
+    }
+    for key, name, target in SPEED_TARGETS
+    if key in report
+  ]
+
+
 def _si(value: float, unit: str) -> str:
   for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
     if abs(value) >= scale:
@@ -139,7 +184,8 @@ def format_table(report: dict) -> str:
   """The report as aligned 'name  value' lines.
 
   First the headline ratios (live JAX / live PyTorch, cached JAX / cached
-  PyTorch) where they were measured, then the JAX step, PyTorch, the cache.
+  PyTorch, the student's forward + backward) where they were measured, then
+  the JAX step, PyTorch, the student alone, the cache, and the speed targets.
   """
   rows = []
   if "jax_over_torch_images_per_sec" in report:
@@ -153,11 +199,28 @@ def format_table(report: dict) -> str:
         f"{report['cached_over_torch_cached_images_per_sec']:.2f}x",
       )
     )
+  if "student_forward_backward_jax_over_torch" in report:
+    rows.append(
+      (
+        "student fwd+bwd JAX / PyTorch speed",
+        f"{report['student_forward_backward_jax_over_torch']:.2f}x",
+      )
+    )
   rows += _jax_rows(report)
   if "torch" in report:
     rows += _torch_rows(report)
+  if "student" in report:
+    rows += _student_rows(report)
   if "cached" in report["jax"]:
     rows += _cached_rows(report)
+  for target in report.get("targets", ()):
+    verdict = "met" if target["met"] else "SHORT (docs/performance.md: where the time goes)"
+    rows.append(
+      (
+        f"target {target['name']} >= {target['target']:g}x",
+        f"{target['measured']:.2f}x {verdict} on {target['cpu_kind']}",
+      )
+    )
   width = max(len(name) for name, _ in rows)
   return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -229,6 +292,25 @@ def _torch_rows(report: dict) -> list[tuple[str, str]]:
     (
       "PyTorch teacher share of step time",
       f"{100 * torch_part['teacher_forward_time_fraction']:.1f} %",
+    ),
+  ]
+
+
+def _student_rows(report: dict) -> list[tuple[str, str]]:
+  student = report["student"]
+  ms = lambda key: f"{student[key]['median_s'] * 1e3:.1f} ms"  # noqa: E731
+  return [
+    (
+      f"student alone, batch {student['batch_size']}: JAX fwd / fwd+bwd",
+      f"{ms('jax_forward')} / {ms('jax_forward_backward')}",
+    ),
+    (
+      "student alone: PyTorch fwd / fwd+bwd",
+      f"{ms('torch_forward')} / {ms('torch_forward_backward')}",
+    ),
+    (
+      "student JAX / PyTorch speed: fwd, bwd alone",
+      f"{student['forward_jax_over_torch']:.2f}x, {student['backward_jax_over_torch']:.2f}x",
     ),
   ]
 

@@ -28,7 +28,10 @@ the teacher alone, the peak matmul and (with --compare_torch) the PyTorch step
 once each, so on a machine shared with other jobs they all see the same load
 and their ratios (MFU, JAX / PyTorch) stay meaningful while the absolute
 numbers move. --compare_torch times the PyTorch step of
-benchmarks/torch_reference.py on the same batches, in the same run.
+benchmarks/torch_reference.py on the same batches, in the same run, and the
+student alone (train-mode forward, and forward + backward of a cross-entropy)
+in both frameworks on one device. The report ends with the issue's speed
+targets, each marked met or short, for the CPU kind it ran on.
 """
 
 from __future__ import annotations
@@ -213,6 +216,18 @@ def run(config, options: Options) -> dict:
   if options.compare_torch:
     from benchmarks import torch_reference
 
+    student_images = (local_batches[0]["image"].astype(np.float32) / 255.0 - info.mean) / info.std
+    calls.extend(
+      jax_harness.student_calls(
+        config.student.arch,
+        info.num_classes,
+        student_images.astype(np.float32),
+        local_batches[0]["label"],
+        config.dtype,
+        config.seed,
+      )
+    )
+
     torch_calls, torch_result = torch_reference.prepare_torch(
       config,
       local_batches,
@@ -256,6 +271,10 @@ def run(config, options: Options) -> dict:
     report["jax_over_torch_images_per_sec"] = (
       jax_part["images_per_sec"] / report["torch"]["images_per_sec"]
     )
+    report["student"] = report_lib.student_result(times, len(local_batches[0]["label"]))
+    report["student_forward_backward_jax_over_torch"] = report["student"][
+      "forward_backward_jax_over_torch"
+    ]
     report["peak_host_memory_mb_with_torch"] = timing.peak_host_memory_mb()
   if "cached" in jax_part:
     from ega_jax.data import augment, teacher_cache
@@ -271,6 +290,7 @@ def run(config, options: Options) -> dict:
       num_epochs=config.num_epochs,
       num_views=all_views if options.cache_views == "all" else int(options.cache_views),
     )
+  report["targets"] = report_lib.targets(report)
   report["load_average_after"] = list(os.getloadavg())
   return report
 

@@ -203,7 +203,8 @@ def prepare_torch(
       running the teacher.
 
   Returns:
-    its TimedCalls ('torch_step' [+ 'torch_cached_step']) and a function of
+    its TimedCalls ('torch_step', 'torch_student_forward',
+    'torch_student_forward_backward' [+ 'torch_cached_step']) and a function of
     their step times giving the result (images/s, the teacher's share of the
     step, losses).
   """
@@ -324,6 +325,48 @@ def prepare_torch(
     }
 
   calls = [timing.TimedCall("torch_step", run_step, wait)]
+  first_images = batches[0]["image"].to(device).permute(0, 3, 1, 2).float() / 255.0
+  calls += student_calls(
+    config.student.arch,
+    info.num_classes,
+    (first_images - data_mean) / data_std,
+    batches[0]["label"].to(device).long(),
+    synchronise,
+  )
   if with_cached_step:
     calls.append(timing.TimedCall("torch_cached_step", lambda: run_step(cached=True), wait))
   return calls, result
+
+
+def student_calls(
+  arch: str, num_classes: int, images, labels, synchronise: Callable[[], None] = lambda: None
+) -> list[timing.TimedCall]:
+  """The PyTorch student alone, as `jax_harness.student_calls` times the JAX one.
+
+  'torch_student_forward': the train-mode forward under no_grad (BatchNorm on
+  batch statistics); 'torch_student_forward_backward': the forward and the
+  gradient of the cross-entropy with respect to every parameter
+  (`torch.autograd.grad`), ending with the loss's `.item()`.
+
+  Args:
+    images: (B, 3, H, W) float32, normalised; labels: (B,) int64.
+  """
+  student = build_torch_student(arch, num_classes).to(images.device).train()
+  parameters = list(student.parameters())
+
+  def forward():
+    with torch.no_grad():
+      logits, _ = student(images)
+    synchronise()
+    return logits
+
+  def forward_backward():
+    logits, _ = student(images)
+    loss = F.cross_entropy(logits, labels)
+    torch.autograd.grad(loss, parameters)
+    return loss.item()
+
+  return [
+    timing.TimedCall("torch_student_forward", forward, lambda _: None),
+    timing.TimedCall("torch_student_forward_backward", forward_backward, lambda _: None),
+  ]

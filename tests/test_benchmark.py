@@ -190,6 +190,17 @@ def test_cli_compares_with_pytorch(tmp_path):
   table = [line for line in stdout.splitlines() if "  " in line]
   assert table[0].startswith("live JAX / live PyTorch images/s")
   assert table[1].startswith("cached JAX / cached PyTorch images/s")
+  assert table[2].startswith("student fwd+bwd JAX / PyTorch speed")
+  student = report["student"]
+  assert student["batch_size"] == 4 and len(student["jax_forward_backward"]["all_s"]) == 2
+  assert report["student_forward_backward_jax_over_torch"] == pytest.approx(
+    student["torch_forward_backward"]["median_s"] / student["jax_forward_backward"]["median_s"]
+  )
+  verdicts = {t["name"]: t for t in report["targets"]}
+  assert len(verdicts) == 3
+  live = verdicts["live JAX / live PyTorch images/s"]
+  assert live["met"] == (report["jax_over_torch_images_per_sec"] >= 1.5)
+  assert any(line.startswith("target live JAX / live PyTorch") for line in table)
   assert report["cpu"]["vector_kind"] in ("AMX", "AVX-512", "AVX2", "other")
   assert any(line.startswith("CPU ") and report["cpu"]["vector_kind"] in line for line in table)
   torch_result = report["torch"]
@@ -276,6 +287,119 @@ def test_conv_ablation_times_both_variants_of_the_same_function(tmp_path):
   assert row["loss_after"] == pytest.approx(row["loss_before"], rel=1e-5)
   assert 0 < row["relative_grad_difference"] < 1e-2
   assert "ShuffleV1" in result.stdout and "speed-up" in result.stdout
+
+
+def test_student_result_and_targets_arithmetic():
+  times = {
+    "jax_student_forward": [0.10, 0.12, 0.11],
+    "jax_student_forward_backward": [0.40, 0.50, 0.45],
+    "torch_student_forward": [0.05, 0.06, 0.04],
+    "torch_student_forward_backward": [0.20, 0.25, 0.30],
+  }
+  student = report_lib.student_result(times, 64)
+  assert student["batch_size"] == 64
+  assert student["forward_jax_over_torch"] == pytest.approx(0.05 / 0.11)
+  assert student["forward_backward_jax_over_torch"] == pytest.approx(0.25 / 0.45)
+  assert student["jax_backward_s"] == pytest.approx(0.45 - 0.11)
+  assert student["backward_jax_over_torch"] == pytest.approx((0.25 - 0.05) / (0.45 - 0.11))
+  report = {
+    "cpu": {"vector_kind": "AVX2"},
+    "jax_over_torch_images_per_sec": 1.6,
+    "student_forward_backward_jax_over_torch": student["forward_backward_jax_over_torch"],
+  }
+  verdicts = {t["name"]: t for t in report_lib.targets(report)}
+  # The cached ratio was not measured, so it has no verdict.
+  assert set(verdicts) == {
+    "live JAX / live PyTorch images/s",
+    "student fwd+bwd JAX / PyTorch speed",
+  }
+  assert verdicts["live JAX / live PyTorch images/s"]["met"] is True
+  assert verdicts["student fwd+bwd JAX / PyTorch speed"]["met"] is False
+  assert all(t["cpu_kind"] == "AVX2" for t in verdicts.values())
+
+
+def _torch_conv_shapes(arch, batch_size):
+  """Counter of (H, W, in, out, k, stride, padding, groups) of every nn.Conv2d call of the
+  RepDistiller PyTorch student: the independent reference of conv_layers.student_convs."""
+  import collections
+
+  model = torch_reference.build_torch_student(arch, 100).train()
+  found = collections.Counter()
+
+  def hook(module, inputs, output):
+    _, channels, height, width = inputs[0].shape
+    found[
+      (
+        height,
+        width,
+        channels,
+        module.out_channels,
+        module.kernel_size[0],
+        module.stride[0],
+        module.padding[0],
+        module.groups,
+      )
+    ] += 1
+
+  for module in model.modules():
+    if isinstance(module, torch.nn.Conv2d):
+      module.register_forward_hook(hook)
+  with torch.no_grad():
+    model(torch.zeros(batch_size, 3, 32, 32))
+  return found
+
+
+@pytest.mark.parametrize("arch", ["resnet8x4", "resnet20"])
+def test_conv_layers_finds_every_conv_of_the_student(arch):
+  from benchmarks import conv_layers
+
+  assert conv_layers.student_convs(arch, 2) == _torch_conv_shapes(arch, 2)
+
+
+def test_conv_layers_times_the_same_function_in_both_frameworks():
+  from benchmarks import conv_layers
+
+  # A strided 3x3 conv and a strided 1x1 conv: the shapes where a wrong layout or padding shows.
+  for shape in ((8, 8, 3, 4, 3, 2, 1, 1), (6, 6, 4, 6, 1, 2, 0, 1)):
+    calls = {c.name: c for c in conv_layers.conv_calls(shape, batch_size=2)}
+    for part in conv_layers.PARTS:
+      ours = np.asarray(calls[f"jax_{part}"].call())
+      theirs = calls[f"torch_{part}"].call().numpy()
+      layout = (0, 2, 3, 1) if part != "weight_grad" else (2, 3, 1, 0)  # NCHW->NHWC, OIHW->HWIO
+      np.testing.assert_allclose(ours, theirs.transpose(layout), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_layers_cli_reports_totals(tmp_path):
+  out = tmp_path / "convs.json"
+  result = _run_module(
+    "benchmarks.conv_layers",
+    "--student",
+    "resnet8",
+    "--batch_size",
+    "2",
+    "--rounds",
+    "1",
+    "--torch_threads",
+    "1",
+    "--json",
+    str(out),
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  measured = json.loads(out.read_text())
+  rows = measured["convs"]
+  assert sum(row["count"] for row in rows) == sum(_torch_conv_shapes("resnet8", 2).values())
+  expected = sum(row["count"] * row["torch_weight_grad"] for row in rows)
+  assert measured["total_ms"]["torch_weight_grad"] == pytest.approx(expected)
+  # The first conv's input gradient (of the images) is left out of the totals.
+  expected = sum(row["count"] * row["jax_input_grad"] for row in rows[1:])
+  assert measured["total_ms"]["jax_input_grad"] == pytest.approx(expected)
+  assert "JAX / PyTorch speed" in result.stdout and "total" in result.stdout
+
+
+def test_conv_layers_rejects_an_unknown_student():
+  result = _run_module("benchmarks.conv_layers", "--student", "resnet9", timeout=120)
+  assert result.returncode == 2 and "--student='resnet9' is unknown; valid:" in result.stderr
 
 
 def test_conv_ablation_rejects_an_unknown_student():
