@@ -14,11 +14,22 @@ is slow for three shapes that the CIFAR students and a 32-pixel teacher are full
   block, ResNet-18 layer3/4 at 32 px): ~3 GFLOP/s against ~300 for a matmul of the gathered
   patches (`_patch_matmul`).
 
-Everything else goes to `lax.conv_general_dilated` unchanged. The rewrites are plain jnp, so
-autodiff, `jit`, `shard_map` and bfloat16 work as for any other op; they are used on every
-backend (the same function; only the summation order differs, at float rounding level).
+Everything else goes to `lax.conv_general_dilated`, forward and input gradient unchanged. Its
+**weight gradient** is XLA:CPU's slowest part of a student's backward pass (resnet8x4, batch 64:
+258 ms over its ten convs against PyTorch/oneDNN's 120 ms, while the forward and input
+gradients run at 0.9x and 1.3x oneDNN's; `python -m benchmarks.conv_layers`): XLA computes it as
+a convolution with an H x W window over transposed copies of the input and of the output
+gradient. On CPU `conv_nhwc` computes it instead as patches^T @ output gradient, a few images at
+a time under a `lax.scan` so that each image's patch matrix stays in cache
+(`_patch_gemm_weight_grad`); other backends keep XLA's. Only the summation order differs.
+
+The rewrites are plain jnp (the weight-gradient one a `jax.custom_vjp`), so `jit`, `vmap`,
+`shard_map` and bfloat16 work as for any other op; the depthwise, grouped and tiny-map forms are
+used on every backend (the same function; only the summation order differs, at float rounding
+level). A custom_vjp has no second derivative: nothing here differentiates a student twice.
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -30,6 +41,11 @@ Dtype = Any
 
 # Output maps of at most this many pixels are convolved as one matmul over gathered patches.
 SMALL_MAP_PIXELS = 4
+
+# On CPU, the weight gradient's patch matmuls cover about this many output pixels each
+# (images * H' * W' <= this): ~1,000 rows of k*k*C patch values stay in L2/L3 while they are
+# multiplied. Measured on resnet8x4 (batch 64): 1,024 and 2,048 equally fast, 4,096 slower.
+WEIGHT_GRAD_PIXELS = 1024
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -103,6 +119,84 @@ def lax_conv(
   )
 
 
+def images_per_weight_grad_matmul(batch: int, out_pixels: int) -> int:
+  """The largest divisor n of `batch` with n * out_pixels <= WEIGHT_GRAD_PIXELS (at least 1)."""
+  fitting = [
+    n for n in range(1, batch + 1) if batch % n == 0 and n * out_pixels <= WEIGHT_GRAD_PIXELS
+  ]
+  return max(fitting, default=1)
+
+
+def _patch_gemm_weight_grad(
+  x: jax.Array, out_grad: jax.Array, k: int, stride: int, padding: int
+) -> jax.Array:
+  """The weight gradient of an ungrouped conv as sum over images of patches^T @ out_grad.
+
+  Args:
+    x: (B, H, W, C), the conv's input.
+    out_grad: (B, H', W', O), the gradient of the conv's output.
+
+  Returns:
+    (k, k, C, O) in x's dtype, summed in float32 (or wider).
+
+  The images are taken `images_per_weight_grad_matmul` at a time by a `lax.scan`: for each
+  group, its (n * H' * W', k * k * C) patch matrix (taps row-major, then channels: the HWIO
+  order) is built from x and multiplied by the group's output gradient, so no whole-batch
+  patch matrix (k * k times the input) is ever written to memory, and no operand is transposed
+  in memory (out_grad's block is the small side of the product).
+  """
+  batch, height, width, channels = x.shape
+  _, out_h, out_w, out_features = out_grad.shape
+  per_step = images_per_weight_grad_matmul(batch, out_h * out_w)
+  steps = batch // per_step
+  accumulator = jnp.promote_types(x.dtype, jnp.float32)
+  images = x.reshape(steps, per_step, height, width, channels)
+  grads = out_grad.reshape(steps, per_step * out_h * out_w, out_features)
+
+  def add_group(total, group):
+    group_images, group_grad = group
+    windows = _tap_windows(group_images, k, stride, padding)
+    patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+    patches = patches.reshape(-1, k * k * channels)
+    # (O, n H' W') @ (n H' W', k k C): the transposed operand is the small one.
+    product = jnp.matmul(group_grad.T, patches, preferred_element_type=accumulator)
+    return total + product, None
+
+  total, _ = lax.scan(
+    add_group, jnp.zeros((out_features, k * k * channels), accumulator), (images, grads)
+  )
+  return total.T.reshape(k, k, channels, out_features).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _ungrouped_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """`lax_conv` with groups=1; on CPU its weight gradient is `_patch_gemm_weight_grad`."""
+  return lax_conv(x, kernel, stride=stride, padding=padding)
+
+
+def _ungrouped_conv_forward(x, kernel, stride, padding):
+  return lax_conv(x, kernel, stride=stride, padding=padding), (x, kernel)
+
+
+def _ungrouped_conv_backward(stride, padding, residuals, out_grad):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x: lax_conv(x, kernel, stride=stride, padding=padding), x)
+  (x_grad,) = input_vjp(out_grad)
+
+  def xla_weight_grad(x, out_grad):
+    _, kernel_vjp = jax.vjp(lambda w: lax_conv(x, w, stride=stride, padding=padding), kernel)
+    return kernel_vjp(out_grad)[0]
+
+  def cpu_weight_grad(x, out_grad):
+    return _patch_gemm_weight_grad(x, out_grad, kernel.shape[0], stride, padding)
+
+  kernel_grad = lax.platform_dependent(x, out_grad, cpu=cpu_weight_grad, default=xla_weight_grad)
+  return x_grad, kernel_grad.astype(kernel.dtype)
+
+
+_ungrouped_conv.defvjp(_ungrouped_conv_forward, _ungrouped_conv_backward)
+
+
 def conv_nhwc(
   x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0, groups: int = 1
 ) -> jax.Array:
@@ -135,6 +229,8 @@ def conv_nhwc(
     return _grouped_pointwise(x, kernel, stride, groups)
   if groups == 1 and out_pixels <= SMALL_MAP_PIXELS:
     return _patch_matmul(x, kernel, stride, padding)
+  if groups == 1:
+    return _ungrouped_conv(x, kernel, stride, padding)
   return lax_conv(x, kernel, stride=stride, padding=padding, groups=groups)
 
 
