@@ -5,6 +5,8 @@ padding, output channel o of group g = o // (O / G) reading input channels of gr
 the code under test; its gradients are the transposed sums written out directly.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,6 +72,9 @@ CASES = [
   ("small map 1x1 stride 2", 2, 4, 5, 1, 2, 0, 1),
   ("small map unpadded", 3, 4, 5, 3, 1, 0, 1),
   ("lax 3x3", 6, 4, 5, 3, 1, 1, 1),
+  ("lax 3x3 stride 2", 7, 4, 5, 3, 2, 1, 1),
+  ("lax 1x1 stride 2", 6, 4, 5, 1, 2, 0, 1),
+  ("lax 5x5 unpadded", 8, 3, 4, 5, 1, 0, 1),
   ("lax grouped 3x3 (not depthwise)", 5, 6, 4, 3, 1, 1, 2),
   ("lax depthwise multiplier 2", 5, 3, 6, 3, 1, 1, 3),
 ]
@@ -151,3 +156,82 @@ def test_mismatched_groups_name_the_layer():
     conv_lib.TorchConv(8, 3, padding=1, groups=4, name="bad").init(jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match=r"does not fit 6 input channels in 2 groups"):
     conv_lib.conv_nhwc(x, np.zeros((3, 3, 6, 4), np.float32), padding=1, groups=2)
+
+
+def test_images_per_weight_grad_matmul_is_the_largest_fitting_divisor():
+  limit = conv_lib.WEIGHT_GRAD_PIXELS
+  assert conv_lib.images_per_weight_grad_matmul(64, limit) == 1
+  assert conv_lib.images_per_weight_grad_matmul(64, limit // 4) == 4
+  assert conv_lib.images_per_weight_grad_matmul(64, limit + 1) == 1  # Never fewer than one.
+  assert conv_lib.images_per_weight_grad_matmul(6, limit // 5) == 3  # 5 does not divide 6.
+  assert conv_lib.images_per_weight_grad_matmul(7, 1) == 7
+
+
+@pytest.mark.parametrize("pixel_limit, batch", [(40, 3), (80, 4), (10_000, 5)])
+def test_weight_grad_summed_over_several_scan_steps(monkeypatch, pixel_limit, batch):
+  # 6x6 maps (36 output pixels): 3 steps of 1 image, 2 steps of 2, one step of 5.
+  monkeypatch.setattr(conv_lib, "WEIGHT_GRAD_PIXELS", pixel_limit)
+  rng = np.random.default_rng(batch)
+  x = rng.standard_normal((batch, 6, 6, 4)).astype(np.float32)
+  weights = rng.standard_normal((3, 3, 4, 5)).astype(np.float32)
+  upstream = rng.standard_normal((batch, 6, 6, 5)).astype(np.float32)
+
+  def loss(x, w):
+    return jnp.sum(conv_lib.conv_nhwc(x, w, padding=1) * upstream)
+
+  grad_x, grad_kernel = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, weights)
+  expected_x, expected_kernel = _reference_gradients(x, weights, 1, 1, 1, upstream)
+  np.testing.assert_allclose(np.asarray(grad_x), expected_x, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(grad_kernel), expected_kernel, rtol=1e-5, atol=1e-4)
+
+
+def test_weight_grad_equals_xlas_in_float64():
+  # With float64 arrays only the summation order separates the two weight gradients.
+  rng = np.random.default_rng(11)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.standard_normal((4, 9, 9, 6)))
+    weights = jnp.asarray(rng.standard_normal((3, 3, 6, 7)))
+    for stride in (1, 2):
+
+      def loss(conv, w, stride=stride):
+        return jnp.sum(jnp.sin(conv(x, w, stride=stride, padding=1)))
+
+      ours = jax.grad(functools.partial(loss, conv_lib.conv_nhwc))(weights)
+      xla = jax.grad(functools.partial(loss, conv_lib.lax_conv))(weights)
+      assert ours.dtype == jnp.float64
+      np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_weight_grad_keeps_the_dtype_and_sums_in_float32():
+  x, weights = _inputs(6, 8, 4, 3, 1, seed=5)
+  x_bf16, w_bf16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(weights, jnp.bfloat16)
+  upstream = np.random.default_rng(2).standard_normal((3, 6, 6, 4)).astype(np.float32)
+  upstream_bf16 = jnp.asarray(upstream, jnp.bfloat16)
+  grad = jax.grad(
+    lambda w: jnp.sum(
+      (conv_lib.conv_nhwc(x_bf16, w, padding=1) * upstream_bf16).astype(jnp.float32)
+    )
+  )(w_bf16)
+  assert grad.dtype == jnp.bfloat16
+  _, exact = _reference_gradients(
+    np.asarray(x_bf16, np.float64),
+    np.asarray(w_bf16, np.float64),
+    1,
+    1,
+    1,
+    np.asarray(upstream_bf16, np.float64),
+  )
+  # One bfloat16 rounding of a float32 sum of 3 * 36 products: within 2 bf16 ulps.
+  np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=2 * 2.0**-8, atol=1e-2)
+
+
+@pytest.mark.parametrize("platform, uses_scan", [("cpu", True), ("cuda", False), ("tpu", False)])
+def test_weight_grad_rewrite_only_on_cpu(platform, uses_scan):
+  # Lowered (not run) for each platform: the scan of patch matmuls on CPU, XLA's own
+  # weight-gradient convolution elsewhere.
+  x = jnp.ones((2, 6, 6, 3))
+  grad = jax.jit(jax.grad(lambda w: jnp.sum(conv_lib.conv_nhwc(x, w, padding=1) ** 2)))
+  module = jax.export.export(grad, platforms=[platform])(jnp.ones((3, 3, 3, 4))).mlir_module()
+  assert ("stablehlo.while" in module) == uses_scan
+  weight_grad_convs = module.count("stablehlo.convolution")
+  assert weight_grad_convs == (1 if uses_scan else 2)  # The forward, and XLA's weight gradient.
