@@ -1,17 +1,22 @@
 r"""Before/after timing of the convolution rewrites in ega_jax/models/conv.py.
 
-  python -m benchmarks.conv_ablation [--students resnet8x4 vgg8 MobileNetV2 ShuffleV1 ShuffleV2]
+  python -m benchmarks.conv_ablation [--students resnet8x4 vgg8 MobileNetV2 ShuffleV1 ShuffleV2 | all]
                                      [--batch_size 64] [--rounds 5] [--json OUT]
 
 For each student: the train-mode forward + backward (cross-entropy on random 32x32 images,
 BatchNorm batch statistics, gradients of every parameter) -- the part of a cached EGA step that
-the student owns -- compiled twice in one process: "after" with `conv_nhwc` as shipped
-(depthwise as shifted multiply-adds, grouped 1x1 as a batched matmul, tiny maps as a patch
-matmul), "before" with every conv sent to XLA's own convolution (`conv.lax_conv`). The two
-are timed in alternating rounds (benchmarks/timing.py) so that both see the same machine
-load; the table gives the median step time of each, the speed-up, and the relative L2
-distance between the two gradient trees (float rounding only: ~1e-3 in float32, ~1e-14 when
-the same students compute in float64). Run it from the repository root.
+the student owns -- compiled three times in one process:
+
+  * "lax": every conv sent to XLA's own convolution (`conv.lax_conv`), forward and gradients;
+  * "xla weight grad": `conv_nhwc`'s depthwise, grouped 1x1 and tiny-map rewrites, but the
+    weight gradient of the other convs left to XLA (`conv.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU`
+    off): conv.py before the weight-gradient rewrite;
+  * "conv.py": `conv_nhwc` as shipped.
+
+The three are timed in alternating rounds (benchmarks/timing.py) so that all see the same
+machine load; the table gives the median step time of each, the speed-up of conv.py over each,
+and the largest relative L2 distance between conv.py's gradient tree and another's (float
+rounding only: ~1e-3 in float32 through train-mode BatchNorm). Run it from the repository root.
 """
 
 import argparse
@@ -30,30 +35,43 @@ from ega_jax.models.students import STUDENT_NAMES, create_student
 DEFAULT_STUDENTS = ("resnet8x4", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 
-def _compiled_grad_step(student, variables, images, labels, conv_function):
+def _compiled_grad_step(student, variables, images, labels, conv_function, patch_weight_grad):
   """jit-compiled (loss, grads) of the student with `conv_function` in every TorchConv."""
   loss_fn = jax_harness.student_cross_entropy(student, variables["batch_stats"], images, labels)
-  shipped = conv_lib.conv_nhwc
-  conv_lib.conv_nhwc = conv_function  # read at trace time by TorchConv
+  shipped, shipped_flag = conv_lib.conv_nhwc, conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU
+  conv_lib.conv_nhwc = conv_function  # both read at trace time by TorchConv / conv_nhwc
+  conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU = patch_weight_grad
   try:
     compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(variables["params"]).compile()
   finally:
-    conv_lib.conv_nhwc = shipped
+    conv_lib.conv_nhwc, conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU = shipped, shipped_flag
   return compiled
 
 
-def measure(name: str, batch_size: int, rounds: int, steps_per_round: int = 3) -> dict:
-  """Median step times (ms) before/after the rewrites for one student, and their agreement.
+# name -> (conv function, patch-matmul weight gradient on CPU)
+VARIANTS = {
+  "lax": (conv_lib.lax_conv, False),
+  "xla_weight_grad": (conv_lib.conv_nhwc, False),
+  "conv.py": (conv_lib.conv_nhwc, True),
+}
 
-  The two variants alternate call by call, `rounds * steps_per_round` timed calls each.
+
+def _flat(grads) -> np.ndarray:
+  return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(grads)])
+
+
+def measure(name: str, batch_size: int, rounds: int, steps_per_round: int = 3) -> dict:
+  """Median step times (ms) of the three VARIANTS for one student, and their agreement.
+
+  The variants alternate call by call, `rounds * steps_per_round` timed calls each.
   """
   student = create_student(name, 100)
   images = jax.random.normal(jax.random.PRNGKey(0), (batch_size, 32, 32, 3))
   labels = jax.random.randint(jax.random.PRNGKey(1), (batch_size,), 0, 100)
   variables = student.init(jax.random.PRNGKey(2), images[:2], train=False)
   steps = {
-    "before": _compiled_grad_step(student, variables, images, labels, conv_lib.lax_conv),
-    "after": _compiled_grad_step(student, variables, images, labels, conv_lib.conv_nhwc),
+    key: _compiled_grad_step(student, variables, images, labels, function, flag)
+    for key, (function, flag) in VARIANTS.items()
   }
   outputs = {key: jax.block_until_ready(step(variables["params"])) for key, step in steps.items()}
   times = timing.time_interleaved(
@@ -64,25 +82,23 @@ def measure(name: str, batch_size: int, rounds: int, steps_per_round: int = 3) -
     0,
     rounds * steps_per_round,
   )
-  (loss_before, grads_before), (loss_after, grads_after) = outputs["before"], outputs["after"]
-  # Relative L2 distance of the two gradient trees. In float32 it is ~1e-3 (rounding,
-  # amplified through train-mode BatchNorm); with float64 students it was ~6e-15.
-  before, after = (
-    np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(grads)])
-    for grads in (grads_before, grads_after)
-  )
-  grad_error = float(np.linalg.norm(before - after) / np.linalg.norm(before))
-  before_ms = 1e3 * statistics.median(times["before"])
-  after_ms = 1e3 * statistics.median(times["after"])
+  shipped_grads = _flat(outputs["conv.py"][1])
+  ms = {key: 1e3 * statistics.median(value) for key, value in times.items()}
   return {
     "student": name,
     "batch_size": batch_size,
-    "before_ms": before_ms,
-    "after_ms": after_ms,
-    "speedup": before_ms / after_ms,
-    "loss_before": float(loss_before),
-    "loss_after": float(loss_after),
-    "relative_grad_difference": grad_error,
+    "lax_ms": ms["lax"],
+    "xla_weight_grad_ms": ms["xla_weight_grad"],
+    "conv_py_ms": ms["conv.py"],
+    "speedup_over_lax": ms["lax"] / ms["conv.py"],
+    "speedup_over_xla_weight_grad": ms["xla_weight_grad"] / ms["conv.py"],
+    "losses": {key: float(out[0]) for key, out in outputs.items()},
+    # Relative L2 distance of each other variant's gradients from conv.py's: rounding only.
+    "relative_grad_difference": max(
+      float(np.linalg.norm(_flat(out[1]) - shipped_grads) / np.linalg.norm(shipped_grads))
+      for key, out in outputs.items()
+      if key != "conv.py"
+    ),
   }
 
 
@@ -92,7 +108,7 @@ def main(argv=None):
     "--students",
     nargs="+",
     default=list(DEFAULT_STUDENTS),
-    help="CIFAR-zoo student names (ega_jax.models.STUDENT_NAMES)",
+    help="CIFAR-zoo student names (ega_jax.models.STUDENT_NAMES), or 'all'",
   )
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument(
@@ -104,6 +120,8 @@ def main(argv=None):
   parser.add_argument("--json", default=None, help="write every number to this file")
   args = parser.parse_args(argv)
 
+  if args.students == ["all"]:
+    args.students = list(STUDENT_NAMES)
   unknown = [name for name in args.students if name not in STUDENT_NAMES]
   if unknown:
     parser.error(
@@ -118,7 +136,8 @@ def main(argv=None):
     flush=True,
   )
   print(
-    f"{'student':<14}{'lax conv ms':>13}{'conv.py ms':>12}{'speed-up':>10}{'grad diff':>11}",
+    f"{'student':<14}{'lax ms':>10}{'xla wgrad ms':>14}{'conv.py ms':>12}"
+    f"{'vs lax':>9}{'vs xla wgrad':>14}{'grad diff':>11}",
     flush=True,
   )
   results = []
@@ -126,8 +145,9 @@ def main(argv=None):
     row = measure(name, args.batch_size, args.rounds)
     results.append(row)
     print(
-      f"{name:<14}{row['before_ms']:>13.1f}{row['after_ms']:>12.1f}"
-      f"{row['speedup']:>9.2f}x{row['relative_grad_difference']:>11.1e}",
+      f"{name:<14}{row['lax_ms']:>10.1f}{row['xla_weight_grad_ms']:>14.1f}{row['conv_py_ms']:>12.1f}"
+      f"{row['speedup_over_lax']:>8.2f}x{row['speedup_over_xla_weight_grad']:>13.2f}x"
+      f"{row['relative_grad_difference']:>11.1e}",
       flush=True,
     )
   if args.json:

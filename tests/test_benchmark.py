@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -263,9 +264,10 @@ def test_ablations_script_measures_every_variant(tmp_path):
   assert "loop: production" in result.stdout and "donation: with / without" in result.stdout
 
 
-def test_conv_ablation_times_both_variants_of_the_same_function(tmp_path):
-  # ShuffleV1 exercises the depthwise and grouped 1x1 rewrites; the "before" variant must be a
-  # different program (plain lax convs) computing the same loss and gradients.
+def test_conv_ablation_times_three_variants_of_the_same_function(tmp_path):
+  # ShuffleV1 exercises the depthwise and grouped 1x1 rewrites and has ungrouped convs (its
+  # stem and shortcut-free 3x3s) whose weight gradient the third variant leaves to XLA; the
+  # variants must be different programs computing the same loss and gradients.
   out = tmp_path / "conv.json"
   result = _run_module(
     "benchmarks.conv_ablation",
@@ -282,11 +284,37 @@ def test_conv_ablation_times_both_variants_of_the_same_function(tmp_path):
   assert result.returncode == 0, result.stderr[-4000:]
   (row,) = json.loads(out.read_text())
   assert row["student"] == "ShuffleV1" and row["batch_size"] == 4
-  assert 0 < row["before_ms"] < 60_000 and 0 < row["after_ms"] < 60_000
-  assert row["speedup"] == pytest.approx(row["before_ms"] / row["after_ms"])
-  assert row["loss_after"] == pytest.approx(row["loss_before"], rel=1e-5)
+  for key in ("lax_ms", "xla_weight_grad_ms", "conv_py_ms"):
+    assert 0 < row[key] < 60_000
+  assert row["speedup_over_lax"] == pytest.approx(row["lax_ms"] / row["conv_py_ms"])
+  assert row["speedup_over_xla_weight_grad"] == pytest.approx(
+    row["xla_weight_grad_ms"] / row["conv_py_ms"]
+  )
+  losses = row["losses"]
+  assert set(losses) == {"lax", "xla_weight_grad", "conv.py"}
+  assert losses["lax"] == pytest.approx(losses["conv.py"], rel=1e-5)
+  assert losses["xla_weight_grad"] == pytest.approx(losses["conv.py"], rel=1e-5)
   assert 0 < row["relative_grad_difference"] < 1e-2
-  assert "ShuffleV1" in result.stdout and "speed-up" in result.stdout
+  assert "ShuffleV1" in result.stdout and "vs xla wgrad" in result.stdout
+
+
+def test_conv_ablation_variants_differ_in_the_weight_gradient_only():
+  from benchmarks import conv_ablation
+  from ega_jax.models import conv as conv_lib
+
+  student = conv_ablation.create_student("resnet8", 10)
+  # 32x32 maps: one image per patch matmul, so the weight gradient of conv.py is a scan.
+  images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  labels = np.array([1, 2], np.int32)
+  variables = student.init(jax.random.PRNGKey(0), images, train=False)
+  programs = {
+    key: conv_ablation._compiled_grad_step(student, variables, images, labels, fn, flag).as_text()
+    for key, (fn, flag) in conv_ablation.VARIANTS.items()
+  }
+  # The patch-matmul weight gradient is a while loop (lax.scan) in conv.py's program only.
+  assert "while" in programs["conv.py"]
+  assert "while" not in programs["xla_weight_grad"] and "while" not in programs["lax"]
+  assert conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU is True  # Restored afterwards.
 
 
 def test_student_result_and_targets_arithmetic():

@@ -229,7 +229,7 @@ def test_bfloat16_weight_grad_keeps_the_dtype_and_sums_in_float32():
 def test_weight_grad_rewrite_only_on_cpu(platform, uses_scan):
   # Lowered (not run) for each platform: the scan of patch matmuls on CPU, XLA's own
   # weight-gradient convolution elsewhere.
-  x = jnp.ones((2, 6, 6, 3))
+  x = jnp.ones((4, 20, 20, 3))  # 400 output pixels: two images per patch matmul, two steps.
   grad = jax.jit(jax.grad(lambda w: jnp.sum(conv_lib.conv_nhwc(x, w, padding=1) ** 2)))
   module = jax.export.export(grad, platforms=[platform])(jnp.ones((3, 3, 3, 4))).mlir_module()
   assert ("stablehlo.while" in module) == uses_scan

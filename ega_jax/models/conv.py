@@ -46,6 +46,9 @@ SMALL_MAP_PIXELS = 4
 # (images * H' * W' <= this): ~1,000 rows of k*k*C patch values stay in L2/L3 while they are
 # multiplied. Measured on resnet8x4 (batch 64): 1,024 and 2,048 equally fast, 4,096 slower.
 WEIGHT_GRAD_PIXELS = 1024
+# False sends the weight gradient of ungrouped convs back to XLA on CPU too (read at trace time;
+# `python -m benchmarks.conv_ablation` times both).
+PATCH_MATMUL_WEIGHT_GRAD_ON_CPU = True
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -153,18 +156,21 @@ def _patch_gemm_weight_grad(
   images = x.reshape(steps, per_step, height, width, channels)
   grads = out_grad.reshape(steps, per_step * out_h * out_w, out_features)
 
-  def add_group(total, group):
-    group_images, group_grad = group
+  def group_product(group_images, group_grad):
     windows = _tap_windows(group_images, k, stride, padding)
     patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
     patches = patches.reshape(-1, k * k * channels)
     # (O, n H' W') @ (n H' W', k k C): the transposed operand is the small one.
-    product = jnp.matmul(group_grad.T, patches, preferred_element_type=accumulator)
-    return total + product, None
+    return jnp.matmul(group_grad.T, patches, preferred_element_type=accumulator)
 
-  total, _ = lax.scan(
-    add_group, jnp.zeros((out_features, k * k * channels), accumulator), (images, grads)
-  )
+  def add_group(total, group):
+    return total + group_product(*group), None
+
+  # The first group's product starts the sum: a zeros carry would not have the inputs'
+  # varying-over-devices type inside shard_map.
+  total = group_product(images[0], grads[0])
+  if steps > 1:
+    total, _ = lax.scan(add_group, total, (images[1:], grads[1:]))
   return total.T.reshape(k, k, channels, out_features).astype(x.dtype)
 
 
@@ -229,7 +235,7 @@ def conv_nhwc(
     return _grouped_pointwise(x, kernel, stride, groups)
   if groups == 1 and out_pixels <= SMALL_MAP_PIXELS:
     return _patch_matmul(x, kernel, stride, padding)
-  if groups == 1:
+  if groups == 1 and PATCH_MATMUL_WEIGHT_GRAD_ON_CPU:
     return _ungrouped_conv(x, kernel, stride, padding)
   return lax_conv(x, kernel, stride=stride, padding=padding, groups=groups)
 
