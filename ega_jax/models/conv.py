@@ -174,6 +174,11 @@ def _patch_gemm_weight_grad(
   return total.T.reshape(k, k, channels, out_features).astype(x.dtype)
 
 
+def _varying_axes(value: jax.Array) -> frozenset:
+  """The shard_map mesh axes over which `value` differs between devices (empty outside)."""
+  return jax.typeof(value).manual_axis_type.varying
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _ungrouped_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
   """`lax_conv` with groups=1; on CPU its weight gradient is `_patch_gemm_weight_grad`."""
@@ -194,7 +199,12 @@ def _ungrouped_conv_backward(stride, padding, residuals, out_grad):
     return kernel_vjp(out_grad)[0]
 
   def cpu_weight_grad(x, out_grad):
-    return _patch_gemm_weight_grad(x, out_grad, kernel.shape[0], stride, padding)
+    grad = _patch_gemm_weight_grad(x, out_grad, kernel.shape[0], stride, padding)
+    # Inside shard_map a replicated kernel meets per-device data through an implicit
+    # broadcast, whose transpose sums the gradient over the devices (what XLA's branch gets
+    # from autodiff); the hand-written product must be summed the same way.
+    summed_axes = tuple(sorted(_varying_axes(grad) - _varying_axes(kernel)))
+    return lax.psum(grad, summed_axes) if summed_axes else grad
 
   kernel_grad = lax.platform_dependent(x, out_grad, cpu=cpu_weight_grad, default=xla_weight_grad)
   return x_grad, kernel_grad.astype(kernel.dtype)
