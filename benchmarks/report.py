@@ -209,7 +209,7 @@ def format_table(report: dict) -> str:
   rows += _jax_rows(report)
   if "torch" in report:
     rows += _torch_rows(report)
-  if "student" in report:
+  if "student_alone" in report:
     rows += _student_rows(report)
   if "cached" in report["jax"]:
     rows += _cached_rows(report)
@@ -297,7 +297,7 @@ def _torch_rows(report: dict) -> list[tuple[str, str]]:
 
 
 def _student_rows(report: dict) -> list[tuple[str, str]]:
-  student = report["student"]
+  student = report["student_alone"]
   ms = lambda key: f"{student[key]['median_s'] * 1e3:.1f} ms"  # noqa: E731
   return [
     (

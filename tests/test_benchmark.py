@@ -192,7 +192,8 @@ def test_cli_compares_with_pytorch(tmp_path):
   assert table[0].startswith("live JAX / live PyTorch images/s")
   assert table[1].startswith("cached JAX / cached PyTorch images/s")
   assert table[2].startswith("student fwd+bwd JAX / PyTorch speed")
-  student = report["student"]
+  student = report["student_alone"]
+  assert report["student"] == "resnet8x4"  # The arch name, not overwritten by the timings.
   assert student["batch_size"] == 4 and len(student["jax_forward_backward"]["all_s"]) == 2
   assert report["student_forward_backward_jax_over_torch"] == pytest.approx(
     student["torch_forward_backward"]["median_s"] / student["jax_forward_backward"]["median_s"]
