@@ -240,6 +240,14 @@ def _cached_step(
   return timing.TimedCall("jax_cached_step", run_cached_step, jax.block_until_ready)
 
 
+def _train_mode_logits(student, params, batch_stats, images: jax.Array) -> jax.Array:
+  """(B, num_classes) logits of `student` with BatchNorm on the batch's statistics."""
+  (logits, _), _ = student.apply(
+    {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+  )
+  return logits
+
+
 def student_cross_entropy(student, batch_stats, images: jax.Array, labels: jax.Array):
   """params -> mean cross-entropy of the train-mode `student` on (images, labels).
 
@@ -248,9 +256,7 @@ def student_cross_entropy(student, batch_stats, images: jax.Array, labels: jax.A
   """
 
   def loss_fn(params):
-    (logits, _), _ = student.apply(
-      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
-    )
+    logits = _train_mode_logits(student, params, batch_stats, images)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
 
@@ -279,10 +285,7 @@ def student_calls(
   params, batch_stats = variables["params"], variables["batch_stats"]
 
   def forward(params):
-    (logits, _), _ = student.apply(
-      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
-    )
-    return logits
+    return _train_mode_logits(student, params, batch_stats, images)
 
   loss_fn = student_cross_entropy(student, batch_stats, images, labels)
   compiled_forward = jax.jit(forward).lower(params).compile()
