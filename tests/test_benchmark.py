@@ -488,3 +488,40 @@ def test_device_check_rehearsal_on_cpu_writes_the_summary(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   summary = json.loads((tmp_path / "late" / "summary.json").read_text())
   assert summary["settings"] == {} and summary["skipped"] == ["step_float32_b4", "step_float32_b8"]
+
+
+def test_ynn_threads_reports_the_cases_and_the_gradient_error(tmp_path):
+  # What docs/performance.md's "YNNPACK runs a lone convolution on one core" rests on: which
+  # ops each case puts into YNNPACK fusions, every case's output against a float64 NumPy
+  # convolution, and a student's float32 gradient against its float64 one.
+  out = tmp_path / "ynn.json"
+  result = _run_module(
+    "benchmarks.ynn_threads",
+    "--batch_size=4",
+    "--size=16",
+    "--channels=32",
+    "--calls=1",
+    "--students",
+    "resnet8",
+    "--grad_batch_size=2",
+    f"--json={out}",
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  report = json.loads(out.read_text())
+  convs = report["convolution"]
+  for row in convs.values():
+    assert row["max_abs_error"] < 1e-4 and row["ms_per_call"] > 0
+  assert convs["conv alone"]["ynn_fused_ops"] == ["convolution"]
+  assert "maximum" not in convs["conv + relu"]["ynn_fused_ops"]
+  assert {"convolution", "maximum"} <= set(convs["conv + relu, eltwise fusion"]["ynn_fused_ops"])
+  assert set(convs["conv + channel sum"]["ynn_fused_ops"]) == {"convolution", "reduce"}
+  assert convs["conv alone, no YNNPACK"]["ynn_fusions"] == 0
+  errors = report["student_gradient_error"]["resnet8"]
+  # float32 against float64: rounding, not zero (a float32 "reference" would give exactly 0).
+  assert 0 < errors["default"] < 1e-5 and 0 < errors["eltwise_fusion"] < 1e-3
+  assert "in YNNPACK fusions" in result.stdout
+
+
+def test_ynn_threads_rejects_an_unknown_student():
+  result = _run_module("benchmarks.ynn_threads", "--students", "resnet9", timeout=120)
+  assert result.returncode == 2 and "--students: unknown resnet9" in result.stderr
