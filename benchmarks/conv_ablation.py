@@ -56,8 +56,9 @@ VARIANTS = {
 }
 
 
-def _flat(grads) -> np.ndarray:
-  return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(grads)])
+def flat_float64(tree) -> np.ndarray:
+  """Every leaf of `tree`, raveled and concatenated in float64 (leaf order)."""
+  return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(tree)])
 
 
 def measure(name: str, batch_size: int, rounds: int, steps_per_round: int = 3) -> dict:
@@ -82,7 +83,7 @@ def measure(name: str, batch_size: int, rounds: int, steps_per_round: int = 3) -
     0,
     rounds * steps_per_round,
   )
-  shipped_grads = _flat(outputs["conv.py"][1])
+  shipped_grads = flat_float64(outputs["conv.py"][1])
   ms = {key: 1e3 * statistics.median(value) for key, value in times.items()}
   return {
     "student": name,
@@ -95,7 +96,7 @@ def measure(name: str, batch_size: int, rounds: int, steps_per_round: int = 3) -
     "losses": {key: float(out[0]) for key, out in outputs.items()},
     # Relative L2 distance of each other variant's gradients from conv.py's: rounding only.
     "relative_grad_difference": max(
-      float(np.linalg.norm(_flat(out[1]) - shipped_grads) / np.linalg.norm(shipped_grads))
+      float(np.linalg.norm(flat_float64(out[1]) - shipped_grads) / np.linalg.norm(shipped_grads))
       for key, out in outputs.items()
       if key != "conv.py"
     ),

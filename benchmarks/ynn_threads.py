@@ -34,6 +34,7 @@ from jax import lax
 import numpy as np
 
 from benchmarks import jax_harness
+from benchmarks.conv_ablation import flat_float64
 from ega_jax.models.students import STUDENT_NAMES, create_student
 
 # XLA:CPU's library fusion kinds: convolutions, reductions and dots (as jaxlib 0.10.2 does) plus
@@ -108,18 +109,20 @@ def time_conv_cases(batch_size: int, size: int, channels: int, calls: int, seed:
       jax.block_until_ready(compiled(x, kernel))
     wall = time.perf_counter() - start_wall
     cpu = time.process_time() - start_cpu
+    hlo_text = compiled.as_text()
     results[name] = {
       "ms_per_call": 1e3 * wall / calls,
       "cpu_over_wall": cpu / wall,
-      "ynn_fusions": compiled.as_text().count('"__ynn_fusion"'),
-      "ynn_fused_ops": ynn_fused_ops(compiled.as_text()),
+      "ynn_fusions": hlo_text.count('"__ynn_fusion"'),
+      "ynn_fused_ops": ynn_fused_ops(hlo_text),
       "max_abs_error": float(np.max(np.abs(out - numpy_function(reference)))),
     }
   return results
 
 
-def student_gradient_error(arch: str, batch_size: int, options: dict, seed: int = 0) -> float:
-  """Relative L2 distance of the float32 gradient (compiled with `options`) from float64's."""
+def student_gradient_errors(arch: str, batch_size: int, options: dict, seed: int = 0) -> dict:
+  """{name: relative L2 distance of the float32 gradient, compiled with options[name], from
+  the same gradient in float64} for one student; the float64 gradient is computed once."""
   student = create_student(arch, 100)
   rng = np.random.default_rng(seed)
   images = rng.standard_normal((batch_size, 32, 32, 3)).astype(np.float32)
@@ -131,16 +134,17 @@ def student_gradient_error(arch: str, batch_size: int, options: dict, seed: int 
     loss_fn = jax_harness.student_cross_entropy(
       student, cast["batch_stats"], jnp.asarray(images, dtype), jnp.asarray(labels)
     )
-    grads = jax.jit(jax.grad(loss_fn), compiler_options=compiler_options)(cast["params"])
-    return np.concatenate(
-      [np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(grads)]
+    return flat_float64(
+      jax.jit(jax.grad(loss_fn), compiler_options=compiler_options)(cast["params"])
     )
 
   with jax.enable_x64(True):
     reference = gradient(np.float64, {})
-  return float(
-    np.linalg.norm(gradient(np.float32, options) - reference) / np.linalg.norm(reference)
-  )
+  scale = np.linalg.norm(reference)
+  return {
+    name: float(np.linalg.norm(gradient(np.float32, compiler_options) - reference) / scale)
+    for name, compiler_options in options.items()
+  }
 
 
 def main(argv=None):
@@ -184,10 +188,9 @@ def main(argv=None):
     print(f"\nstudent gradient, batch {args.grad_batch_size}: relative L2 error against float64")
     print(f"{'student':<14}{'default':>10}{'eltwise fusion':>16}")
   for arch in args.students:
-    gradients[arch] = {
-      "default": student_gradient_error(arch, args.grad_batch_size, {}),
-      "eltwise_fusion": student_gradient_error(arch, args.grad_batch_size, ELTWISE_FUSION_OPTIONS),
-    }
+    gradients[arch] = student_gradient_errors(
+      arch, args.grad_batch_size, {"default": {}, "eltwise_fusion": ELTWISE_FUSION_OPTIONS}
+    )
     print(
       f"{arch:<14}{gradients[arch]['default']:>10.1e}{gradients[arch]['eltwise_fusion']:>16.1e}",
       flush=True,
