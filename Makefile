@@ -12,6 +12,8 @@ venv: $(STAMP)
 $(STAMP): requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-test.txt
+	@# oneDNN's convolution kernels for XLA:CPU, compiled once (ega_jax/models/onednn.py).
+	$(PY) -c "from ega_jax.models import onednn; print(onednn.register())"
 	touch $(STAMP)
 
 # Debian's dataset-fashion-mnist when apt is usable as root; otherwise the

@@ -6,14 +6,18 @@ the code under test; its gradients are the transposed sums written out directly.
 """
 
 import functools
+import logging
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from ega_jax.models import conv as conv_lib
+from ega_jax.models import onednn
 
 
 def _reference_conv(x, kernel, stride, padding, groups):
@@ -87,13 +91,20 @@ def _inputs(size, channels, out_features, kernel, groups, seed):
   return x, weights.astype(np.float32)
 
 
+@pytest.fixture(params=["onednn", "xla"])
+def cpu_conv_library(request, monkeypatch):
+  """Each test once with oneDNN computing float32 ungrouped convs on CPU, once with XLA."""
+  monkeypatch.setattr(conv_lib, "CPU_CONV_LIBRARY", request.param)
+  return request.param
+
+
 @pytest.mark.parametrize(
   "name,size,channels,out_features,kernel,stride,padding,groups",
   CASES,
   ids=[case[0] for case in CASES],
 )
 def test_conv_and_its_gradients_match_float64(
-  name, size, channels, out_features, kernel, stride, padding, groups
+  cpu_conv_library, name, size, channels, out_features, kernel, stride, padding, groups
 ):
   x, weights = _inputs(size, channels, out_features, kernel, groups, seed=len(name))
   expected = _reference_conv(x, weights, stride, padding, groups)
@@ -171,6 +182,7 @@ def test_images_per_weight_grad_matmul_is_the_largest_fitting_divisor():
 def test_weight_grad_summed_over_several_scan_steps(monkeypatch, pixel_limit, batch):
   # 6x6 maps (36 output pixels): 3 steps of 1 image, 2 steps of 2, one step of 5.
   monkeypatch.setattr(conv_lib, "WEIGHT_GRAD_PIXELS", pixel_limit)
+  monkeypatch.setattr(conv_lib, "CPU_CONV_LIBRARY", "xla")  # the patch matmuls, not oneDNN
   rng = np.random.default_rng(batch)
   x = rng.standard_normal((batch, 6, 6, 4)).astype(np.float32)
   weights = rng.standard_normal((3, 3, 4, 5)).astype(np.float32)
@@ -225,13 +237,93 @@ def test_bfloat16_weight_grad_keeps_the_dtype_and_sums_in_float32():
   np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=2 * 2.0**-8, atol=1e-2)
 
 
-@pytest.mark.parametrize("platform, uses_scan", [("cpu", True), ("cuda", False), ("tpu", False)])
-def test_weight_grad_rewrite_only_on_cpu(platform, uses_scan):
-  # Lowered (not run) for each platform: the scan of patch matmuls on CPU, XLA's own
-  # weight-gradient convolution elsewhere.
+@pytest.mark.parametrize(
+  "library, platform, expected",
+  [
+    ("onednn", "cpu", "onednn"),
+    ("xla", "cpu", "scan"),
+    ("onednn", "cuda", "xla"),
+    ("onednn", "tpu", "xla"),
+  ],
+)
+def test_cpu_rewrites_only_lowered_for_cpu(monkeypatch, library, platform, expected):
+  # Lowered (not run) for each platform. On CPU: oneDNN's forward and weight gradient as custom
+  # calls (the input gradient of a constant input is dropped), or with "xla" XLA's forward and
+  # the scan of patch matmuls; elsewhere XLA's forward and weight-gradient convolutions.
+  monkeypatch.setattr(conv_lib, "CPU_CONV_LIBRARY", library)
   x = jnp.ones((4, 20, 20, 3))  # 400 output pixels: two images per patch matmul, two steps.
   grad = jax.jit(jax.grad(lambda w: jnp.sum(conv_lib.conv_nhwc(x, w, padding=1) ** 2)))
-  module = jax.export.export(grad, platforms=[platform])(jnp.ones((3, 3, 3, 4))).mlir_module()
-  assert ("stablehlo.while" in module) == uses_scan
-  weight_grad_convs = module.count("stablehlo.convolution")
-  assert weight_grad_convs == (1 if uses_scan else 2)  # The forward, and XLA's weight gradient.
+  lowered = grad.trace(jnp.ones((3, 3, 3, 4))).lower(lowering_platforms=(platform,))
+  module = lowered.as_text()
+  counts = (
+    module.count("custom_call @ega_onednn_conv_"),
+    module.count("stablehlo.convolution"),
+    module.count("stablehlo.while"),
+  )
+  assert counts == {"onednn": (2, 0, 0), "scan": (0, 1, 1), "xla": (0, 2, 0)}[expected]
+
+
+def test_onednn_kernels_build_and_load_here():
+  # The project's environment (make venv) has oneDNN and a compiler: "auto" must not fall back
+  # to XLA here, or the CPU speed the project promises would silently be lost.
+  assert onednn.unavailable_reason() is None
+  assert onednn.register().is_file()
+
+
+def test_onednn_missing_names_the_wheels_and_the_switch(monkeypatch, tmp_path):
+  monkeypatch.delenv("DNNL_ROOT", raising=False)
+  monkeypatch.setattr(sys, "prefix", str(tmp_path))
+  monkeypatch.setattr(sys, "base_prefix", str(tmp_path))
+  with pytest.raises(onednn.OneDNNUnavailable, match=r"pip install onednn-cpu-gomp.*CPU_CONV_LIB"):
+    onednn.onednn_prefix()
+
+
+def test_auto_falls_back_to_xla_with_a_warning_and_onednn_raises(monkeypatch, caplog):
+  reason = "oneDNN not found (test)"
+  monkeypatch.setattr(onednn, "unavailable_reason", lambda: reason)
+  conv_lib._warn_onednn_unavailable.cache_clear()
+  x, w = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+  with caplog.at_level(logging.WARNING):
+    module = jax.jit(lambda x, w: conv_lib.conv_nhwc(x, w, padding=1)).lower(x, w).as_text()
+  assert "ega_onednn" not in module and "stablehlo.convolution" in module
+  assert reason in caplog.text and "CPU_CONV_LIBRARY='auto'" in caplog.text
+  conv_lib._warn_onednn_unavailable.cache_clear()
+
+  def unavailable():
+    raise onednn.OneDNNUnavailable(reason)
+
+  monkeypatch.setattr(conv_lib, "CPU_CONV_LIBRARY", "onednn")
+  monkeypatch.setattr(onednn, "register", unavailable)
+  with pytest.raises(onednn.OneDNNUnavailable, match="test"):
+    conv_lib.conv_nhwc(x, w, padding=1)
+  monkeypatch.setattr(conv_lib, "CPU_CONV_LIBRARY", "mkl")
+  with pytest.raises(
+    ValueError, match=r"CPU_CONV_LIBRARY='mkl'; valid: \('auto', 'onednn', 'xla'\)"
+  ):
+    conv_lib.conv_nhwc(x, w, padding=1)
+
+
+def test_onednn_conv_in_shard_map_sums_the_kernel_gradient_over_devices():
+  # One device here (tests/test_train.py compares 1 and 8): the shard_map program has to
+  # type-check (the FFI result varying over the mesh axis like its operands) and psum the
+  # kernel gradient; the values against the float64 reference.
+  mesh = jax.make_mesh((1,), ("data",))
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+
+  def loss(x, w):
+    return jax.lax.psum(jnp.sum(conv_lib.conv_nhwc(x, w, padding=1) ** 2), "data")
+
+  @functools.partial(
+    jax.shard_map, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P("data"), P())
+  )
+  def grads(x, w):
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+
+  sharded = jax.sharding.NamedSharding(mesh, P("data"))
+  grad_x, grad_w = jax.jit(grads)(jax.device_put(x, sharded), w)
+  upstream = 2 * _reference_conv(x, w, 1, 1, 1)
+  expected_x, expected_w = _reference_gradients(x, w, 1, 1, 1, upstream)
+  np.testing.assert_allclose(np.asarray(grad_x), expected_x, rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(grad_w), expected_w, rtol=1e-5, atol=1e-3)

@@ -53,6 +53,8 @@ def test_wheel_holds_the_library_configs_and_scripts(installed, tmp_path):
   site, env = installed
   shipped = set(os.listdir(site / "ega_jax" / "configs"))
   assert {"__init__.py", "default.py", "cifar100.py", "fashion_mnist.py"} <= shipped
+  # oneDNN's convolution source, compiled on the user's machine on first use.
+  assert (site / "ega_jax" / "models" / "onednn_conv.cc").is_file()
   for leftover in ("launch", "experiments", "benchmarks", "tests", "configs"):
     assert not (site / leftover).exists(), leftover
   for script in SCRIPTS:

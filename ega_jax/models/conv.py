@@ -30,12 +30,15 @@ level). A custom_vjp has no second derivative: nothing here differentiates a stu
 """
 
 import functools
+import logging
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from ega_jax.models import onednn
 
 Dtype = Any
 
@@ -49,6 +52,13 @@ WEIGHT_GRAD_PIXELS = 1024
 # False sends the weight gradient of ungrouped convs back to XLA on CPU too (read at trace time;
 # `python -m benchmarks.conv_ablation` times both).
 PATCH_MATMUL_WEIGHT_GRAD_ON_CPU = True
+# Who computes float32 ungrouped convs (forward and both gradients) on CPU (read at trace time):
+#   "onednn": oneDNN through the FFI (`onednn.py`); an error if it cannot be built or loaded;
+#   "xla":    XLA's convolution, with the patch-matmul weight gradient above;
+#   "auto":   "onednn" where it can be built and loaded, else "xla" with a logged warning.
+# XLA:CPU's YNNPACK runs a lone convolution on one core; oneDNN on all (docs/performance.md).
+CPU_CONV_LIBRARY = "auto"
+CPU_CONV_LIBRARIES = ("auto", "onednn", "xla")
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -179,33 +189,93 @@ def _varying_axes(value: jax.Array) -> frozenset:
   return jax.typeof(value).manual_axis_type.varying
 
 
+@functools.cache
+def _warn_onednn_unavailable(reason: str) -> None:
+  logging.warning(
+    "conv.CPU_CONV_LIBRARY='auto': oneDNN's convolution is unavailable, XLA's runs on CPU "
+    "(about 2x slower per convolution): %s",
+    reason,
+  )
+
+
+def onednn_on_cpu(x: jax.Array, kernel: jax.Array) -> bool:
+  """Whether `_ungrouped_conv` sends this (float32) conv to oneDNN when it runs on CPU."""
+  if CPU_CONV_LIBRARY not in CPU_CONV_LIBRARIES:
+    raise ValueError(
+      f"ega_jax.models.conv.CPU_CONV_LIBRARY={CPU_CONV_LIBRARY!r}; valid: {CPU_CONV_LIBRARIES}."
+    )
+  if CPU_CONV_LIBRARY == "xla" or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    return False
+  if CPU_CONV_LIBRARY == "onednn":
+    onednn.register()  # raises OneDNNUnavailable with the reason
+    return True
+  reason = onednn.unavailable_reason()
+  if reason is not None and jax.default_backend() == "cpu":
+    _warn_onednn_unavailable(reason)
+  return reason is None
+
+
+def _device_summed(grad: jax.Array, like: jax.Array) -> jax.Array:
+  """`grad` of a replicated operand summed over the shard_map axes it varies over and `like`
+  does not.
+
+  Inside shard_map a replicated kernel meets per-device data through an implicit broadcast,
+  whose transpose sums the gradient over the devices (what autodiff gives XLA's branch); a
+  hand-written or library product must be summed the same way.
+  """
+  summed_axes = tuple(sorted(_varying_axes(grad) - _varying_axes(like)))
+  return lax.psum(grad, summed_axes) if summed_axes else grad
+
+
+def _xla_or_onednn_forward(x, kernel, stride, padding):
+  """`lax_conv` (groups=1), computed by oneDNN on CPU when `onednn_on_cpu`."""
+  xla = functools.partial(lax_conv, stride=stride, padding=padding)
+  if not onednn_on_cpu(x, kernel):
+    return xla(x, kernel)
+  cpu = functools.partial(onednn.conv_forward, stride=stride, padding=padding)
+  return lax.platform_dependent(x, kernel, cpu=cpu, default=xla)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _ungrouped_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-  """`lax_conv` with groups=1; on CPU its weight gradient is `_patch_gemm_weight_grad`."""
-  return lax_conv(x, kernel, stride=stride, padding=padding)
+  """`lax_conv` with groups=1. On CPU: float32 convs by oneDNN (`CPU_CONV_LIBRARY`), the rest
+  by XLA with `_patch_gemm_weight_grad` as the weight gradient."""
+  return _xla_or_onednn_forward(x, kernel, stride, padding)
 
 
 def _ungrouped_conv_forward(x, kernel, stride, padding):
-  return lax_conv(x, kernel, stride=stride, padding=padding), (x, kernel)
+  return _xla_or_onednn_forward(x, kernel, stride, padding), (x, kernel)
 
 
 def _ungrouped_conv_backward(stride, padding, residuals, out_grad):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: lax_conv(x, kernel, stride=stride, padding=padding), x)
-  (x_grad,) = input_vjp(out_grad)
+
+  def xla_input_grad(out_grad, kernel):
+    _, input_vjp = jax.vjp(lambda x: lax_conv(x, kernel, stride=stride, padding=padding), x)
+    return input_vjp(out_grad)[0]
 
   def xla_weight_grad(x, out_grad):
     _, kernel_vjp = jax.vjp(lambda w: lax_conv(x, w, stride=stride, padding=padding), kernel)
     return kernel_vjp(out_grad)[0]
 
-  def cpu_weight_grad(x, out_grad):
+  def patch_gemm_weight_grad(x, out_grad):
     grad = _patch_gemm_weight_grad(x, out_grad, kernel.shape[0], stride, padding)
-    # Inside shard_map a replicated kernel meets per-device data through an implicit
-    # broadcast, whose transpose sums the gradient over the devices (what XLA's branch gets
-    # from autodiff); the hand-written product must be summed the same way.
-    summed_axes = tuple(sorted(_varying_axes(grad) - _varying_axes(kernel)))
-    return lax.psum(grad, summed_axes) if summed_axes else grad
+    return _device_summed(grad, kernel)
 
+  if onednn_on_cpu(x, kernel):
+
+    def onednn_input_grad(out_grad, kernel):
+      return onednn.conv_input_grad(out_grad, kernel, x.shape, stride, padding)
+
+    def onednn_weight_grad(x, out_grad):
+      grad = onednn.conv_kernel_grad(x, out_grad, kernel.shape, stride, padding)
+      return _device_summed(grad, kernel)
+
+    x_grad = lax.platform_dependent(out_grad, kernel, cpu=onednn_input_grad, default=xla_input_grad)
+    cpu_weight_grad = onednn_weight_grad
+  else:
+    x_grad = xla_input_grad(out_grad, kernel)
+    cpu_weight_grad = patch_gemm_weight_grad if PATCH_MATMUL_WEIGHT_GRAD_ON_CPU else xla_weight_grad
   kernel_grad = lax.platform_dependent(x, out_grad, cpu=cpu_weight_grad, default=xla_weight_grad)
   return x_grad, kernel_grad.astype(kernel.dtype)
 
@@ -245,7 +315,7 @@ def conv_nhwc(
     return _grouped_pointwise(x, kernel, stride, groups)
   if groups == 1 and out_pixels <= SMALL_MAP_PIXELS:
     return _patch_matmul(x, kernel, stride, padding)
-  if groups == 1 and PATCH_MATMUL_WEIGHT_GRAD_ON_CPU:
+  if groups == 1 and (PATCH_MATMUL_WEIGHT_GRAD_ON_CPU or CPU_CONV_LIBRARY != "xla"):
     return _ungrouped_conv(x, kernel, stride, padding)
   return lax_conv(x, kernel, stride=stride, padding=padding, groups=groups)
 
