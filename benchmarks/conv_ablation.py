@@ -1,22 +1,26 @@
 r"""Before/after timing of the convolution rewrites in ega_jax/models/conv.py.
 
   python -m benchmarks.conv_ablation [--students resnet8x4 vgg8 MobileNetV2 ShuffleV1 ShuffleV2 | all]
+                                     [--variants lax xla_weight_grad patch_weight_grad conv.py]
                                      [--batch_size 64] [--rounds 5] [--json OUT]
 
 For each student: the train-mode forward + backward (cross-entropy on random 32x32 images,
 BatchNorm batch statistics, gradients of every parameter) -- the part of a cached EGA step that
-the student owns -- compiled three times in one process:
+the student owns -- compiled once per variant in one process:
 
   * "lax": every conv sent to XLA's own convolution (`conv.lax_conv`), forward and gradients;
-  * "xla weight grad": `conv_nhwc`'s depthwise, grouped 1x1 and tiny-map rewrites, but the
-    weight gradient of the other convs left to XLA (`conv.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU`
-    off): conv.py before the weight-gradient rewrite;
-  * "conv.py": `conv_nhwc` as shipped.
+  * "xla_weight_grad": `conv_nhwc`'s depthwise, grouped 1x1 and tiny-map rewrites, the other
+    convs left to XLA, weight gradient included (`conv.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU` off,
+    `conv.CPU_CONV_LIBRARY` "xla"): conv.py before the weight-gradient rewrite;
+  * "patch_weight_grad": the same with the patch-matmul weight gradient on CPU
+    (`CPU_CONV_LIBRARY` "xla"): conv.py before oneDNN;
+  * "conv.py": `conv_nhwc` as shipped (oneDNN's float32 convolutions on CPU).
 
-The three are timed in alternating rounds (benchmarks/timing.py) so that all see the same
-machine load; the table gives the median step time of each, the speed-up of conv.py over each,
-and the largest relative L2 distance between conv.py's gradient tree and another's (float
-rounding only: ~1e-3 in float32 through train-mode BatchNorm). Run it from the repository root.
+`--variants` picks some of them ("conv.py" is always timed). They are timed in alternating
+rounds (benchmarks/timing.py) so that all see the same machine load; the table gives the median
+step time of each, the speed-up of conv.py over each, and the largest relative L2 distance
+between conv.py's gradient tree and another's (float rounding only: ~1e-3 in float32 through
+train-mode BatchNorm). Run it from the repository root.
 """
 
 import argparse
@@ -35,24 +39,36 @@ from ega_jax.models.students import STUDENT_NAMES, create_student
 DEFAULT_STUDENTS = ("resnet8x4", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 
-def _compiled_grad_step(student, variables, images, labels, conv_function, patch_weight_grad):
-  """jit-compiled (loss, grads) of the student with `conv_function` in every TorchConv."""
+def _compiled_grad_step(student, variables, images, labels, variant):
+  """jit-compiled (loss, grads) of the student with `VARIANTS[variant]` in every TorchConv."""
+  conv_function, patch_weight_grad, cpu_library = VARIANTS[variant]
   loss_fn = jax_harness.student_cross_entropy(student, variables["batch_stats"], images, labels)
-  shipped, shipped_flag = conv_lib.conv_nhwc, conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU
-  conv_lib.conv_nhwc = conv_function  # both read at trace time by TorchConv / conv_nhwc
+  shipped = (
+    conv_lib.conv_nhwc,
+    conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU,
+    conv_lib.CPU_CONV_LIBRARY,
+  )
+  # All three are read at trace time by TorchConv / conv_nhwc.
+  conv_lib.conv_nhwc = conv_function
   conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU = patch_weight_grad
+  conv_lib.CPU_CONV_LIBRARY = cpu_library or shipped[2]
   try:
     compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(variables["params"]).compile()
   finally:
-    conv_lib.conv_nhwc, conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU = shipped, shipped_flag
+    (
+      conv_lib.conv_nhwc,
+      conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU,
+      conv_lib.CPU_CONV_LIBRARY,
+    ) = shipped
   return compiled
 
 
-# name -> (conv function, patch-matmul weight gradient on CPU)
+# name -> (conv function, patch-matmul weight gradient on CPU, CPU_CONV_LIBRARY; None: shipped)
 VARIANTS = {
-  "lax": (conv_lib.lax_conv, False),
-  "xla_weight_grad": (conv_lib.conv_nhwc, False),
-  "conv.py": (conv_lib.conv_nhwc, True),
+  "lax": (conv_lib.lax_conv, False, "xla"),
+  "xla_weight_grad": (conv_lib.conv_nhwc, False, "xla"),
+  "patch_weight_grad": (conv_lib.conv_nhwc, True, "xla"),
+  "conv.py": (conv_lib.conv_nhwc, True, None),
 }
 
 
@@ -61,19 +77,19 @@ def flat_float64(tree) -> np.ndarray:
   return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(tree)])
 
 
-def measure(name: str, batch_size: int, rounds: int, steps_per_round: int = 3) -> dict:
-  """Median step times (ms) of the three VARIANTS for one student, and their agreement.
+def measure(
+  name: str, batch_size: int, rounds: int, steps_per_round: int = 3, variants=tuple(VARIANTS)
+) -> dict:
+  """Median step times (ms) of `variants` (and conv.py) for one student, and their agreement.
 
   The variants alternate call by call, `rounds * steps_per_round` timed calls each.
   """
+  variants = [key for key in VARIANTS if key in variants or key == "conv.py"]
   student = create_student(name, 100)
   images = jax.random.normal(jax.random.PRNGKey(0), (batch_size, 32, 32, 3))
   labels = jax.random.randint(jax.random.PRNGKey(1), (batch_size,), 0, 100)
   variables = student.init(jax.random.PRNGKey(2), images[:2], train=False)
-  steps = {
-    key: _compiled_grad_step(student, variables, images, labels, function, flag)
-    for key, (function, flag) in VARIANTS.items()
-  }
+  steps = {key: _compiled_grad_step(student, variables, images, labels, key) for key in variants}
   outputs = {key: jax.block_until_ready(step(variables["params"])) for key, step in steps.items()}
   times = timing.time_interleaved(
     [
@@ -85,21 +101,21 @@ def measure(name: str, batch_size: int, rounds: int, steps_per_round: int = 3) -
   )
   shipped_grads = flat_float64(outputs["conv.py"][1])
   ms = {key: 1e3 * statistics.median(value) for key, value in times.items()}
+  row = {"student": name, "batch_size": batch_size, "conv_py_ms": ms["conv.py"]}
+  for key in variants[:-1]:
+    row[f"{key}_ms"] = ms[key]
+    row[f"speedup_over_{key}"] = ms[key] / ms["conv.py"]
   return {
-    "student": name,
-    "batch_size": batch_size,
-    "lax_ms": ms["lax"],
-    "xla_weight_grad_ms": ms["xla_weight_grad"],
-    "conv_py_ms": ms["conv.py"],
-    "speedup_over_lax": ms["lax"] / ms["conv.py"],
-    "speedup_over_xla_weight_grad": ms["xla_weight_grad"] / ms["conv.py"],
+    **row,
     "losses": {key: float(out[0]) for key, out in outputs.items()},
     # Relative L2 distance of each other variant's gradients from conv.py's: rounding only.
     "relative_grad_difference": max(
       float(np.linalg.norm(flat_float64(out[1]) - shipped_grads) / np.linalg.norm(shipped_grads))
       for key, out in outputs.items()
       if key != "conv.py"
-    ),
+    )
+    if len(outputs) > 1
+    else 0.0,
   }
 
 
@@ -110,6 +126,13 @@ def main(argv=None):
     nargs="+",
     default=list(DEFAULT_STUDENTS),
     help="CIFAR-zoo student names (ega_jax.models.STUDENT_NAMES), or 'all'",
+  )
+  parser.add_argument(
+    "--variants",
+    nargs="+",
+    default=list(VARIANTS),
+    choices=list(VARIANTS),
+    help="which variants to time beside conv.py (default: all)",
   )
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument(
@@ -136,19 +159,25 @@ def main(argv=None):
     f"{jax.devices()[0].device_kind} x {jax.device_count()}",
     flush=True,
   )
+  others = [key for key in VARIANTS if key in args.variants and key != "conv.py"]
   print(
-    f"{'student':<14}{'lax ms':>10}{'xla wgrad ms':>14}{'conv.py ms':>12}"
-    f"{'vs lax':>9}{'vs xla wgrad':>14}{'grad diff':>11}",
+    f"{'student':<14}"
+    + "".join(f"{key + ' ms':>22}" for key in others)
+    + f"{'conv.py ms':>12}"
+    + "".join(f"{'vs ' + key:>22}" for key in others)
+    + f"{'grad diff':>11}",
     flush=True,
   )
   results = []
   for name in args.students:
-    row = measure(name, args.batch_size, args.rounds)
+    row = measure(name, args.batch_size, args.rounds, variants=others)
     results.append(row)
     print(
-      f"{name:<14}{row['lax_ms']:>10.1f}{row['xla_weight_grad_ms']:>14.1f}{row['conv_py_ms']:>12.1f}"
-      f"{row['speedup_over_lax']:>8.2f}x{row['speedup_over_xla_weight_grad']:>13.2f}x"
-      f"{row['relative_grad_difference']:>11.1e}",
+      f"{name:<14}"
+      + "".join(f"{row[key + '_ms']:>22.1f}" for key in others)
+      + f"{row['conv_py_ms']:>12.1f}"
+      + "".join(f"{row['speedup_over_' + key]:>21.2f}x" for key in others)
+      + f"{row['relative_grad_difference']:>11.1e}",
       flush=True,
     )
   if args.json:

@@ -267,8 +267,9 @@ def test_ablations_script_measures_every_variant(tmp_path):
 
 def test_conv_ablation_times_three_variants_of_the_same_function(tmp_path):
   # ShuffleV1 exercises the depthwise and grouped 1x1 rewrites and has ungrouped convs (its
-  # stem and shortcut-free 3x3s) whose weight gradient the third variant leaves to XLA; the
-  # variants must be different programs computing the same loss and gradients.
+  # stem and shortcut-free 3x3s) that the variants compute differently (XLA's weight gradient,
+  # the patch matmuls, oneDNN); they must be different programs computing the same loss and
+  # gradients.
   out = tmp_path / "conv.json"
   result = _run_module(
     "benchmarks.conv_ablation",
@@ -285,37 +286,45 @@ def test_conv_ablation_times_three_variants_of_the_same_function(tmp_path):
   assert result.returncode == 0, result.stderr[-4000:]
   (row,) = json.loads(out.read_text())
   assert row["student"] == "ShuffleV1" and row["batch_size"] == 4
-  for key in ("lax_ms", "xla_weight_grad_ms", "conv_py_ms"):
-    assert 0 < row[key] < 60_000
-  assert row["speedup_over_lax"] == pytest.approx(row["lax_ms"] / row["conv_py_ms"])
-  assert row["speedup_over_xla_weight_grad"] == pytest.approx(
-    row["xla_weight_grad_ms"] / row["conv_py_ms"]
-  )
+  others = ("lax", "xla_weight_grad", "patch_weight_grad")
+  for key in others + ("conv_py",):
+    assert 0 < row[f"{key}_ms"] < 60_000
+  for key in others:
+    assert row[f"speedup_over_{key}"] == pytest.approx(row[f"{key}_ms"] / row["conv_py_ms"])
   losses = row["losses"]
-  assert set(losses) == {"lax", "xla_weight_grad", "conv.py"}
-  assert losses["lax"] == pytest.approx(losses["conv.py"], rel=1e-5)
-  assert losses["xla_weight_grad"] == pytest.approx(losses["conv.py"], rel=1e-5)
-  assert 0 < row["relative_grad_difference"] < 1e-2
-  assert "ShuffleV1" in result.stdout and "vs xla wgrad" in result.stdout
+  assert set(losses) == set(others) | {"conv.py"}
+  for key in others:
+    assert losses[key] == pytest.approx(losses["conv.py"], rel=1e-5)
+  # Float rounding only, but amplified by train-mode BatchNorm at batch 4: here XLA's float32
+  # gradients (the first three variants) lie 1e-2 from the float64 one, oneDNN's 7.5e-7
+  # (measured 2026-12-03, docs/performance.md).
+  assert 0 < row["relative_grad_difference"] < 5e-2
+  assert "ShuffleV1" in result.stdout and "vs patch_weight_grad" in result.stdout
 
 
-def test_conv_ablation_variants_differ_in_the_weight_gradient_only():
+def test_conv_ablation_variants_differ_in_how_the_convs_are_computed():
   from benchmarks import conv_ablation
   from ega_jax.models import conv as conv_lib
 
   student = conv_ablation.create_student("resnet8", 10)
-  # 32x32 maps: one image per patch matmul, so the weight gradient of conv.py is a scan.
+  # 32x32 maps: one image per patch matmul, so the patch-matmul weight gradient is a scan.
   images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
   labels = np.array([1, 2], np.int32)
   variables = student.init(jax.random.PRNGKey(0), images, train=False)
   programs = {
-    key: conv_ablation._compiled_grad_step(student, variables, images, labels, fn, flag).as_text()
-    for key, (fn, flag) in conv_ablation.VARIANTS.items()
+    key: conv_ablation._compiled_grad_step(student, variables, images, labels, key).as_text()
+    for key in conv_ablation.VARIANTS
   }
-  # The patch-matmul weight gradient is a while loop (lax.scan) in conv.py's program only.
-  assert "while" in programs["conv.py"]
+  # The patch-matmul weight gradient is a while loop (lax.scan); oneDNN's convs custom calls.
+  assert "while" in programs["patch_weight_grad"]
   assert "while" not in programs["xla_weight_grad"] and "while" not in programs["lax"]
-  assert conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU is True  # Restored afterwards.
+  assert "ega_onednn_conv_kernel_grad" in programs["conv.py"]
+  assert not any(
+    "ega_onednn" in programs[key] for key in conv_ablation.VARIANTS if key != "conv.py"
+  )
+  # Restored afterwards.
+  assert conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU is True
+  assert conv_lib.CPU_CONV_LIBRARY == "auto"
 
 
 def test_student_result_and_targets_arithmetic():
