@@ -232,7 +232,14 @@ def _xla_or_onednn_forward(x, kernel, stride, padding):
   xla = functools.partial(lax_conv, stride=stride, padding=padding)
   if not onednn_on_cpu(x, kernel):
     return xla(x, kernel)
-  cpu = functools.partial(onednn.conv_forward, stride=stride, padding=padding)
+  k = kernel.shape[0]
+  out_shape = (
+    x.shape[0],
+    output_size(x.shape[1], k, stride, padding),
+    output_size(x.shape[2], k, stride, padding),
+    kernel.shape[-1],
+  )
+  cpu = functools.partial(onednn.conv_forward, out_shape=out_shape, stride=stride, padding=padding)
   return lax.platform_dependent(x, kernel, cpu=cpu, default=xla)
 
 

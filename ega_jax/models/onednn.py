@@ -37,12 +37,8 @@ import jaxlib
 import numpy as np
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
-# FFI target name -> the symbol onednn_conv.cc exports for it.
-TARGETS = {
-  "ega_onednn_conv_forward": "ega_onednn_conv_forward",
-  "ega_onednn_conv_input_grad": "ega_onednn_conv_input_grad",
-  "ega_onednn_conv_kernel_grad": "ega_onednn_conv_kernel_grad",
-}
+# The FFI targets, each registered under the name of the symbol onednn_conv.cc exports for it.
+TARGETS = ("ega_onednn_conv_forward", "ega_onednn_conv_input_grad", "ega_onednn_conv_kernel_grad")
 _LIBRARY_NAME = "libdnnl.so.3"
 _WHEELS = "onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
 
@@ -141,13 +137,18 @@ def register() -> Path:
   # threads would take the cores from XLA's own thread pool (libgomp reads this at load).
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   library = ctypes.cdll.LoadLibrary(str(path))
-  for target, symbol in TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
+  for target in TARGETS:
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), "cpu")
   return path
 
 
+@functools.cache
 def unavailable_reason() -> str | None:
-  """None when the kernels are registered (building them if needed), else why not."""
+  """None when the kernels are registered (building them if needed), else why not.
+
+  Asked once per process (conv.py asks at every conv it traces): a missing oneDNN or compiler
+  is not searched for again.
+  """
   try:
     register()
   except OneDNNUnavailable as error:
@@ -174,13 +175,12 @@ def _call(target: str, shape, a: jax.Array, b: jax.Array, stride: int, padding: 
   return lax.pcast(out, tuple(sorted(varying)), to="varying") if varying else out
 
 
-def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-  """x (B, H, W, C), kernel (k, k, C, O) -> (B, H', W', O); PyTorch's conv2d, symmetric padding."""
-  k = kernel.shape[0]
-  out_h = (x.shape[1] + 2 * padding - k) // stride + 1
-  out_w = (x.shape[2] + 2 * padding - k) // stride + 1
-  shape = (x.shape[0], out_h, out_w, kernel.shape[-1])
-  return _call("ega_onednn_conv_forward", shape, x, kernel, stride, padding)
+def conv_forward(
+  x: jax.Array, kernel: jax.Array, out_shape, stride: int, padding: int
+) -> jax.Array:
+  """x (B, H, W, C), kernel (k, k, C, O) -> `out_shape` (B, H', W', O); PyTorch's conv2d with
+  symmetric zero padding."""
+  return _call("ega_onednn_conv_forward", out_shape, x, kernel, stride, padding)
 
 
 def conv_input_grad(

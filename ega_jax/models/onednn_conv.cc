@@ -6,7 +6,7 @@
 // ega_jax/models/onednn.py compiles this file against the onednn-cpu-gomp wheel and registers
 // the handlers; ega_jax/models/conv.py calls them for float32, ungrouped convolutions on CPU.
 //
-// Layouts are JAX's: activations NHWC (B, H, W, C), kernels HWIO (k, k, C, O), both float32
+// Every operand is rank 4 (the binding checks it). Layouts are JAX's: activations NHWC (B, H, W, C), kernels HWIO (k, k, C, O), both float32
 // and dense row-major. oneDNN picks its own (blocked) kernel layout ("any"); the HWIO kernel
 // is reordered into it, or out of it for the weight gradient, on every call (k*k*C*O values:
 // small next to the activations). Attributes: stride and the four zero paddings.
@@ -67,20 +67,9 @@ memory KernelIn(const memory::desc& wanted, const Geometry& g, float* hwio, dnnl
   return reordered;
 }
 
-ffi::Error CheckRanks(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b,
-                      ffi::Span<const int64_t> c) {
-  if (a.size() != 4 || b.size() != 4 || c.size() != 4) {
-    return ffi::Error::InvalidArgument("oneDNN conv: every operand must be rank 4");
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad_top,
+ffi::Error Forward(ffi::BufferR4<ffi::F32> x, ffi::BufferR4<ffi::F32> kernel,
+                   ffi::ResultBufferR4<ffi::F32> y, int64_t stride, int64_t pad_top,
                    int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  if (auto e = CheckRanks(x.dimensions(), kernel.dimensions(), y->dimensions()); e.failure()) {
-    return e;
-  }
   Geometry g = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), stride,
                             pad_top, pad_bottom, pad_left, pad_right);
   auto desc = ForwardDesc(g);
@@ -94,13 +83,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
   return ffi::Error::Success();
 }
 
-ffi::Error InputGrad(ffi::Buffer<ffi::F32> out_grad, ffi::Buffer<ffi::F32> kernel,
-                     ffi::ResultBuffer<ffi::F32> x_grad, int64_t stride, int64_t pad_top,
+ffi::Error InputGrad(ffi::BufferR4<ffi::F32> out_grad, ffi::BufferR4<ffi::F32> kernel,
+                     ffi::ResultBufferR4<ffi::F32> x_grad, int64_t stride, int64_t pad_top,
                      int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  if (auto e = CheckRanks(x_grad->dimensions(), kernel.dimensions(), out_grad.dimensions());
-      e.failure()) {
-    return e;
-  }
   Geometry g = MakeGeometry(x_grad->dimensions(), kernel.dimensions(), out_grad.dimensions(),
                             stride, pad_top, pad_bottom, pad_left, pad_right);
   dnnl::convolution_backward_data::primitive_desc desc(
@@ -116,13 +101,9 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> out_grad, ffi::Buffer<ffi::F32> kerne
   return ffi::Error::Success();
 }
 
-ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> out_grad,
-                      ffi::ResultBuffer<ffi::F32> kernel_grad, int64_t stride, int64_t pad_top,
+ffi::Error KernelGrad(ffi::BufferR4<ffi::F32> x, ffi::BufferR4<ffi::F32> out_grad,
+                      ffi::ResultBufferR4<ffi::F32> kernel_grad, int64_t stride, int64_t pad_top,
                       int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  if (auto e = CheckRanks(x.dimensions(), kernel_grad->dimensions(), out_grad.dimensions());
-      e.failure()) {
-    return e;
-  }
   Geometry g = MakeGeometry(x.dimensions(), kernel_grad->dimensions(), out_grad.dimensions(),
                             stride, pad_top, pad_bottom, pad_left, pad_right);
   dnnl::convolution_backward_weights::primitive_desc desc(
@@ -155,9 +136,9 @@ ffi::Error Guarded(Args... args) {
 
 #define EGA_CONV_BINDING                                                          \
   ffi::Ffi::Bind()                                                                \
-      .Arg<ffi::Buffer<ffi::F32>>()                                               \
-      .Arg<ffi::Buffer<ffi::F32>>()                                               \
-      .Ret<ffi::Buffer<ffi::F32>>()                                               \
+      .Arg<ffi::BufferR4<ffi::F32>>()                                               \
+      .Arg<ffi::BufferR4<ffi::F32>>()                                               \
+      .Ret<ffi::BufferR4<ffi::F32>>()                                               \
       .Attr<int64_t>("stride")                                                    \
       .Attr<int64_t>("pad_top")                                                   \
       .Attr<int64_t>("pad_bottom")                                                \
@@ -167,16 +148,16 @@ ffi::Error Guarded(Args... args) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ega_onednn_conv_forward,
-    (Guarded<Forward, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>,
+    (Guarded<Forward, ffi::BufferR4<ffi::F32>, ffi::BufferR4<ffi::F32>, ffi::ResultBufferR4<ffi::F32>,
              int64_t, int64_t, int64_t, int64_t, int64_t>),
     EGA_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ega_onednn_conv_input_grad,
-    (Guarded<InputGrad, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>,
+    (Guarded<InputGrad, ffi::BufferR4<ffi::F32>, ffi::BufferR4<ffi::F32>, ffi::ResultBufferR4<ffi::F32>,
              int64_t, int64_t, int64_t, int64_t, int64_t>),
     EGA_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ega_onednn_conv_kernel_grad,
-    (Guarded<KernelGrad, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
-             ffi::ResultBuffer<ffi::F32>, int64_t, int64_t, int64_t, int64_t, int64_t>),
+    (Guarded<KernelGrad, ffi::BufferR4<ffi::F32>, ffi::BufferR4<ffi::F32>,
+             ffi::ResultBufferR4<ffi::F32>, int64_t, int64_t, int64_t, int64_t, int64_t>),
     EGA_CONV_BINDING);
