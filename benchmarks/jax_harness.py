@@ -257,7 +257,8 @@ def student_cross_entropy(student, batch_stats, images: jax.Array, labels: jax.A
 
   def loss_fn(params):
     logits = _train_mode_logits(student, params, batch_stats, images)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    # float32 at least (bfloat16 logits), float64 kept for float64 references.
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
     return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
 
   return loss_fn

@@ -120,23 +120,30 @@ def time_conv_cases(batch_size: int, size: int, channels: int, calls: int, seed:
   return results
 
 
-def student_gradient_errors(arch: str, batch_size: int, options: dict, seed: int = 0) -> dict:
-  """{name: relative L2 distance of the float32 gradient, compiled with options[name], from
-  the same gradient in float64} for one student; the float64 gradient is computed once."""
-  student = create_student(arch, 100)
+def student_loss(arch: str, batch_size: int, dtype, seed: int = 0):
+  """(loss_fn, params): the train-mode cross-entropy of `arch` on seeded random images, the
+  whole network (convolutions included) built to compute in `dtype`; params -> scalar."""
   rng = np.random.default_rng(seed)
   images = rng.standard_normal((batch_size, 32, 32, 3)).astype(np.float32)
   labels = rng.integers(0, 100, batch_size)
-  variables = student.init(jax.random.PRNGKey(seed), images[:2], train=False)
+  # The student's layers cast their inputs to the dtype they were built with, so a float64
+  # reference needs a float64 student, not only float64 parameters.
+  student = create_student(arch, 100, dtype=dtype)
+  variables = create_student(arch, 100).init(jax.random.PRNGKey(seed), images[:2], train=False)
+  cast = jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), variables)
+  loss_fn = jax_harness.student_cross_entropy(
+    student, cast["batch_stats"], jnp.asarray(images, dtype), jnp.asarray(labels)
+  )
+  return loss_fn, cast["params"]
+
+
+def student_gradient_errors(arch: str, batch_size: int, options: dict, seed: int = 0) -> dict:
+  """{name: relative L2 distance of the float32 gradient, compiled with options[name], from
+  the same gradient in float64} for one student; the float64 gradient is computed once."""
 
   def gradient(dtype, compiler_options):
-    cast = jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), variables)
-    loss_fn = jax_harness.student_cross_entropy(
-      student, cast["batch_stats"], jnp.asarray(images, dtype), jnp.asarray(labels)
-    )
-    return flat_float64(
-      jax.jit(jax.grad(loss_fn), compiler_options=compiler_options)(cast["params"])
-    )
+    loss_fn, params = student_loss(arch, batch_size, dtype, seed)
+    return flat_float64(jax.jit(jax.grad(loss_fn), compiler_options=compiler_options)(params))
 
   with jax.enable_x64(True):
     reference = gradient(np.float64, {})

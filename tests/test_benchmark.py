@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -534,3 +535,15 @@ def test_ynn_threads_reports_the_cases_and_the_gradient_error(tmp_path):
 def test_ynn_threads_rejects_an_unknown_student():
   result = _run_module("benchmarks.ynn_threads", "--students", "resnet9", timeout=120)
   assert result.returncode == 2 and "--students: unknown resnet9" in result.stderr
+
+
+def test_ynn_threads_float64_reference_computes_every_op_in_float64():
+  # The reference of the student-gradient error must be float64 end to end: a student built
+  # for float32 casts its inputs back to float32 in every conv, which made the earlier
+  # "float64" reference a float32-conv one (docs/performance.md, "oneDNN through the FFI").
+  from benchmarks import ynn_threads
+
+  with jax.enable_x64(True):
+    loss_fn, params = ynn_threads.student_loss("resnet8", 2, jnp.float64)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss_fn))(params))
+  assert "f32[" not in jaxpr and "f64[" in jaxpr
