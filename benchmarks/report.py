@@ -242,6 +242,12 @@ def _jax_rows(report: dict) -> list[tuple[str, str]]:
       f"{load('load_average_before')} before, {load('load_average_after')} after",
     ),
     (
+      "malloc huge pages",
+      "on (glibc.malloc.hugetlb=1)"
+      if report.get("malloc_huge_pages")
+      else "off (every step faults its temporary buffers in 4 KiB pages)",
+    ),
+    (
       "setting",
       f"{report['dataset']} {report['image_size']}px, teacher {report['teacher']} "
       f"@{jax_part['teacher_image_size']}px, student {report['student']}, "

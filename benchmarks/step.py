@@ -50,6 +50,7 @@ import numpy as np
 
 from benchmarks import BenchmarkError
 from benchmarks import machine
+from ega_jax import host_memory
 
 # jax, ega_jax and the harnesses are imported inside the functions: with
 # --compare_torch, torch is imported first (before anything that could import
@@ -246,6 +247,8 @@ def run(config, options: Options) -> dict:
     "cpu_count": os.cpu_count(),
     "cpu": machine.describe(),
     "load_average_before": list(load_before),
+    # glibc asked for transparent huge pages for malloc's mappings (ega_jax/host_memory.py).
+    "malloc_huge_pages": host_memory.TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
     "jax_version": jax.__version__,
     "config": options.config_path,
     "dataset": config.dataset.name,
@@ -340,4 +343,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   app.run(main, flags_parser=_parse_flags)

@@ -97,8 +97,9 @@ def main(argv):
 
 def run() -> None:
   """Console-script entry point (ega-cache)."""
-  from ega_jax import cli
+  from ega_jax import cli, host_memory
 
+  host_memory.reexec_with_huge_pages()
   app.run(main, flags_parser=cli.parse_flags_or_exit)
 
 
