@@ -4,9 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
-# Transparent huge pages for malloc's large mappings: XLA:CPU's per-step temporary buffers then
-# fault in 2 MiB pages, not 4 KiB ones (ega_jax/host_memory.py; the entry points set it too).
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# malloc keeps large freed buffers mapped, so XLA:CPU's per-step temporary buffers are not
+# page-faulted in afresh every step (ega_jax/host_memory.py; the entry points set it too).
+export GLIBC_TUNABLES ?= glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
 .PHONY: test test-slow test-all lint format demo compare venv fashion-mnist clean demo-clean
 

@@ -242,10 +242,10 @@ def _jax_rows(report: dict) -> list[tuple[str, str]]:
       f"{load('load_average_before')} before, {load('load_average_after')} after",
     ),
     (
-      "malloc huge pages",
-      "on (glibc.malloc.hugetlb=1)"
-      if report.get("malloc_huge_pages")
-      else "off (every step faults its temporary buffers in 4 KiB pages)",
+      "malloc tuning (host_memory)",
+      "on: temporary buffers stay mapped between steps"
+      if report.get("malloc_tuning")
+      else "off: every step maps its temporary buffers afresh (page faults)",
     ),
     (
       "setting",

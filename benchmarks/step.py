@@ -247,8 +247,8 @@ def run(config, options: Options) -> dict:
     "cpu_count": os.cpu_count(),
     "cpu": machine.describe(),
     "load_average_before": list(load_before),
-    # glibc asked for transparent huge pages for malloc's mappings (ega_jax/host_memory.py).
-    "malloc_huge_pages": host_memory.TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
+    # malloc keeps XLA's per-step temporary buffers mapped (ega_jax/host_memory.py).
+    "malloc_tuning": host_memory.SETTING in os.environ.get("GLIBC_TUNABLES", ""),
     "jax_version": jax.__version__,
     "config": options.config_path,
     "dataset": config.dataset.name,
@@ -343,5 +343,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_malloc_tuning()
   app.run(main, flags_parser=_parse_flags)

@@ -99,7 +99,7 @@ def run() -> None:
   """Console-script entry point (ega-cache)."""
   from ega_jax import cli, host_memory
 
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_malloc_tuning()
   app.run(main, flags_parser=cli.parse_flags_or_exit)
 
 
