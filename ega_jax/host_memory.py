@@ -16,12 +16,14 @@ process keeps its peak heap until it exits. glibc reads its tunables once, when 
 starts, so `reexec_with_malloc_tuning()` restarts the current command (the same interpreter
 and arguments, `sys.orig_argv`) with `SETTING` added to `GLIBC_TUNABLES`, once; the entry
 points (`ega-train`, `ega-cache`, `python -m benchmarks.step`) call it before parsing flags.
-`EGA_JAX_MALLOC_TUNING=0` turns it off; where it cannot apply (not Linux, not glibc, or a
-`GLIBC_TUNABLES` that already sets one of these three) nothing happens.
+`EGA_JAX_MALLOC_TUNING=0` turns it off; where it does not apply (not Linux, not glibc, a
+`GLIBC_TUNABLES` that already sets one of these three, or an attached GPU/TPU unless
+`JAX_PLATFORMS=cpu`) nothing happens.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -34,6 +36,9 @@ TUNABLES = {
 SETTING = ":".join(f"{name}={value}" for name, value in TUNABLES.items())
 OPT_OUT = "EGA_JAX_MALLOC_TUNING"
 _MIN_GLIBC = (2, 26)  # the first glibc with tunables
+# Device files of attached accelerators: there the step's buffers live on the device, and the
+# host keeps glibc's defaults (its many threads would share the one arena for nothing).
+ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/kfd")
 
 
 def _glibc_version() -> tuple[int, ...] | None:
@@ -47,7 +52,7 @@ def _glibc_version() -> tuple[int, ...] | None:
 
 
 def why_not(environ=os.environ) -> str | None:
-  """None when restarting with the tunable would help here, else the reason it would not."""
+  """None when restarting with `SETTING` applies here, else the reason it does not."""
   if environ.get(OPT_OUT, "1") == "0":
     return f"{OPT_OUT}=0"
   already = [name for name in TUNABLES if name in environ.get("GLIBC_TUNABLES", "")]
@@ -55,6 +60,10 @@ def why_not(environ=os.environ) -> str | None:
     return f"GLIBC_TUNABLES already sets {', '.join(already)}"
   if not sys.platform.startswith("linux"):
     return f"not Linux ({sys.platform})"
+  if environ.get("JAX_PLATFORMS", "") != "cpu":
+    attached = [path for pattern in ACCELERATOR_DEVICES for path in glob.glob(pattern)]
+    if attached:
+      return f"an accelerator is attached ({attached[0]}; JAX_PLATFORMS=cpu would apply it)"
   version = _glibc_version()
   if version is None or version < _MIN_GLIBC:
     return f"needs glibc >= {'.'.join(map(str, _MIN_GLIBC))} (found {platform.libc_ver()})"

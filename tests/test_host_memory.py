@@ -75,6 +75,16 @@ def test_the_tunables_keep_a_large_buffer_mapped_between_allocations():
   assert tuned < 2 * 16_384, (tuned, plain)
 
 
+def test_an_attached_accelerator_keeps_the_defaults(monkeypatch, tmp_path):
+  fake_gpu = tmp_path / "nvidia0"
+  fake_gpu.touch()
+  monkeypatch.setattr(host_memory, "ACCELERATOR_DEVICES", (str(tmp_path / "nvidia[0-9]*"),))
+  assert "an accelerator is attached" in host_memory.why_not({})
+  forced_cpu = host_memory.why_not({"JAX_PLATFORMS": "cpu"})
+  monkeypatch.setattr(host_memory, "ACCELERATOR_DEVICES", ())
+  assert forced_cpu == host_memory.why_not({})
+
+
 def test_the_makefile_exports_the_same_setting():
   makefile = (Path(__file__).parents[1] / "Makefile").read_text()
   assert f"export GLIBC_TUNABLES ?= {host_memory.SETTING}\n" in makefile
