@@ -4,9 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
-# malloc keeps large freed buffers mapped, so XLA:CPU's per-step temporary buffers are not
-# page-faulted in afresh every step (ega_jax/host_memory.py; the entry points set it too).
-export GLIBC_TUNABLES ?= glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
 .PHONY: test test-slow test-all lint format demo compare venv fashion-mnist clean demo-clean
 

@@ -12,6 +12,10 @@ import tempfile
 # torch's OpenMP threads busy-wait by default, which starves the JAX work on a
 # small shared CPU; passive waiting made torch-using tests up to 10x faster.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The entry points' malloc tuning (ega_jax/host_memory.py) pays off over many steps but made
+# compile-heavy test runs ~30 % slower (docs/performance.md, "Page faults on every step"):
+# test subprocesses keep glibc's defaults; tests/test_host_memory.py clears this itself.
+os.environ.setdefault("EGA_JAX_MALLOC_TUNING", "0")
 
 import torch  # noqa: F401  (must precede any tensorflow import)
 import torchvision  # noqa: F401

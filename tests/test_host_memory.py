@@ -1,7 +1,5 @@
 """ega_jax.host_memory: the entry points restart once with glibc's malloc tunables."""
 
-from pathlib import Path
-
 import os
 import subprocess
 import sys
@@ -83,8 +81,3 @@ def test_an_attached_accelerator_keeps_the_defaults(monkeypatch, tmp_path):
   forced_cpu = host_memory.why_not({"JAX_PLATFORMS": "cpu"})
   monkeypatch.setattr(host_memory, "ACCELERATOR_DEVICES", ())
   assert forced_cpu == host_memory.why_not({})
-
-
-def test_the_makefile_exports_the_same_setting():
-  makefile = (Path(__file__).parents[1] / "Makefile").read_text()
-  assert f"export GLIBC_TUNABLES ?= {host_memory.SETTING}\n" in makefile
