@@ -248,7 +248,7 @@ def run(config, options: Options) -> dict:
     "cpu": machine.describe(),
     "load_average_before": list(load_before),
     # malloc keeps XLA's per-step temporary buffers mapped (ega_jax/host_memory.py).
-    "malloc_tuning": host_memory.SETTING in os.environ.get("GLIBC_TUNABLES", ""),
+    "malloc_tuning": host_memory.applied(),
     "jax_version": jax.__version__,
     "config": options.config_path,
     "dataset": config.dataset.name,

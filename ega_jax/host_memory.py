@@ -70,6 +70,11 @@ def why_not(environ=os.environ) -> str | None:
   return None
 
 
+def applied(environ=os.environ) -> bool:
+  """Whether this process started with `SETTING` in its GLIBC_TUNABLES (glibc uses it)."""
+  return SETTING in environ.get("GLIBC_TUNABLES", "")
+
+
 def environment_with_malloc_tuning(environ=os.environ) -> dict[str, str]:
   """A copy of `environ` whose GLIBC_TUNABLES (':'-separated) also holds `SETTING`."""
   updated = dict(environ)

@@ -42,6 +42,8 @@ def test_reexec_adds_the_tunable_once_where_it_applies():
   env = _clean_environment()
   reason = host_memory.why_not(env)
   printed = _run(_PRINT_TUNABLES, env)
+  assert not host_memory.applied(env)
+  assert host_memory.applied(host_memory.environment_with_malloc_tuning(env))
   if reason is None:
     assert printed == repr(host_memory.SETTING)
   else:
