@@ -1,7 +1,9 @@
-r"""Before/after timing of the convolution rewrites in ega_jax/models/conv.py.
+r"""Before/after timing of the convolution rewrites in ega_jax/models/conv.py and of the
+students' hand-differentiated BatchNorm (ega_jax/models/batch_norm.py).
 
   python -m benchmarks.conv_ablation [--students resnet8x4 vgg8 MobileNetV2 ShuffleV1 ShuffleV2 | all]
-                                     [--variants lax xla_weight_grad patch_weight_grad conv.py]
+                                     [--variants lax xla_weight_grad patch_weight_grad
+                                                 flax_batch_norm conv.py]
                                      [--batch_size 64] [--rounds 5] [--json OUT]
 
 For each student: the train-mode forward + backward (cross-entropy on random 32x32 images,
@@ -14,7 +16,11 @@ the student owns -- compiled once per variant in one process:
     `conv.CPU_CONV_LIBRARY` "xla"): conv.py before the weight-gradient rewrite;
   * "patch_weight_grad": the same with the patch-matmul weight gradient on CPU
     (`CPU_CONV_LIBRARY` "xla"): conv.py before oneDNN;
-  * "conv.py": `conv_nhwc` as shipped (oneDNN's float32 convolutions on CPU).
+  * "flax_batch_norm": conv.py as shipped, every BatchNorm flax's `nn.BatchNorm` differentiated
+    by JAX (the students before `models/batch_norm.py`);
+  * "conv.py": `conv_nhwc` and the BatchNorm as shipped (oneDNN's float32 convolutions on CPU).
+
+The first three keep the shipped BatchNorm.
 
 `--variants` picks some of them ("conv.py" is always timed). They are timed in alternating
 rounds (benchmarks/timing.py) so that all see the same machine load; the table gives the median
@@ -33,25 +39,31 @@ import numpy as np
 
 from benchmarks import jax_harness
 from benchmarks import timing
+from flax import linen as nn
+
 from ega_jax.models import conv as conv_lib
+from ega_jax.models.students import layers
 from ega_jax.models.students import STUDENT_NAMES, create_student
 
 DEFAULT_STUDENTS = ("resnet8x4", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 
 def _compiled_grad_step(student, variables, images, labels, variant):
-  """jit-compiled (loss, grads) of the student with `VARIANTS[variant]` in every TorchConv."""
-  conv_function, patch_weight_grad, cpu_library = VARIANTS[variant]
+  """jit-compiled (loss, grads) of the student with `VARIANTS[variant]` in every TorchConv
+  (and BatchNorm)."""
+  conv_function, patch_weight_grad, cpu_library, batch_norm = VARIANTS[variant]
   loss_fn = jax_harness.student_cross_entropy(student, variables["batch_stats"], images, labels)
   shipped = (
     conv_lib.conv_nhwc,
     conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU,
     conv_lib.CPU_CONV_LIBRARY,
+    layers.batch_norm,
   )
-  # All three are read at trace time by TorchConv / conv_nhwc.
+  # All four are read at trace time by TorchConv / conv_nhwc / the students' blocks.
   conv_lib.conv_nhwc = conv_function
   conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU = patch_weight_grad
   conv_lib.CPU_CONV_LIBRARY = cpu_library or shipped[2]
+  layers.batch_norm = batch_norm or shipped[3]
   try:
     compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(variables["params"]).compile()
   finally:
@@ -59,16 +71,32 @@ def _compiled_grad_step(student, variables, images, labels, variant):
       conv_lib.conv_nhwc,
       conv_lib.PATCH_MATMUL_WEIGHT_GRAD_ON_CPU,
       conv_lib.CPU_CONV_LIBRARY,
+      layers.batch_norm,
     ) = shipped
   return compiled
 
 
-# name -> (conv function, patch-matmul weight gradient on CPU, CPU_CONV_LIBRARY; None: shipped)
+def flax_batch_norm(*, name: str, train: bool, axis_name, dtype) -> nn.BatchNorm:
+  """`layers.batch_norm`'s layer as flax's `nn.BatchNorm` (same variables and statistics)."""
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=layers.BATCH_NORM_MOMENTUM,
+    epsilon=layers.BATCH_NORM_EPSILON,
+    axis_name=axis_name,
+    use_fast_variance=False,
+    dtype=dtype,
+    name=name,
+  )
+
+
+# name -> (conv function, patch-matmul weight gradient on CPU, CPU_CONV_LIBRARY, BatchNorm
+# factory; None: shipped)
 VARIANTS = {
-  "lax": (conv_lib.lax_conv, False, "xla"),
-  "xla_weight_grad": (conv_lib.conv_nhwc, False, "xla"),
-  "patch_weight_grad": (conv_lib.conv_nhwc, True, "xla"),
-  "conv.py": (conv_lib.conv_nhwc, True, None),
+  "lax": (conv_lib.lax_conv, False, "xla", None),
+  "xla_weight_grad": (conv_lib.conv_nhwc, False, "xla", None),
+  "patch_weight_grad": (conv_lib.conv_nhwc, True, "xla", None),
+  "flax_batch_norm": (conv_lib.conv_nhwc, True, None, flax_batch_norm),
+  "conv.py": (conv_lib.conv_nhwc, True, None, None),
 }
 
 

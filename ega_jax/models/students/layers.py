@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ega_jax.models.batch_norm import BatchNorm
 from ega_jax.models.conv import TorchConv
 
 Dtype = Any
@@ -84,7 +85,7 @@ def conv2d(
   )
 
 
-def batch_norm(*, name: str, train: bool, axis_name: str | None, dtype: Dtype) -> nn.BatchNorm:
+def batch_norm(*, name: str, train: bool, axis_name: str | None, dtype: Dtype) -> BatchNorm:
   """BatchNorm with PyTorch's momentum/epsilon, optionally cross-replica.
 
   In train mode the batch statistics are averaged over the named mesh axis
@@ -94,12 +95,11 @@ def batch_norm(*, name: str, train: bool, axis_name: str | None, dtype: Dtype) -
   mean is large. Running variance is the biased batch variance (PyTorch keeps
   the unbiased one; the two differ by n / (n - 1) with n = batch * H * W).
   """
-  return nn.BatchNorm(
+  return BatchNorm(
     use_running_average=not train,
     momentum=BATCH_NORM_MOMENTUM,
     epsilon=BATCH_NORM_EPSILON,
     axis_name=axis_name,
-    use_fast_variance=False,
     dtype=dtype,
     param_dtype=jnp.float32,
     name=name,
