@@ -41,6 +41,7 @@ from benchmarks import jax_harness
 from benchmarks import timing
 from flax import linen as nn
 
+from ega_jax import host_memory
 from ega_jax.models import conv as conv_lib
 from ega_jax.models.students import layers
 from ega_jax.models.students import STUDENT_NAMES, create_student
@@ -215,4 +216,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  # Timed as training runs it: malloc keeps the step's temporary buffers (ega_jax/host_memory.py).
+  host_memory.reexec_with_malloc_tuning()
   main()
