@@ -686,8 +686,22 @@ def test_crd_gradient_matches_finite_differences(x64):
   )
 
 
+# Non-default hyper-parameters, so that a row-sharded form that passed one in
+# the wrong place (or dropped one for its default) would give another value.
+_ROW_SHARDED_HPARAMS = {
+  "node_weight": 1.5,
+  "edge_weight": 0.1,
+  "rkd_distance_weight": 3.0,
+  "rkd_angle_weight": 7.0,
+  "nce_temperature": 0.5,
+  "irg_vertex_weight": 0.3,
+  "irg_edge_weight": 2.0,
+}
+# Repeated labels whose positive pairs cross the 4 devices' 3-row blocks.
+_ROW_SHARDED_LABELS = [0, 1, 2, 0, 1, 2, 3, 3, 4, 5, 0, 1]
+
 _ROW_SHARDED_WORKER = r"""
-import os, sys
+import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax
 jax.config.update("jax_enable_x64", True)
@@ -695,43 +709,122 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ega_jax import losses
 
+out, hparams, labels = sys.argv[1], json.loads(sys.argv[2]), np.array(json.loads(sys.argv[3]))
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("rows",))
 rng = np.random.RandomState(0)
 teacher = rng.normal(size=(12, 5))
 student = 0.5 * teacher + rng.normal(size=(12, 5))
-
-def per_device(t, s):  # this device's 3 rows -> the loss over all 12
-  gather = lambda x: jax.lax.all_gather(x, "rows", axis=0, tiled=True)
-  return losses.ega_loss_row_sharded(gather(t), gather(s), "rows", 1.5, 0.1)
-
-sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("rows"), P("rows")),
-                                out_specs=P()))
+teacher_logits = rng.normal(size=(12, 4))
+student_logits = 0.5 * teacher_logits + rng.normal(size=(12, 4))
 rows = NamedSharding(mesh, P("rows"))
-t, s = jax.device_put(teacher, rows), jax.device_put(student, rows)
-value = sharded(t, s)
-grads = jax.grad(sharded, argnums=(0, 1))(t, s)
-np.savez(sys.argv[1], value=value, grad_t=grads[0], grad_s=grads[1], teacher=teacher,
-         student=student)
+inputs = [jax.device_put(x, rows) for x in (student, teacher, student_logits, teacher_logits)]
+local_labels = jax.device_put(labels, rows)
+results = dict(teacher=teacher, student=student, teacher_logits=teacher_logits,
+               student_logits=student_logits)
+for method in losses.GRAPH_METHODS:
+  def per_device(s, t, s_logits, t_logits, y):  # this device's 3 rows -> the loss over all 12
+    gather = lambda x: jax.lax.all_gather(x, "rows", axis=0, tiled=True)
+    return losses.distill_loss(
+      method, student_emb=gather(s), teacher_emb=gather(t), labels=gather(y),
+      student_logits=gather(s_logits), teacher_logits=gather(t_logits), hparams=hparams,
+      axis_name="rows")
+  sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("rows"),) * 5,
+                                  out_specs=P()))
+  results[method + "/value"] = sharded(*inputs, local_labels)
+  grads = jax.grad(sharded, argnums=(0, 1, 2, 3))(*inputs, local_labels)
+  for name, grad in zip(("student", "teacher", "student_logits", "teacher_logits"), grads):
+    results[method + "/grad_" + name] = grad
+np.savez(out, **results)
 """
 
 
-def test_row_sharded_ega_equals_the_whole_graph_on_4_devices(x64, tmp_path):
-  """Value against the float64 NumPy formula, gradients against the whole-graph loss."""
+@pytest.fixture(scope="module")
+def row_sharded_results(tmp_path_factory):
+  """Every graph loss's row-sharded value and gradients on 4 forced CPU devices."""
+  import json
   import os
   import subprocess
   import sys
 
-  out = tmp_path / "rows.npz"
+  out = tmp_path_factory.mktemp("rows") / "rows.npz"
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "PYTHONPATH": repo}
   env.pop("XLA_FLAGS", None)
   done = subprocess.run(
-    [sys.executable, "-c", _ROW_SHARDED_WORKER, str(out)], env=env, capture_output=True, text=True
+    [
+      sys.executable,
+      "-c",
+      _ROW_SHARDED_WORKER,
+      str(out),
+      json.dumps(_ROW_SHARDED_HPARAMS),
+      json.dumps(_ROW_SHARDED_LABELS),
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
   )
   assert done.returncode == 0, done.stderr[-3000:]
-  got = np.load(out)
-  teacher, student = got["teacher"], got["student"]
-  _assert_close(got["value"], ref_ega(teacher, student, 1.5, 0.1))
-  whole = jax.grad(lambda t, s: losses.ega_loss(t, s, 1.5, 0.1), argnums=(0, 1))(teacher, student)
-  _assert_close(got["grad_t"], whole[0])
-  _assert_close(got["grad_s"], whole[1])
+  return dict(np.load(out))
+
+
+def _row_sharded_reference(method, student, teacher, labels, student_logits, teacher_logits):
+  """The float64 NumPy formula of `method` with _ROW_SHARDED_HPARAMS."""
+  hp = {**losses.DEFAULT_HPARAMS, **_ROW_SHARDED_HPARAMS}
+  if method == "ega":
+    return ref_ega(teacher, student, hp["node_weight"], hp["edge_weight"])
+  if method == "rkd":
+    return ref_rkd(student, teacher, hp["rkd_distance_weight"], hp["rkd_angle_weight"])
+  if method == "pkt":
+    return ref_pkt(student, teacher, hp["pkt_eps"])
+  if method == "nce":
+    return ref_nce(student, teacher, labels, hp["nce_temperature"])
+  if method == "ccl":
+    return ref_ccl(student, teacher, labels, student_logits, teacher_logits, hp["nce_temperature"])
+  assert method == "irg"
+  return ref_irg(student, teacher, hp["irg_vertex_weight"], hp["irg_edge_weight"], True)
+
+
+@pytest.mark.parametrize("method", losses.GRAPH_METHODS)
+def test_row_sharded_loss_equals_the_whole_batch_on_4_devices(x64, row_sharded_results, method):
+  """Value against the float64 NumPy formula, gradients against the whole-batch loss."""
+  got = row_sharded_results
+  labels = np.array(_ROW_SHARDED_LABELS)
+  arrays = ("student", "teacher", "student_logits", "teacher_logits")
+  student, teacher, student_logits, teacher_logits = (got[name] for name in arrays)
+  _assert_close(
+    got[method + "/value"],
+    _row_sharded_reference(method, student, teacher, labels, student_logits, teacher_logits),
+  )
+
+  def whole(s, t, s_logits, t_logits):
+    return losses.distill_loss(
+      method,
+      student_emb=s,
+      teacher_emb=t,
+      labels=labels,
+      student_logits=s_logits,
+      teacher_logits=t_logits,
+      hparams=_ROW_SHARDED_HPARAMS,
+    )
+
+  whole_grads = jax.grad(whole, argnums=(0, 1, 2, 3))(
+    student, teacher, student_logits, teacher_logits
+  )
+  assert np.abs(whole_grads[0]).sum() > 0  # the student side is really differentiated
+  for name, expected in zip(arrays, whole_grads):
+    np.testing.assert_allclose(
+      got[method + "/grad_" + name], expected, rtol=1e-9, atol=1e-12, err_msg=name
+    )
+
+
+def test_row_sharded_forms_reject_per_example_methods_and_uneven_rows():
+  with pytest.raises(ValueError, match="only the graph methods"):
+    losses.distill_loss(
+      "kd", student_logits=np.zeros((4, 3)), teacher_logits=np.zeros((4, 3)), axis_name="rows"
+    )
+  x = np.ones((3, 2), np.float32)
+  # vmap's named axis of size 2 stands in for 2 devices: 3 rows cannot be split.
+  with pytest.raises(ValueError, match=r"global batch \(3\) divisible by the 2 devices"):
+    jax.vmap(lambda s: losses.pkt_loss_row_sharded(s, s, "pairs"), axis_name="pairs")(
+      np.stack([x, x])
+    )

@@ -43,10 +43,11 @@ def relative_error(a, b):
 # cross-entropies, CRD's instance-level rule for unlabelled rows); with every
 # label known the same code is plain CRD, so that run would add compile time only.
 # ega: graph_rows 'auto', so on 8 devices each device computes its rows of the
-# graph (psum of the norms), on 1 device the whole graph. A graph loss computed
-# whole on every device from the gathered rows (graph_rows='replicated') goes
-# through the same code as rkd here, so it would add compile time only.
-EQUIVALENCE_METHODS = ("ega", "rkd", "crd@labelled")
+# graph (psum of the sums), on 1 device the whole graph; every graph loss goes
+# through that same call (tests/test_losses.py checks each row-sharded form).
+# rkd@replicated: the graph loss computed whole on every device from the
+# gathered rows (graph_rows='replicated'), the other multi-device path.
+EQUIVALENCE_METHODS = ("ega", "rkd@replicated", "crd@labelled")
 
 
 @pytest.fixture(scope="module")

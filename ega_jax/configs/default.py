@@ -73,12 +73,13 @@ def get_config() -> ml_collections.ConfigDict:
   # and the distillation gradient never reaches it. True: it also receives
   # beta * distillation-loss gradients.
   config.distill.train_teacher_head_jointly = False
-  # EGA's graph on n devices: 'replicated' (every device builds the whole
-  # (2B, 2B) graph from the gathered embeddings), 'sharded' (each device its
-  # B/n rows against all columns, the norms summed with psum; the same loss to
-  # float rounding), or 'auto': sharded when n > 1, which was faster at every
-  # batch measured (docs/performance.md, benchmarks/graph_rows.py), and the
-  # whole graph on one device, where there is nothing to split.
+  # A graph loss (ega, rkd, pkt, irg, nce, ccl) on n devices: 'replicated'
+  # (every device computes the whole loss from the gathered embeddings),
+  # 'sharded' (each device its B/n rows of the graph against all B columns,
+  # the sums assembled with psum; the same loss to float rounding), or 'auto':
+  # sharded when n > 1, which was faster at every batch measured
+  # (docs/performance.md, benchmarks/graph_rows.py), and the whole graph on one
+  # device, where there is nothing to split.
   config.distill.graph_rows = "auto"
 
   config.feature_dim = 256

@@ -16,6 +16,13 @@ the distillation gradient (the released EGA default).
 
 Matrix products use `Precision.HIGHEST` (see `_common`).
 
+Every graph loss (GRAPH_METHODS) also has a `*_row_sharded` form, for use
+inside shard_map / pmap: with the same gathered inputs on each of n devices,
+device r computes only its B/n rows of the graph and the sums are assembled
+with `psum`, so every device returns the whole-batch value while its share of
+the O(B^2) work and memory falls as 1/n. `distill_loss(..., axis_name=...)`
+picks them.
+
 Methods (see `DISTILL_METHODS`, `distill_loss`):
   ega   Embedding Graph Alignment: Pearson graph over [teacher; student] rows.
   kd    Hinton KD: KL(teacher || student) at temperature T, times T^2.
@@ -32,13 +39,18 @@ Modules:
   _common       numerically safe helpers and input checks (private).
   graph         pearson_graph, ega_graph_blocks, ega_loss, ega_loss_row_sharded.
   logits        kd_loss, hint_loss.
-  relational    rkd_loss, pkt_loss, irg_loss.
-  contrastive   nce_loss, ccl_loss.
+  relational    rkd_loss, pkt_loss, irg_loss (and their *_row_sharded forms).
+  contrastive   nce_loss, ccl_loss (and their *_row_sharded forms).
   crd           CRDMemory, CRDClassTables, negative sampling, crd_loss.
   registry      DISTILL_METHODS, GRAPH_METHODS, DEFAULT_HPARAMS, distill_loss.
 """
 
-from ega_jax.losses.contrastive import ccl_loss, nce_loss
+from ega_jax.losses.contrastive import (
+  ccl_loss,
+  ccl_loss_row_sharded,
+  nce_loss,
+  nce_loss_row_sharded,
+)
 from ega_jax.losses.crd import (
   CRDClassTables,
   CRDMemory,
@@ -50,7 +62,14 @@ from ega_jax.losses.crd import (
 from ega_jax.losses.graph import ega_graph_blocks, ega_loss, ega_loss_row_sharded, pearson_graph
 from ega_jax.losses.logits import hint_loss, kd_loss
 from ega_jax.losses.registry import DEFAULT_HPARAMS, DISTILL_METHODS, GRAPH_METHODS, distill_loss
-from ega_jax.losses.relational import irg_loss, pkt_loss, rkd_loss
+from ega_jax.losses.relational import (
+  irg_loss,
+  irg_loss_row_sharded,
+  pkt_loss,
+  pkt_loss_row_sharded,
+  rkd_loss,
+  rkd_loss_row_sharded,
+)
 
 __all__ = [
   "DISTILL_METHODS",
@@ -64,10 +83,15 @@ __all__ = [
   "kd_loss",
   "hint_loss",
   "rkd_loss",
+  "rkd_loss_row_sharded",
   "pkt_loss",
+  "pkt_loss_row_sharded",
   "irg_loss",
+  "irg_loss_row_sharded",
   "nce_loss",
+  "nce_loss_row_sharded",
   "ccl_loss",
+  "ccl_loss_row_sharded",
   "CRDMemory",
   "CRDClassTables",
   "init_crd_memory",

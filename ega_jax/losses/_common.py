@@ -39,19 +39,29 @@ def _l2_normalize(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
   return x / jnp.where(squared_norm > 0, _safe_sqrt(squared_norm), 1.0)
 
 
+def _huber(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """Elementwise Huber loss with beta = 1 (`F.smooth_l1_loss`, no reduction)."""
+  abs_diff = jnp.abs(a - b)
+  return jnp.where(abs_diff < 1.0, 0.5 * jnp.square(abs_diff), abs_diff - 0.5)
+
+
 def _smooth_l1(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   """Mean Huber loss with beta = 1 (`F.smooth_l1_loss`, mean reduction)."""
-  abs_diff = jnp.abs(a - b)
-  return jnp.mean(jnp.where(abs_diff < 1.0, 0.5 * jnp.square(abs_diff), abs_diff - 0.5))
+  return jnp.mean(_huber(a, b))
 
 
-def _batch_mean_kl(log_p: jnp.ndarray, log_q: jnp.ndarray) -> jnp.ndarray:
-  """KL(p || q) summed over the last axis, averaged over the batch.
+def _row_kl(log_p: jnp.ndarray, log_q: jnp.ndarray) -> jnp.ndarray:
+  """(B, C) -> (B,): KL(p_i || q_i) of each row, summed over the last axis.
 
   Written with both log-probabilities (not `p * log p`) so that a probability
   that underflows to 0 contributes exactly 0 instead of 0 * -inf = NaN.
   """
-  return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def _batch_mean_kl(log_p: jnp.ndarray, log_q: jnp.ndarray) -> jnp.ndarray:
+  """KL(p || q) summed over the last axis, averaged over the batch."""
+  return jnp.mean(_row_kl(log_p, log_q))
 
 
 def _pairwise_distances(x: jnp.ndarray, squared: bool, clamp_min: float = 1e-12) -> jnp.ndarray:
@@ -68,6 +78,47 @@ def _pairwise_distances(x: jnp.ndarray, squared: bool, clamp_min: float = 1e-12)
   if not squared:
     distances = jnp.sqrt(distances)
   return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, distances)
+
+
+def _own_rows(batch_size: int, axis_name: str, caller: str) -> tuple[jnp.ndarray, int]:
+  """(first, rows): this device's rows [first, first + rows) of a (batch_size, ...) graph.
+
+  For the row-sharded losses, called inside shard_map / pmap over `axis_name`
+  (n devices): device r owns rows [r * B / n, (r + 1) * B / n).
+  """
+  num_devices = jax.lax.axis_size(axis_name)
+  if batch_size % num_devices:
+    raise ValueError(
+      f"{caller} needs the global batch ({batch_size}) divisible by the {num_devices} devices "
+      f"of axis {axis_name!r}."
+    )
+  rows = batch_size // num_devices
+  return jax.lax.axis_index(axis_name) * rows, rows
+
+
+def _take_rows(x: jnp.ndarray, first: jnp.ndarray, rows: int) -> jnp.ndarray:
+  """x[first : first + rows] along axis 0, with a traced `first`."""
+  return jax.lax.dynamic_slice_in_dim(x, first, rows, axis=0)
+
+
+def _diagonal_rows(first: jnp.ndarray, rows: int, batch_size: int) -> jnp.ndarray:
+  """(rows, batch_size) bool: rows [first, first + rows) of the identity."""
+  return (first + jnp.arange(rows))[:, None] == jnp.arange(batch_size)[None, :]
+
+
+def _row_pairwise_distances(
+  x: jnp.ndarray, first: jnp.ndarray, rows: int, squared: bool, clamp_min: float = 1e-12
+) -> jnp.ndarray:
+  """(B, D) -> (rows, B): rows [first, first + rows) of `_pairwise_distances(x, squared)`."""
+  squared_norms = jnp.sum(jnp.square(x), axis=1)
+  gram = jnp.matmul(_take_rows(x, first, rows), x.T, precision=_HIGHEST)
+  squared_distances = (
+    _take_rows(squared_norms, first, rows)[:, None] + squared_norms[None, :] - 2.0 * gram
+  )
+  distances = jnp.maximum(squared_distances, clamp_min)
+  if not squared:
+    distances = jnp.sqrt(distances)
+  return jnp.where(_diagonal_rows(first, rows, x.shape[0]), 0.0, distances)
 
 
 def _check_2d_pair(

@@ -3,7 +3,15 @@
 import jax
 import jax.numpy as jnp
 
-from ega_jax.losses._common import _HIGHEST, _check_2d_pair, _frobenius_norm, _safe_sqrt
+from ega_jax.losses._common import (
+  _HIGHEST,
+  _check_2d_pair,
+  _diagonal_rows,
+  _frobenius_norm,
+  _own_rows,
+  _safe_sqrt,
+  _take_rows,
+)
 
 
 def pearson_graph(x: jnp.ndarray, eps: float = 1e-8) -> jnp.ndarray:
@@ -134,25 +142,17 @@ def ega_loss_row_sharded(
   """
   _check_2d_pair("teacher_emb", teacher_emb, "student_emb", student_emb)
   batch_size = teacher_emb.shape[0]
-  num_devices = jax.lax.axis_size(axis_name)
-  if batch_size % num_devices:
-    raise ValueError(
-      f"ega_loss_row_sharded needs the batch ({batch_size}) divisible by the devices "
-      f"({num_devices})."
-    )
-  rows = batch_size // num_devices
-  first = jax.lax.axis_index(axis_name) * rows
+  first, rows = _own_rows(batch_size, axis_name, "ega_loss_row_sharded")
   teacher_unit = _pearson_unit_rows(teacher_emb, eps)
   student_unit = _pearson_unit_rows(student_emb, eps)
-  own_teacher = jax.lax.dynamic_slice_in_dim(teacher_unit, first, rows, axis=0)
-  own_student = jax.lax.dynamic_slice_in_dim(student_unit, first, rows, axis=0)
+  own_teacher = _take_rows(teacher_unit, first, rows)
+  own_student = _take_rows(student_unit, first, rows)
   edge_rows = jnp.matmul(own_teacher, teacher_unit.T, precision=_HIGHEST) - jnp.matmul(
     own_student, student_unit.T, precision=_HIGHEST
   )
-  identity_rows = (first + jnp.arange(rows))[:, None] == jnp.arange(batch_size)[None, :]
-  node_rows = jnp.matmul(own_teacher, student_unit.T, precision=_HIGHEST) - identity_rows.astype(
-    teacher_unit.dtype
-  )
+  node_rows = jnp.matmul(own_teacher, student_unit.T, precision=_HIGHEST) - _diagonal_rows(
+    first, rows, batch_size
+  ).astype(teacher_unit.dtype)
   edge_squared = jax.lax.psum(jnp.sum(jnp.square(edge_rows)), axis_name)
   node_squared = jax.lax.psum(jnp.sum(jnp.square(node_rows)), axis_name)
   return node_weight * _safe_sqrt(node_squared) + edge_weight * _safe_sqrt(edge_squared)

@@ -11,10 +11,22 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from ega_jax.losses.contrastive import ccl_loss, nce_loss
-from ega_jax.losses.graph import ega_loss
+from ega_jax.losses.contrastive import (
+  ccl_loss,
+  ccl_loss_row_sharded,
+  nce_loss,
+  nce_loss_row_sharded,
+)
+from ega_jax.losses.graph import ega_loss, ega_loss_row_sharded
 from ega_jax.losses.logits import hint_loss, kd_loss
-from ega_jax.losses.relational import irg_loss, pkt_loss, rkd_loss
+from ega_jax.losses.relational import (
+  irg_loss,
+  irg_loss_row_sharded,
+  pkt_loss,
+  pkt_loss_row_sharded,
+  rkd_loss,
+  rkd_loss_row_sharded,
+)
 
 DISTILL_METHODS = ("none", "kd", "hint", "rkd", "pkt", "nce", "ccl", "crd", "irg", "ega")
 
@@ -72,6 +84,7 @@ def distill_loss(
   student_logits: jnp.ndarray | None = None,
   teacher_logits: jnp.ndarray | None = None,
   hparams: Mapping[str, Any] | None = None,
+  axis_name: str | None = None,
 ) -> jnp.ndarray:
   """The distillation term L_distill of `method` on the global batch.
 
@@ -82,6 +95,11 @@ def distill_loss(
     student_logits, teacher_logits: (B, C) logits (kd, ccl).
     hparams: flat mapping of DEFAULT_HPARAMS keys; missing keys take the
       defaults, unknown keys raise.
+    axis_name: None for the whole loss on this device; the name of a
+      shard_map / pmap device axis for the row-sharded form of a graph method
+      (GRAPH_METHODS): the inputs are then the gathered global batch, the same
+      on every device, and each device computes its B/n rows (B divisible by
+      the axis size). The value is the same either way.
 
   Returns:
     Scalar loss ('none' returns 0.0).
@@ -98,6 +116,12 @@ def distill_loss(
   hp = _resolve_hparams(hparams)
   if method == "none":
     return jnp.zeros((), jnp.float32)
+  if axis_name is not None and method not in GRAPH_METHODS:
+    raise ValueError(
+      f"distill_loss({method!r}, axis_name={axis_name!r}): only the graph methods "
+      f"{list(GRAPH_METHODS)} have a row-sharded form; {method!r} is per-example, "
+      "call it with axis_name=None."
+    )
 
   needed = {
     "kd": ("student_logits", "teacher_logits"),
@@ -119,23 +143,38 @@ def distill_loss(
     return kd_loss(student_logits, teacher_logits, hp["kd_temperature"])
   if method == "hint":
     return hint_loss(student_emb, teacher_emb)
+  sharded = axis_name is not None
   if method == "rkd":
-    return rkd_loss(student_emb, teacher_emb, hp["rkd_distance_weight"], hp["rkd_angle_weight"])
+    weights = (hp["rkd_distance_weight"], hp["rkd_angle_weight"])
+    if sharded:
+      return rkd_loss_row_sharded(student_emb, teacher_emb, axis_name, *weights)
+    return rkd_loss(student_emb, teacher_emb, *weights)
   if method == "pkt":
+    if sharded:
+      return pkt_loss_row_sharded(student_emb, teacher_emb, axis_name, hp["pkt_eps"])
     return pkt_loss(student_emb, teacher_emb, hp["pkt_eps"])
   if method == "nce":
+    if sharded:
+      return nce_loss_row_sharded(
+        student_emb, teacher_emb, labels, axis_name, hp["nce_temperature"]
+      )
     return nce_loss(student_emb, teacher_emb, labels, hp["nce_temperature"])
   if method == "ccl":
-    return ccl_loss(
-      student_emb, teacher_emb, labels, student_logits, teacher_logits, hp["nce_temperature"]
-    )
+    inputs = (student_emb, teacher_emb, labels, student_logits, teacher_logits)
+    if sharded:
+      return ccl_loss_row_sharded(*inputs, axis_name, hp["nce_temperature"])
+    return ccl_loss(*inputs, hp["nce_temperature"])
   if method == "irg":
-    return irg_loss(
-      student_emb,
-      teacher_emb,
+    irg_hparams = (
       hp["irg_vertex_weight"],
       hp["irg_edge_weight"],
       bool(hp["irg_squared_distance"]),
     )
+    if sharded:
+      return irg_loss_row_sharded(student_emb, teacher_emb, axis_name, *irg_hparams)
+    return irg_loss(student_emb, teacher_emb, *irg_hparams)
   # method == "ega"
-  return ega_loss(teacher_emb, student_emb, hp["node_weight"], hp["edge_weight"], hp["pearson_eps"])
+  ega_hparams = (hp["node_weight"], hp["edge_weight"], hp["pearson_eps"])
+  if sharded:
+    return ega_loss_row_sharded(teacher_emb, student_emb, axis_name, *ega_hparams)
+  return ega_loss(teacher_emb, student_emb, *ega_hparams)

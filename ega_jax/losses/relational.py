@@ -6,10 +6,14 @@ import jax.numpy as jnp
 from ega_jax.losses._common import (
   _HIGHEST,
   _check_2d_pair,
+  _huber,
   _l2_normalize,
+  _own_rows,
   _pairwise_distances,
+  _row_pairwise_distances,
   _safe_sqrt,
   _smooth_l1,
+  _take_rows,
 )
 
 
@@ -23,9 +27,14 @@ def _rkd_normalised_distances(x: jnp.ndarray) -> jnp.ndarray:
   return distances / jnp.where(mean_positive > 0, mean_positive, 1.0)
 
 
-def _rkd_angles(x: jnp.ndarray) -> jnp.ndarray:
-  """(B, D) -> (B, B, B): A[i, j, k] = <e_ij, e_ik>, e_ij = unit(x_j - x_i)."""
-  directions = _l2_normalize(x[None, :, :] - x[:, None, :], axis=-1)
+def _rkd_angles(x: jnp.ndarray, anchors: jnp.ndarray | None = None) -> jnp.ndarray:
+  """(B, D) -> (A, B, B): angles[a, j, k] = <e_aj, e_ak>, e_aj = unit(x_j - anchors_a).
+
+  `anchors` (A, D) defaults to x itself (A = B, the whole tensor); the
+  row-sharded loss passes its own rows.
+  """
+  anchors = x if anchors is None else anchors
+  directions = _l2_normalize(x[None, :, :] - anchors[:, None, :], axis=-1)
   return jnp.einsum("ijd,ikd->ijk", directions, directions, precision=_HIGHEST)
 
 
@@ -66,6 +75,57 @@ def rkd_loss(
   return distance_weight * distance_term + angle_weight * angle_term
 
 
+def rkd_loss_row_sharded(
+  student_emb: jnp.ndarray,
+  teacher_emb: jnp.ndarray,
+  axis_name: str,
+  distance_weight: float = 25.0,
+  angle_weight: float = 50.0,
+) -> jnp.ndarray:
+  """`rkd_loss` with each device computing only its anchors' rows.
+
+  Called inside shard_map / pmap over `axis_name` (n devices) with the gathered
+  global embeddings, identical on every device. Device r owns anchors
+  [r*B/n, (r+1)*B/n): its (B/n, B) rows of the distance matrices and its
+  (B/n, B, B) slab of the angle tensor. The means over positive distances and
+  the smooth-L1 sums are `psum`med, so every device returns the same scalar as
+  `rkd_loss` on the whole batch, after a (B/n, B, D) largest intermediate
+  instead of (B, B, D).
+
+  Args:
+    student_emb: (B, D_s) gathered; B divisible by n.
+    teacher_emb: (B, D_t) gathered; widths may differ.
+    axis_name: the device axis the anchors are split over.
+    distance_weight, angle_weight: as in `rkd_loss`.
+
+  Returns:
+    Scalar loss, the same on every device.
+  """
+  _check_2d_pair("student_emb", student_emb, "teacher_emb", teacher_emb, same_width=False)
+  teacher_emb = jax.lax.stop_gradient(teacher_emb)
+  batch_size = student_emb.shape[0]
+  first, rows = _own_rows(batch_size, axis_name, "rkd_loss_row_sharded")
+
+  def normalised_distance_rows(x):
+    distances = _row_pairwise_distances(x, first, rows, squared=False)
+    positive = distances > 0
+    num_positive = jax.lax.psum(jnp.sum(positive), axis_name)
+    positive_sum = jax.lax.psum(jnp.sum(jnp.where(positive, distances, 0.0)), axis_name)
+    mean_positive = positive_sum / jnp.maximum(num_positive, 1)
+    return distances / jnp.where(mean_positive > 0, mean_positive, 1.0)
+
+  def angle_rows(x):
+    return _rkd_angles(x, _take_rows(x, first, rows))
+
+  distance_sum = jnp.sum(
+    _huber(normalised_distance_rows(student_emb), normalised_distance_rows(teacher_emb))
+  )
+  angle_sum = jnp.sum(_huber(angle_rows(student_emb), angle_rows(teacher_emb)))
+  distance_term = jax.lax.psum(distance_sum, axis_name) / batch_size**2
+  angle_term = jax.lax.psum(angle_sum, axis_name) / batch_size**3
+  return distance_weight * distance_term + angle_weight * angle_term
+
+
 def pkt_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray, eps: float = 1e-7) -> jnp.ndarray:
   """Probabilistic Knowledge Transfer, as RepDistiller's `PKT`.
 
@@ -86,14 +146,53 @@ def pkt_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray, eps: float = 1e
   _check_2d_pair("student_emb", student_emb, "teacher_emb", teacher_emb, same_width=False)
 
   def conditional_probabilities(x):
-    norms = _safe_sqrt(jnp.sum(jnp.square(x), axis=1, keepdims=True))
-    unit = x / (norms + eps)
+    unit = _pkt_unit_rows(x, eps)
     similarity = (jnp.matmul(unit, unit.T, precision=_HIGHEST) + 1.0) / 2.0
     return similarity / jnp.sum(similarity, axis=1, keepdims=True)
 
   p_student = conditional_probabilities(student_emb)
   p_teacher = conditional_probabilities(teacher_emb)
   return jnp.mean(p_teacher * jnp.log((p_teacher + eps) / (p_student + eps)))
+
+
+def _pkt_unit_rows(x: jnp.ndarray, eps: float) -> jnp.ndarray:
+  """(B, D) -> (B, D): u_i = x_i / (|x_i| + eps)."""
+  norms = _safe_sqrt(jnp.sum(jnp.square(x), axis=1, keepdims=True))
+  return x / (norms + eps)
+
+
+def pkt_loss_row_sharded(
+  student_emb: jnp.ndarray, teacher_emb: jnp.ndarray, axis_name: str, eps: float = 1e-7
+) -> jnp.ndarray:
+  """`pkt_loss` with each device computing only its rows of P_s and P_t.
+
+  P is normalised per row, so device r's (B/n, B) rows need only its own rows
+  against all B columns; the KL sums are `psum`med. Called inside shard_map /
+  pmap over `axis_name` with the gathered global embeddings (B divisible by n);
+  returns the same scalar as `pkt_loss` on every device.
+
+  Args:
+    student_emb: (B, D_s) gathered.
+    teacher_emb: (B, D_t) gathered; widths may differ.
+    axis_name: the device axis the rows are split over.
+    eps: as in `pkt_loss`.
+
+  Returns:
+    Scalar loss, the same on every device.
+  """
+  _check_2d_pair("student_emb", student_emb, "teacher_emb", teacher_emb, same_width=False)
+  batch_size = student_emb.shape[0]
+  first, rows = _own_rows(batch_size, axis_name, "pkt_loss_row_sharded")
+
+  def conditional_probability_rows(x):
+    unit = _pkt_unit_rows(x, eps)
+    similarity = (jnp.matmul(_take_rows(unit, first, rows), unit.T, precision=_HIGHEST) + 1.0) / 2.0
+    return similarity / jnp.sum(similarity, axis=1, keepdims=True)
+
+  p_student = conditional_probability_rows(student_emb)
+  p_teacher = conditional_probability_rows(teacher_emb)
+  kl_sum = jnp.sum(p_teacher * jnp.log((p_teacher + eps) / (p_student + eps)))
+  return jax.lax.psum(kl_sum, axis_name) / batch_size**2
 
 
 def _max_normalised_distances(x: jnp.ndarray, squared: bool) -> jnp.ndarray:
@@ -148,4 +247,52 @@ def irg_loss(
       - _max_normalised_distances(teacher_emb, squared_distance)
     )
   )
+  return vertex_weight * vertex_term + edge_weight * edge_term
+
+
+def irg_loss_row_sharded(
+  student_emb: jnp.ndarray,
+  teacher_emb: jnp.ndarray,
+  axis_name: str,
+  vertex_weight: float = 0.1,
+  edge_weight: float = 5.0,
+  squared_distance: bool = True,
+) -> jnp.ndarray:
+  """`irg_loss` with each device computing only its rows of the distance graphs.
+
+  Device r owns rows [r*B/n, (r+1)*B/n) of both (B, B) edge matrices and of
+  the vertex term. Each matrix's maximum is the largest of the n devices' row
+  maxima (an all-gather of n scalars, so the gradient reaches the row that
+  holds it); the squared-error sums are `psum`med. Called inside shard_map /
+  pmap over `axis_name` with the gathered global embeddings (B divisible by n);
+  returns the same scalar as `irg_loss` on every device.
+
+  Args:
+    student_emb: (B, D) gathered.
+    teacher_emb: (B, D) gathered.
+    axis_name: the device axis the rows are split over.
+    vertex_weight, edge_weight, squared_distance: as in `irg_loss`.
+
+  Returns:
+    Scalar loss, the same on every device.
+  """
+  _check_2d_pair("student_emb", student_emb, "teacher_emb", teacher_emb)
+  batch_size, width = student_emb.shape
+  first, rows = _own_rows(batch_size, axis_name, "irg_loss_row_sharded")
+
+  def max_normalised_distance_rows(x):
+    distances = _row_pairwise_distances(x, first, rows, squared=squared_distance)
+    largest = jnp.max(jax.lax.all_gather(jnp.max(distances), axis_name))
+    return distances / jnp.where(largest > 0, largest, 1.0)
+
+  vertex_sum = jnp.sum(
+    jnp.square(_take_rows(student_emb, first, rows) - _take_rows(teacher_emb, first, rows))
+  )
+  edge_sum = jnp.sum(
+    jnp.square(
+      max_normalised_distance_rows(student_emb) - max_normalised_distance_rows(teacher_emb)
+    )
+  )
+  vertex_term = jax.lax.psum(vertex_sum, axis_name) / (batch_size * width)
+  edge_term = jax.lax.psum(edge_sum, axis_name) / batch_size**2
   return vertex_weight * vertex_term + edge_weight * edge_term

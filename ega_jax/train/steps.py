@@ -130,16 +130,12 @@ def _distillation_term(
       temperature=config.distill.crd_temperature,
       momentum=config.distill.crd_momentum,
     )
+  # Graph losses split their rows over the devices (each computes B/n rows
+  # of the graph, `psum`med) unless config.distill.graph_rows says otherwise.
   rows = config.distill.graph_rows
-  if method == "ega" and (rows == "sharded" or (rows == "auto" and jax.lax.axis_size(AXIS) > 1)):
-    return losses.ega_loss_row_sharded(
-      embeddings["global_teacher_emb"],
-      embeddings["global_student_emb"],
-      AXIS,
-      node_weight=hparams["node_weight"],
-      edge_weight=hparams["edge_weight"],
-      eps=hparams["pearson_eps"],
-    ), state.crd_memory
+  split_rows = method in losses.GRAPH_METHODS and (
+    rows == "sharded" or (rows == "auto" and jax.lax.axis_size(AXIS) > 1)
+  )
   distill = losses.distill_loss(
     method,
     student_emb=embeddings["global_student_emb"],
@@ -148,6 +144,7 @@ def _distillation_term(
     student_logits=embeddings["global_student_logits"],
     teacher_logits=embeddings["global_teacher_logits"],
     hparams=hparams,
+    axis_name=AXIS if split_rows else None,
   )
   return distill, state.crd_memory
 

@@ -7,7 +7,9 @@ when jax is first imported:
 
 writes OUT_PREFIX<method>.npz for each method. METHOD@labelled runs METHOD in
 label-efficient mode: only even train indices keep their labels (-1 for the rest).
-EGA runs with the default graph_rows='auto': split by rows over several devices.
+METHOD@replicated computes its graph loss whole on every device
+(graph_rows='replicated'); otherwise graph losses take the default 'auto', split
+by rows over several devices.
 """
 
 import os
@@ -80,6 +82,8 @@ def run(METHOD, OUT):
   rng = np.random.RandomState(0)
   train_labels = rng.randint(0, NUM_CLASSES, size=NUM_TRAIN).astype(np.int32)
   crd_labels = train_labels
+  if variant == "replicated":
+    config.distill.graph_rows = "replicated"
   if variant == "labelled":
     train_labels = np.where(np.arange(NUM_TRAIN) % 2 == 0, train_labels, -1).astype(np.int32)
     crd_labels = labelled.instance_labels(train_labels, np.arange(NUM_TRAIN), NUM_CLASSES)
