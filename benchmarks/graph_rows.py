@@ -1,18 +1,20 @@
-r"""EGA's graph loss on several devices: the whole graph on every device vs rows split over them.
+r"""A graph loss on several devices: the whole graph on every device vs rows split over them.
 
-  python -m benchmarks.graph_rows [--devices 8] [--batches 256,512,...] [--json OUT]
+  python -m benchmarks.graph_rows [--method ega] [--devices 8] [--batches 256,512,...]
+                                  [--json OUT]
 
-Times one forward + backward of the EGA loss as the train step runs it inside
-shard_map (local (B/n, D) embeddings, all-gathered, loss, gradient back through
-the gather) with config.distill.graph_rows 'replicated' (every device builds the
-(2B, 2B) graph) and 'sharded' (each device its (B/n, B) rows, norms psum'd), in
+Times one forward + backward of a graph loss (--method: ega, rkd, pkt, irg, nce,
+ccl) as the train step runs it inside shard_map (local (B/n, D) embeddings,
+all-gathered, loss, gradient back through the gather) with
+config.distill.graph_rows 'replicated' (every device computes the whole loss)
+and 'sharded' (each device its B/n rows of the graph, sums psum'd), in
 alternating rounds. D = 256 (configs/default.py's feature_dim), float32.
 
 Reported per batch: the wall time of the call (all n devices), the FLOPs of the
-graph products per device (replicated 2*(2B)^2*D forward; sharded 3*2*(B/n)*B*D
-forward; backward about twice each), and XLA's temporary buffer size of the
-compiled program (`memory_analysis().temp_size_in_bytes`), which holds the
-largest intermediates. With forced CPU devices all n share this machine's cores,
+graph products per device (`_GRAPH_SHAPES`: forward of both sides, backward
+about twice the student side), and XLA's temporary buffer size of the compiled
+program (`memory_analysis().temp_size_in_bytes`), which holds the largest
+intermediates. With forced CPU devices all n share this machine's cores,
 so the wall time measures total work, not one device's; on real accelerators
 each device runs its share in parallel. A replicated batch whose graph
 intermediates would not fit in memory is skipped and marked so.
@@ -28,6 +30,9 @@ import sys
 
 def _parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument(
+    "--method", default="ega", choices=_GRAPH_SHAPES, help="the graph loss (default ega)"
+  )
   parser.add_argument("--devices", type=int, default=8, help="forced CPU devices (default 8)")
   parser.add_argument(
     "--batches", default="256,512,1024,2048,4096,8192,16384", help="global batch sizes B"
@@ -44,18 +49,40 @@ def _parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def _predicted_bytes(variant: str, batch: int, devices: int) -> int:
-  """About four float32 graph-sized intermediates per device (graph, blocks, their cotangents)."""
-  entries = (2 * batch) ** 2 if variant == "replicated" else 3 * (batch // devices) * batch
+# Per method, for A anchor rows (B replicated, B/n sharded) of a batch of B and
+# width D: (entries of the graph-sized intermediates, multiply-adds of the graph
+# products), forward, student and teacher sides together.
+_GRAPH_SHAPES = {
+  # The (2B, 2B) Pearson graph whole; sharded, (B/n, B) rows of E_t, E_s and N.
+  "ega": lambda a, b, d, whole: (
+    ((2 * b) ** 2, (2 * b) ** 2 * d) if whole else (3 * a * b, 3 * a * b * d)
+  ),
+  # Per side, (A, B, D) difference directions and (A, B, B) angles.
+  "rkd": lambda a, b, d, whole: (2 * (a * b * d + a * b * b), 2 * a * b * b * d),
+  # Per side, one (A, B) similarity / distance matrix.
+  "pkt": lambda a, b, d, whole: (2 * a * b, 2 * a * b * d),
+  "irg": lambda a, b, d, whole: (2 * a * b, 2 * a * b * d),
+  # One (A, B) student-teacher similarity.
+  "nce": lambda a, b, d, whole: (a * b, a * b * d),
+  "ccl": lambda a, b, d, whole: (a * b, a * b * d),
+}
+
+
+def _graph_shape(method: str, variant: str, batch: int, devices: int, dim: int):
+  anchors = batch if variant == "replicated" else batch // devices
+  return _GRAPH_SHAPES[method](anchors, batch, dim, variant == "replicated")
+
+
+def _predicted_bytes(method: str, variant: str, batch: int, devices: int, dim: int) -> float:
+  """About four float32 graph-sized intermediates per device (values, cotangents), all devices."""
+  entries, _ = _graph_shape(method, variant, batch, devices, dim)
   return 4 * entries * 4 * devices
 
 
-def _graph_flops(variant: str, batch: int, devices: int, dim: int) -> float:
+def _graph_flops(method: str, variant: str, batch: int, devices: int, dim: int) -> float:
   """Forward + backward FLOPs of the graph products on one device (backward ~2x forward)."""
-  forward = (
-    2 * (2 * batch) ** 2 * dim if variant == "replicated" else 3 * 2 * batch**2 * dim / devices
-  )
-  return 3 * forward
+  _, multiply_adds = _graph_shape(method, variant, batch, devices, dim)
+  return 3 * 2 * multiply_adds
 
 
 def main(argv=None) -> int:
@@ -64,6 +91,7 @@ def main(argv=None) -> int:
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
   )
   import jax
+  import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
@@ -85,9 +113,15 @@ def main(argv=None) -> int:
 
   def per_device(variant):
     def loss(teacher, student):
-      if variant == "replicated":
-        return losses.ega_loss(gathered(teacher), gathered(student))
-      return losses.ega_loss_row_sharded(gathered(teacher), gathered(student), "data")
+      return losses.distill_loss(
+        args.method,
+        student_emb=gathered(student),
+        teacher_emb=gathered(teacher),
+        labels=labels,
+        student_logits=logits,
+        teacher_logits=logits,
+        axis_name=None if variant == "replicated" else "data",
+      )
 
     def value_and_grad(teacher, student):
       # The train step's convention: each device's share is loss / n.
@@ -102,17 +136,23 @@ def main(argv=None) -> int:
       )
     )
 
-  print(f"{args.devices} forced CPU devices on {machine.one_line(machine.describe())}", flush=True)
+  print(
+    f"{args.method}: {args.devices} forced CPU devices on {machine.one_line(machine.describe())}",
+    flush=True,
+  )
   results = []
   rng = np.random.default_rng(0)
   for batch in [int(b) for b in args.batches.split(",")]:
     teacher = jax.device_put(rng.normal(size=(batch, args.feature_dim)).astype(np.float32), rows)
     student = jax.device_put(rng.normal(size=(batch, args.feature_dim)).astype(np.float32), rows)
+    # Global labels and (constant) logits for nce / ccl: 100 classes.
+    labels = jnp.asarray(rng.integers(0, 100, size=batch))
+    logits = jnp.asarray(rng.normal(size=(batch, 100)).astype(np.float32))
     calls, row = [], {"batch": batch}
     for variant in ("replicated", "sharded"):
-      predicted = _predicted_bytes(variant, batch, args.devices)
+      predicted = _predicted_bytes(args.method, variant, batch, args.devices, args.feature_dim)
       row[f"{variant}_gflop_per_device"] = (
-        _graph_flops(variant, batch, args.devices, args.feature_dim) / 1e9
+        _graph_flops(args.method, variant, batch, args.devices, args.feature_dim) / 1e9
       )
       if predicted > args.memory_limit_gb * 2**30:
         row[f"{variant}_skipped"] = f"predicted {predicted / 2**30:.0f} GiB"
@@ -131,7 +171,12 @@ def main(argv=None) -> int:
       row["replicated_over_sharded"] = row["replicated_ms"] / row["sharded_ms"]
     results.append(row)
     print(_format_row(row), flush=True)
-  record = {"devices": args.devices, "feature_dim": args.feature_dim, "machine": machine.describe()}
+  record = {
+    "method": args.method,
+    "devices": args.devices,
+    "feature_dim": args.feature_dim,
+    "machine": machine.describe(),
+  }
   record["rows"] = results
   if args.json:
     with open(args.json, "w") as f:

@@ -266,6 +266,29 @@ def test_ablations_script_measures_every_variant(tmp_path):
   assert "loop: production" in result.stdout and "donation: with / without" in result.stdout
 
 
+@pytest.mark.parametrize("method", ["rkd", "nce"])
+def test_graph_rows_times_both_forms_of_the_same_loss(tmp_path, method):
+  out = tmp_path / "rows.json"
+  result = _run_module(
+    "benchmarks.graph_rows",
+    f"--method={method}",
+    "--devices=2",
+    "--batches=8,16",
+    "--rounds=1",
+    f"--json={out}",
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  record = json.loads(out.read_text())
+  assert record["method"] == method and record["devices"] == 2
+  assert [row["batch"] for row in record["rows"]] == [8, 16]
+  for row in record["rows"]:
+    assert row["sharded_loss"] == pytest.approx(row["replicated_loss"], rel=1e-5)
+    # Each of the 2 devices does half the graph products.
+    assert row["sharded_gflop_per_device"] == pytest.approx(row["replicated_gflop_per_device"] / 2)
+    assert row["replicated_over_sharded"] == pytest.approx(row["replicated_ms"] / row["sharded_ms"])
+  assert f"{method}: 2 forced CPU devices" in result.stdout
+
+
 def test_conv_ablation_times_three_variants_of_the_same_function(tmp_path):
   # ShuffleV1 exercises the depthwise and grouped 1x1 rewrites and has ungrouped convs (its
   # stem and shortcut-free 3x3s) that the variants compute differently (XLA's weight gradient,
