@@ -734,6 +734,23 @@ for method in losses.GRAPH_METHODS:
   grads = jax.grad(sharded, argnums=(0, 1, 2, 3))(*inputs, local_labels)
   for name, grad in zip(("student", "teacher", "student_logits", "teacher_logits"), grads):
     results[method + "/grad_" + name] = grad
+  # As the train step differentiates: inside the per-device body, each device's
+  # share is a local term (there the cross-entropy: local sum / global count)
+  # plus loss / n. The row-sharded form must give each device the same gradient
+  # on its rows as the whole loss computed on every device does.
+  for form, axis_name in (("sharded", "rows"), ("replicated", None)):
+    def per_device_student_grad(s, t, s_logits, t_logits, y, axis_name=axis_name):
+      gather = lambda x: jax.lax.all_gather(x, "rows", axis=0, tiled=True)
+      def share(s):
+        local_term = 0.5 * jax.numpy.sum(s ** 2) / 12
+        return local_term + losses.distill_loss(
+          method, student_emb=gather(s), teacher_emb=gather(t), labels=gather(y),
+          student_logits=gather(s_logits), teacher_logits=gather(t_logits), hparams=hparams,
+          axis_name=axis_name) / jax.lax.axis_size("rows")
+      return jax.grad(share)(s)
+    inside = jax.jit(jax.shard_map(per_device_student_grad, mesh=mesh,
+                                   in_specs=(P("rows"),) * 5, out_specs=P("rows")))
+    results[method + "/grad_student_inside_" + form] = inside(*inputs, local_labels)
 np.savez(out, **results)
 """
 
@@ -814,6 +831,16 @@ def test_row_sharded_loss_equals_the_whole_batch_on_4_devices(x64, row_sharded_r
   for name, expected in zip(arrays, whole_grads):
     np.testing.assert_allclose(
       got[method + "/grad_" + name], expected, rtol=1e-9, atol=1e-12, err_msg=name
+    )
+  # Inside the body, both forms give each device the whole-batch gradient (plus
+  # the local term's student / B).
+  for form in ("sharded", "replicated"):
+    np.testing.assert_allclose(
+      got[method + "/grad_student_inside_" + form],
+      whole_grads[0] + student / 12,
+      rtol=1e-9,
+      atol=1e-12,
+      err_msg=form,
     )
 
 

@@ -239,6 +239,11 @@ def _objective(
     # Fault injection for tests of the non-finite guard.
     distill = distill * jnp.where(state.step + 1 == config.debug_nan_at_step, jnp.nan, 1.0)
   global_terms = d.alpha * kd + d.beta * distill
+  # `total` must be a per-device (varying) value, as the local cross-entropy
+  # makes it: a row-sharded graph loss is psum'd and so device-invariant, and
+  # adding it to a varying term broadcasts it, whose transpose sums the n
+  # devices' seeds (n * 1/n). Differentiating an invariant total alone would
+  # give the graph term 1/n of its gradient (tests/test_losses.py, row_sharded).
   total = d.gamma * ce_student + global_terms / jax.lax.axis_size(AXIS) + ce_teacher
   aux = {
     "batch_stats": new_model_state["batch_stats"],
