@@ -696,6 +696,8 @@ _ROW_SHARDED_HPARAMS = {
   "nce_temperature": 0.5,
   "irg_vertex_weight": 0.3,
   "irg_edge_weight": 2.0,
+  "pkt_eps": 1e-2,
+  "pearson_eps": 1e-3,
 }
 # Repeated labels whose positive pairs cross the 4 devices' 3-row blocks.
 _ROW_SHARDED_LABELS = [0, 1, 2, 0, 1, 2, 3, 3, 4, 5, 0, 1]
@@ -751,6 +753,25 @@ for method in losses.GRAPH_METHODS:
     inside = jax.jit(jax.shard_map(per_device_student_grad, mesh=mesh,
                                    in_specs=(P("rows"),) * 5, out_specs=P("rows")))
     results[method + "/grad_student_inside_" + form] = inside(*inputs, local_labels)
+# IRG with two distinct pairs at the largest distance, placed unevenly on the
+# devices' 3-row blocks ({0, 1} on device 0; {4, 7} on devices 1 and 2): the
+# gradient must split over the 4 tied entries as the whole matrix's max does.
+# Integer coordinates keep the distances exact.
+ties = rng.randint(-1, 2, size=(12, 5)).astype(np.float64)
+ties[[0, 1, 4, 7]] = 0.0
+ties[0, 0], ties[1, 0], ties[4, 1], ties[7, 1] = -5.0, 5.0, 5.0, -5.0
+results["ties_student"] = ties
+for squared in (True, False):
+  def per_device_irg(s, t, squared=squared):
+    gather = lambda x: jax.lax.all_gather(x, "rows", axis=0, tiled=True)
+    return losses.distill_loss("irg", student_emb=gather(s), teacher_emb=gather(t),
+                               hparams={**hparams, "irg_squared_distance": squared},
+                               axis_name="rows")
+  irg = jax.jit(jax.shard_map(per_device_irg, mesh=mesh, in_specs=(P("rows"),) * 2,
+                              out_specs=P()))
+  tie_inputs = (jax.device_put(ties, rows), inputs[1])
+  results[f"irg_ties_{squared}/value"] = irg(*tie_inputs)
+  results[f"irg_ties_{squared}/grad_student"] = jax.grad(irg)(*tie_inputs)
 np.savez(out, **results)
 """
 
@@ -788,7 +809,7 @@ def _row_sharded_reference(method, student, teacher, labels, student_logits, tea
   """The float64 NumPy formula of `method` with _ROW_SHARDED_HPARAMS."""
   hp = {**losses.DEFAULT_HPARAMS, **_ROW_SHARDED_HPARAMS}
   if method == "ega":
-    return ref_ega(teacher, student, hp["node_weight"], hp["edge_weight"])
+    return ref_ega(teacher, student, hp["node_weight"], hp["edge_weight"], hp["pearson_eps"])
   if method == "rkd":
     return ref_rkd(student, teacher, hp["rkd_distance_weight"], hp["rkd_angle_weight"])
   if method == "pkt":
@@ -844,6 +865,23 @@ def test_row_sharded_loss_equals_the_whole_batch_on_4_devices(x64, row_sharded_r
     )
 
 
+@pytest.mark.parametrize("squared", [True, False])
+def test_row_sharded_irg_splits_tied_maxima_as_the_whole_matrix(x64, row_sharded_results, squared):
+  got = row_sharded_results
+  student, teacher = got["ties_student"], got["teacher"]
+  hp = {**losses.DEFAULT_HPARAMS, **_ROW_SHARDED_HPARAMS}
+  _assert_close(
+    got[f"irg_ties_{squared}/value"],
+    ref_irg(student, teacher, hp["irg_vertex_weight"], hp["irg_edge_weight"], squared),
+  )
+  whole = jax.grad(
+    lambda s: losses.irg_loss(
+      s, teacher, hp["irg_vertex_weight"], hp["irg_edge_weight"], squared_distance=squared
+    )
+  )(student)
+  np.testing.assert_allclose(got[f"irg_ties_{squared}/grad_student"], whole, rtol=1e-9, atol=1e-12)
+
+
 def test_row_sharded_forms_reject_per_example_methods_and_uneven_rows():
   with pytest.raises(ValueError, match="only the graph methods"):
     losses.distill_loss(
@@ -855,3 +893,23 @@ def test_row_sharded_forms_reject_per_example_methods_and_uneven_rows():
     jax.vmap(lambda s: losses.pkt_loss_row_sharded(s, s, "pairs"), axis_name="pairs")(
       np.stack([x, x])
     )
+
+
+@pytest.mark.parametrize("method", losses.GRAPH_METHODS)
+def test_row_sharded_forms_trace_past_int32_counts(method):
+  """B = 1,296: B**3 is above 2**31, so a normaliser kept as a Python int would not trace."""
+  batch = jax.ShapeDtypeStruct((2, 1296, 8), jnp.float32)
+  labels = np.zeros(1296, np.int32)
+
+  def loss(x):
+    return losses.distill_loss(
+      method,
+      student_emb=x,
+      teacher_emb=x,
+      labels=labels,
+      student_logits=x,
+      teacher_logits=x,
+      axis_name="pair",
+    )
+
+  assert jax.eval_shape(jax.vmap(loss, axis_name="pair"), batch).shape == (2,)

@@ -98,7 +98,7 @@ def nce_loss_row_sharded(
     precision=_HIGHEST,
   )
   row_terms = _nce_row_terms(similarity, _take_rows(labels, first, rows), labels, temperature)
-  return jax.lax.psum(jnp.sum(row_terms), axis_name) / batch_size
+  return jax.lax.psum(jnp.sum(row_terms), axis_name) / float(batch_size)
 
 
 def ccl_loss(
@@ -171,7 +171,6 @@ def ccl_loss_row_sharded(
   symmetric_kl_sum = 0.5 * jnp.sum(
     _row_kl(log_p_teacher, log_p_student) + _row_kl(log_p_student, log_p_teacher)
   )
-  return (
-    nce_loss_row_sharded(student_emb, teacher_emb, labels, axis_name, temperature)
-    + jax.lax.psum(symmetric_kl_sum, axis_name) / batch_size
-  )
+  return nce_loss_row_sharded(
+    student_emb, teacher_emb, labels, axis_name, temperature
+  ) + jax.lax.psum(symmetric_kl_sum, axis_name) / float(batch_size)

@@ -119,8 +119,7 @@ def distill_loss(
   if axis_name is not None and method not in GRAPH_METHODS:
     raise ValueError(
       f"distill_loss({method!r}, axis_name={axis_name!r}): only the graph methods "
-      f"{list(GRAPH_METHODS)} have a row-sharded form; {method!r} is per-example, "
-      "call it with axis_name=None."
+      f"{list(GRAPH_METHODS)} have a row-sharded form; call {method!r} with axis_name=None."
     )
 
   needed = {

@@ -89,8 +89,8 @@ def rkd_loss_row_sharded(
   [r*B/n, (r+1)*B/n): its (B/n, B) rows of the distance matrices and its
   (B/n, B, B) slab of the angle tensor. The means over positive distances and
   the smooth-L1 sums are `psum`med, so every device returns the same scalar as
-  `rkd_loss` on the whole batch, after a (B/n, B, D) largest intermediate
-  instead of (B, B, D).
+  `rkd_loss` on the whole batch. Its largest intermediates are the (B/n, B, D)
+  directions and the (B/n, B, B) angles instead of (B, B, D) and (B, B, B).
 
   Args:
     student_emb: (B, D_s) gathered; B divisible by n.
@@ -121,8 +121,9 @@ def rkd_loss_row_sharded(
     _huber(normalised_distance_rows(student_emb), normalised_distance_rows(teacher_emb))
   )
   angle_sum = jnp.sum(_huber(angle_rows(student_emb), angle_rows(teacher_emb)))
-  distance_term = jax.lax.psum(distance_sum, axis_name) / batch_size**2
-  angle_term = jax.lax.psum(angle_sum, axis_name) / batch_size**3
+  # Float counts: B**3 passes int32 from B = 1,291 and would not trace.
+  distance_term = jax.lax.psum(distance_sum, axis_name) / float(batch_size) ** 2
+  angle_term = jax.lax.psum(angle_sum, axis_name) / float(batch_size) ** 3
   return distance_weight * distance_term + angle_weight * angle_term
 
 
@@ -192,7 +193,7 @@ def pkt_loss_row_sharded(
   p_student = conditional_probability_rows(student_emb)
   p_teacher = conditional_probability_rows(teacher_emb)
   kl_sum = jnp.sum(p_teacher * jnp.log((p_teacher + eps) / (p_student + eps)))
-  return jax.lax.psum(kl_sum, axis_name) / batch_size**2
+  return jax.lax.psum(kl_sum, axis_name) / float(batch_size) ** 2
 
 
 def _max_normalised_distances(x: jnp.ndarray, squared: bool) -> jnp.ndarray:
@@ -250,6 +251,24 @@ def irg_loss(
   return vertex_weight * vertex_term + edge_weight * edge_term
 
 
+def _global_max(row_values: jnp.ndarray, axis_name: str) -> jnp.ndarray:
+  """The maximum over all devices' rows (1 where it is 0, only at B = 1), differentiated
+  as `jnp.max` of the whole matrix: the gradient is split equally over every entry, on
+  any device, that equals the maximum.
+
+  The value is a `pmax`; the gradient comes from adding the psum of (entry - max) over
+  the T tied entries divided by T, which is zero in value. A two-stage max (each
+  device's, then the largest of those) would split ties per device first, and so differ
+  from the whole-matrix gradient when tied entries sit unevenly on the devices.
+  """
+  largest = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(row_values)), axis_name)
+  ties = row_values == largest
+  num_ties = jax.lax.psum(jnp.sum(ties), axis_name)
+  tied_excess = jax.lax.psum(jnp.sum(jnp.where(ties, row_values - largest, 0.0)), axis_name)
+  largest = largest + tied_excess / num_ties
+  return jnp.where(largest > 0, largest, 1.0)
+
+
 def irg_loss_row_sharded(
   student_emb: jnp.ndarray,
   teacher_emb: jnp.ndarray,
@@ -261,9 +280,9 @@ def irg_loss_row_sharded(
   """`irg_loss` with each device computing only its rows of the distance graphs.
 
   Device r owns rows [r*B/n, (r+1)*B/n) of both (B, B) edge matrices and of
-  the vertex term. Each matrix's maximum is the largest of the n devices' row
-  maxima (an all-gather of n scalars, so the gradient reaches the row that
-  holds it); the squared-error sums are `psum`med. Called inside shard_map /
+  the vertex term. Each matrix's maximum is a `pmax` of the devices' row maxima,
+  with its gradient split over tied entries as `jnp.max` splits it
+  (`_global_max`); the squared-error sums are `psum`med. Called inside shard_map /
   pmap over `axis_name` with the gathered global embeddings (B divisible by n);
   returns the same scalar as `irg_loss` on every device.
 
@@ -282,8 +301,7 @@ def irg_loss_row_sharded(
 
   def max_normalised_distance_rows(x):
     distances = _row_pairwise_distances(x, first, rows, squared=squared_distance)
-    largest = jnp.max(jax.lax.all_gather(jnp.max(distances), axis_name))
-    return distances / jnp.where(largest > 0, largest, 1.0)
+    return distances / _global_max(distances, axis_name)
 
   vertex_sum = jnp.sum(
     jnp.square(_take_rows(student_emb, first, rows) - _take_rows(teacher_emb, first, rows))
@@ -293,6 +311,6 @@ def irg_loss_row_sharded(
       max_normalised_distance_rows(student_emb) - max_normalised_distance_rows(teacher_emb)
     )
   )
-  vertex_term = jax.lax.psum(vertex_sum, axis_name) / (batch_size * width)
-  edge_term = jax.lax.psum(edge_sum, axis_name) / batch_size**2
+  vertex_term = jax.lax.psum(vertex_sum, axis_name) / (float(batch_size) * width)
+  edge_term = jax.lax.psum(edge_sum, axis_name) / float(batch_size) ** 2
   return vertex_weight * vertex_term + edge_weight * edge_term
