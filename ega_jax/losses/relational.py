@@ -263,8 +263,13 @@ def _global_max(row_values: jnp.ndarray, axis_name: str) -> jnp.ndarray:
   """
   largest = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(row_values)), axis_name)
   ties = row_values == largest
-  num_ties = jax.lax.psum(jnp.sum(ties), axis_name)
-  tied_excess = jax.lax.psum(jnp.sum(jnp.where(ties, row_values - largest, 0.0)), axis_name)
+  # One psum for both sums (each collective has a fixed cost that shows at small B).
+  num_ties, tied_excess = jax.lax.psum(
+    jnp.stack(
+      [jnp.sum(ties.astype(row_values.dtype)), jnp.sum(jnp.where(ties, row_values - largest, 0.0))]
+    ),
+    axis_name,
+  )
   largest = largest + tied_excess / num_ties
   return jnp.where(largest > 0, largest, 1.0)
 
