@@ -64,20 +64,9 @@ def _batch_mean_kl(log_p: jnp.ndarray, log_q: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(_row_kl(log_p, log_q))
 
 
-def _pairwise_distances(x: jnp.ndarray, squared: bool, clamp_min: float = 1e-12) -> jnp.ndarray:
-  """(B, D) -> (B, B) Euclidean distances as in RepDistiller's `pdist`.
-
-  Squared distances come from |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>, are clamped at
-  `clamp_min` (so the sqrt and its gradient stay finite for duplicate rows),
-  optionally square-rooted, and the diagonal is set to exactly 0.
-  """
-  squared_norms = jnp.sum(jnp.square(x), axis=1)
-  gram = jnp.matmul(x, x.T, precision=_HIGHEST)
-  squared_distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram
-  distances = jnp.maximum(squared_distances, clamp_min)
-  if not squared:
-    distances = jnp.sqrt(distances)
-  return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, distances)
+def _sum_over_devices(x: jnp.ndarray, axis_name: str | None) -> jnp.ndarray:
+  """`psum` over `axis_name`; x itself when None (the whole batch on one device)."""
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
 def _own_rows(batch_size: int, axis_name: str, caller: str) -> tuple[jnp.ndarray, int]:
@@ -96,20 +85,30 @@ def _own_rows(batch_size: int, axis_name: str, caller: str) -> tuple[jnp.ndarray
   return jax.lax.axis_index(axis_name) * rows, rows
 
 
-def _take_rows(x: jnp.ndarray, first: jnp.ndarray, rows: int) -> jnp.ndarray:
+def _take_rows(x: jnp.ndarray, first: jnp.ndarray | int, rows: int) -> jnp.ndarray:
   """x[first : first + rows] along axis 0, with a traced `first`."""
+  if isinstance(first, int) and first == 0 and rows == x.shape[0]:
+    # All rows (the whole-batch losses): x itself, so that no slice and its
+    # transpose enter the program and the gradients round exactly as before.
+    return x
   return jax.lax.dynamic_slice_in_dim(x, first, rows, axis=0)
 
 
-def _diagonal_rows(first: jnp.ndarray, rows: int, batch_size: int) -> jnp.ndarray:
+def _diagonal_rows(first: jnp.ndarray | int, rows: int, batch_size: int) -> jnp.ndarray:
   """(rows, batch_size) bool: rows [first, first + rows) of the identity."""
   return (first + jnp.arange(rows))[:, None] == jnp.arange(batch_size)[None, :]
 
 
 def _row_pairwise_distances(
-  x: jnp.ndarray, first: jnp.ndarray, rows: int, squared: bool, clamp_min: float = 1e-12
+  x: jnp.ndarray, first: jnp.ndarray | int, rows: int, squared: bool, clamp_min: float = 1e-12
 ) -> jnp.ndarray:
-  """(B, D) -> (rows, B): rows [first, first + rows) of `_pairwise_distances(x, squared)`."""
+  """(B, D) -> (rows, B): rows [first, first + rows) of the Euclidean distances, as in
+  RepDistiller's `pdist` (first = 0, rows = B: the whole matrix).
+
+  Squared distances come from |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>, are clamped at
+  `clamp_min` (so the sqrt and its gradient stay finite for duplicate rows),
+  optionally square-rooted, and the diagonal is set to exactly 0.
+  """
   squared_norms = jnp.sum(jnp.square(x), axis=1)
   gram = jnp.matmul(_take_rows(x, first, rows), x.T, precision=_HIGHEST)
   squared_distances = (

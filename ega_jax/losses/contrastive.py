@@ -101,6 +101,18 @@ def nce_loss_row_sharded(
   return jax.lax.psum(jnp.sum(row_terms), axis_name) / float(batch_size)
 
 
+def _check_ccl_logits(
+  student_emb: jnp.ndarray, student_logits: jnp.ndarray, teacher_logits: jnp.ndarray
+) -> None:
+  """(B, C) logits of the same shape, one row per student embedding."""
+  _check_2d_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+  if student_logits.shape[0] != student_emb.shape[0]:
+    raise ValueError(
+      f"student_logits and student_emb must have the same batch size, got shapes "
+      f"{tuple(student_logits.shape)} and {tuple(student_emb.shape)}."
+    )
+
+
 def ccl_loss(
   student_emb: jnp.ndarray,
   teacher_emb: jnp.ndarray,
@@ -122,12 +134,7 @@ def ccl_loss(
   Returns:
     Scalar loss.
   """
-  _check_2d_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-  if student_logits.shape[0] != student_emb.shape[0]:
-    raise ValueError(
-      f"student_logits and student_emb must have the same batch size, got shapes "
-      f"{tuple(student_logits.shape)} and {tuple(student_emb.shape)}."
-    )
+  _check_ccl_logits(student_emb, student_logits, teacher_logits)
   log_p_student = jax.nn.log_softmax(student_logits, axis=-1)
   log_p_teacher = jax.nn.log_softmax(teacher_logits, axis=-1)
   symmetric_kl = 0.5 * (
@@ -158,13 +165,8 @@ def ccl_loss_row_sharded(
   Returns:
     Scalar loss, the same on every device.
   """
-  _check_2d_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+  _check_ccl_logits(student_emb, student_logits, teacher_logits)
   batch_size = student_emb.shape[0]
-  if student_logits.shape[0] != batch_size:
-    raise ValueError(
-      f"student_logits and student_emb must have the same batch size, got shapes "
-      f"{tuple(student_logits.shape)} and {tuple(student_emb.shape)}."
-    )
   first, rows = _own_rows(batch_size, axis_name, "ccl_loss_row_sharded")
   log_p_student = jax.nn.log_softmax(_take_rows(student_logits, first, rows), axis=-1)
   log_p_teacher = jax.nn.log_softmax(_take_rows(teacher_logits, first, rows), axis=-1)

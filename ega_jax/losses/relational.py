@@ -9,20 +9,26 @@ from ega_jax.losses._common import (
   _huber,
   _l2_normalize,
   _own_rows,
-  _pairwise_distances,
   _row_pairwise_distances,
   _safe_sqrt,
   _smooth_l1,
+  _sum_over_devices,
   _take_rows,
 )
 
 
-def _rkd_normalised_distances(x: jnp.ndarray) -> jnp.ndarray:
-  """(B, D) -> (B, B) distances divided by their mean over positive entries."""
-  distances = _pairwise_distances(x, squared=False)
+def _rkd_normalised_distances(
+  x: jnp.ndarray, first: jnp.ndarray | int = 0, rows: int | None = None, axis_name=None
+) -> jnp.ndarray:
+  """(B, D) -> (rows, B): rows [first, first + rows) of the distances divided by the
+  mean over positive entries of the whole (B, B) matrix (all B rows by default; with
+  `axis_name`, each device's rows, the mean's sums `psum`med)."""
+  rows = x.shape[0] if rows is None else rows
+  distances = _row_pairwise_distances(x, first, rows, squared=False)
   positive = distances > 0
-  num_positive = jnp.sum(positive)
-  mean_positive = jnp.sum(jnp.where(positive, distances, 0.0)) / jnp.maximum(num_positive, 1)
+  num_positive = _sum_over_devices(jnp.sum(positive), axis_name)
+  positive_sum = _sum_over_devices(jnp.sum(jnp.where(positive, distances, 0.0)), axis_name)
+  mean_positive = positive_sum / jnp.maximum(num_positive, 1)
   # B = 1 has no off-diagonal entry: keep the all-zero matrix instead of 0 / 0.
   return distances / jnp.where(mean_positive > 0, mean_positive, 1.0)
 
@@ -107,12 +113,7 @@ def rkd_loss_row_sharded(
   first, rows = _own_rows(batch_size, axis_name, "rkd_loss_row_sharded")
 
   def normalised_distance_rows(x):
-    distances = _row_pairwise_distances(x, first, rows, squared=False)
-    positive = distances > 0
-    num_positive = jax.lax.psum(jnp.sum(positive), axis_name)
-    positive_sum = jax.lax.psum(jnp.sum(jnp.where(positive, distances, 0.0)), axis_name)
-    mean_positive = positive_sum / jnp.maximum(num_positive, 1)
-    return distances / jnp.where(mean_positive > 0, mean_positive, 1.0)
+    return _rkd_normalised_distances(x, first, rows, axis_name)
 
   def angle_rows(x):
     return _rkd_angles(x, _take_rows(x, first, rows))
@@ -146,20 +147,24 @@ def pkt_loss(student_emb: jnp.ndarray, teacher_emb: jnp.ndarray, eps: float = 1e
   """
   _check_2d_pair("student_emb", student_emb, "teacher_emb", teacher_emb, same_width=False)
 
-  def conditional_probabilities(x):
-    unit = _pkt_unit_rows(x, eps)
-    similarity = (jnp.matmul(unit, unit.T, precision=_HIGHEST) + 1.0) / 2.0
-    return similarity / jnp.sum(similarity, axis=1, keepdims=True)
-
-  p_student = conditional_probabilities(student_emb)
-  p_teacher = conditional_probabilities(teacher_emb)
+  p_student = _pkt_conditional_probabilities(student_emb, eps)
+  p_teacher = _pkt_conditional_probabilities(teacher_emb, eps)
   return jnp.mean(p_teacher * jnp.log((p_teacher + eps) / (p_student + eps)))
 
 
-def _pkt_unit_rows(x: jnp.ndarray, eps: float) -> jnp.ndarray:
-  """(B, D) -> (B, D): u_i = x_i / (|x_i| + eps)."""
+def _pkt_conditional_probabilities(
+  x: jnp.ndarray, eps: float, first: jnp.ndarray | int = 0, rows: int | None = None
+) -> jnp.ndarray:
+  """(B, D) -> (rows, B): rows [first, first + rows) of P (all B rows by default).
+
+  P_ij = S_ij / sum_k S_ik with S_ij = (<u_i, u_j> + 1) / 2, u_i = x_i / (|x_i| + eps);
+  each row is normalised by itself, so any subset of rows is exact.
+  """
+  rows = x.shape[0] if rows is None else rows
   norms = _safe_sqrt(jnp.sum(jnp.square(x), axis=1, keepdims=True))
-  return x / (norms + eps)
+  unit = x / (norms + eps)
+  similarity = (jnp.matmul(_take_rows(unit, first, rows), unit.T, precision=_HIGHEST) + 1.0) / 2.0
+  return similarity / jnp.sum(similarity, axis=1, keepdims=True)
 
 
 def pkt_loss_row_sharded(
@@ -185,20 +190,26 @@ def pkt_loss_row_sharded(
   batch_size = student_emb.shape[0]
   first, rows = _own_rows(batch_size, axis_name, "pkt_loss_row_sharded")
 
-  def conditional_probability_rows(x):
-    unit = _pkt_unit_rows(x, eps)
-    similarity = (jnp.matmul(_take_rows(unit, first, rows), unit.T, precision=_HIGHEST) + 1.0) / 2.0
-    return similarity / jnp.sum(similarity, axis=1, keepdims=True)
-
-  p_student = conditional_probability_rows(student_emb)
-  p_teacher = conditional_probability_rows(teacher_emb)
+  p_student = _pkt_conditional_probabilities(student_emb, eps, first, rows)
+  p_teacher = _pkt_conditional_probabilities(teacher_emb, eps, first, rows)
   kl_sum = jnp.sum(p_teacher * jnp.log((p_teacher + eps) / (p_student + eps)))
   return jax.lax.psum(kl_sum, axis_name) / float(batch_size) ** 2
 
 
-def _max_normalised_distances(x: jnp.ndarray, squared: bool) -> jnp.ndarray:
-  """(B, D) -> (B, B) pairwise distances (zero diagonal) divided by their max."""
-  distances = _pairwise_distances(x, squared=squared)
+def _max_normalised_distances(
+  x: jnp.ndarray,
+  squared: bool,
+  first: jnp.ndarray | int = 0,
+  rows: int | None = None,
+  axis_name=None,
+) -> jnp.ndarray:
+  """(B, D) -> (rows, B): rows [first, first + rows) of the pairwise distances (zero
+  diagonal) divided by the whole (B, B) matrix's max (all B rows by default; with
+  `axis_name`, each device's rows and `_global_max`)."""
+  rows = x.shape[0] if rows is None else rows
+  distances = _row_pairwise_distances(x, first, rows, squared=squared)
+  if axis_name is not None:
+    return distances / _global_max(distances, axis_name)
   largest = jnp.max(distances)
   # Only B = 1 has largest == 0 (off-diagonal entries are >= the 1e-12 clamp).
   return distances / jnp.where(largest > 0, largest, 1.0)
@@ -305,8 +316,7 @@ def irg_loss_row_sharded(
   first, rows = _own_rows(batch_size, axis_name, "irg_loss_row_sharded")
 
   def max_normalised_distance_rows(x):
-    distances = _row_pairwise_distances(x, first, rows, squared=squared_distance)
-    return distances / _global_max(distances, axis_name)
+    return _max_normalised_distances(x, squared_distance, first, rows, axis_name)
 
   vertex_sum = jnp.sum(
     jnp.square(_take_rows(student_emb, first, rows) - _take_rows(teacher_emb, first, rows))
